@@ -1,0 +1,1 @@
+"""Backends: map a round's cohort to client updates."""

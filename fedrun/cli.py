@@ -1,0 +1,142 @@
+"""The `fedrun` command line: parse, call the library, print. No logic of its own."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Federated learning of language models with privacy protection: run, sweep, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedrun import __version__
+
+        typer.echo(f"fedrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """fedrun runs federated learning experiments on language models: `fedrun train` for one run."""
+
+OVERRIDES_HELP = ("Hydra overrides: key=value or group=option, e.g. data=shakespeare "
+                  "data.path=../shared/data/tinyshakespeare.txt rounds=50 client.lr=0.1")
+
+
+def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
+    """Run `action`; a FedrunError becomes one red line and exit code 2 (traceback with --debug)."""
+    from fedrun.core import FedrunError
+
+    try:
+        action()
+    except FedrunError as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                      soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    logger = logging.getLogger("fedrun")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, RichHandler)] + [handler]
+    logger.setLevel(logging.INFO)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+@app.command()
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    cfg: bool = typer.Option(False, "--cfg", help="Print the composed config and exit without running."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Run one federated training run and write its run directory."""
+    _setup_logging(verbose)
+
+    def action() -> None:
+        from omegaconf import OmegaConf
+
+        from fedrun import config, train as training
+
+        composed = config.compose(overrides or [])
+        if cfg:
+            typer.echo(OmegaConf.to_yaml(composed), nl=False)
+            return
+        with _round_progress(composed.rounds) as on_round:
+            run_dir, summary = training.train(composed, on_round=on_round)
+        _print_summary(summary)
+        typer.echo(str(run_dir))
+
+    _fail_cleanly(action, debug=debug)
+
+
+class _round_progress:
+    """A rich progress bar over rounds showing the latest train loss and eval perplexity."""
+
+    def __init__(self, rounds: int):
+        self.progress = Progress(
+            TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+            TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[ppl]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            disable=not console.is_terminal and "pytest" in sys.modules,
+        )
+        self.task = self.progress.add_task("train", total=rounds, loss="", ppl="")
+
+    def __enter__(self) -> Callable[[dict], None]:
+        self.progress.start()
+        return self.update
+
+    def update(self, row: dict) -> None:
+        fields = {"loss": f"train loss {row['train_loss']:.3f}"}
+        if row.get("eval_ppl") is not None:
+            fields["ppl"] = f"eval ppl {row['eval_ppl']:.2f}"
+        self.progress.update(self.task, advance=1, **fields)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title="results", title_justify="left")
+    for col in ("", "round", "eval loss", "eval ppl", "eval acc"):
+        table.add_column(col, justify="right" if col else "left")
+    for label in ("initial", "final", "best"):
+        m = summary[label]
+        table.add_row(label, str(m.get("round", 0)), f"{m['eval_loss']:.4f}", f"{m['eval_ppl']:.3f}",
+                      f"{m['eval_acc']:.4f}")
+    console.print(table)
+    mb = (summary["bytes_up"] + summary["bytes_down"]) / 1e6
+    console.print(f"{summary['rounds']} rounds in {summary['seconds']:.1f} s, {mb:.1f} MB exchanged")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

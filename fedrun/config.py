@@ -1,0 +1,263 @@
+"""Configuration: locate conf/, compose it with overrides, validate it, build the run.
+
+Defaults live once, in the YAML under conf/. The dataclasses here are schemas only: they
+give every key its type (so `rounds=abc` fails at composition, naming the key) and hold
+no values. Range checks that types cannot express live in RULES. `build` is the one
+place that instantiates objects from the config.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedrun.client import OPTIMIZERS, ClientConfig, LocalTrainer
+from fedrun.core import FedrunError
+from fedrun.data.text import PARTITIONS
+from fedrun.loop import Experiment
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def conf_dir() -> Path:
+    """conf/ beside the package (a source checkout or editable install), or $FEDRUN_CONF."""
+    path = Path(os.environ.get("FEDRUN_CONF") or Path(__file__).resolve().parents[1] / "conf")
+    if not (path / "config.yaml").is_file():
+        raise FedrunError(f"FEDRUN_CONF: no config.yaml in {path}; point FEDRUN_CONF at fedrun's conf/ folder")
+    return path
+
+
+# ---- schemas: types only; values live in conf/ -------------------------------------------
+
+@dataclass
+class TextDataSchema:
+    _target_: str = MISSING
+    seq_len: int = MISSING
+    test_fraction: float = MISSING
+    min_samples: int = MISSING
+    partition: str = MISSING
+    num_clients: Optional[int] = MISSING
+    max_client_bytes: Optional[int] = MISSING
+
+
+@dataclass
+class ShakespeareSchema(TextDataSchema):
+    path: str = MISSING
+
+
+@dataclass
+class PyStdlibSchema(TextDataSchema):
+    root: Optional[str] = MISSING
+
+
+@dataclass
+class TinyGPTSchema:
+    _target_: str = MISSING
+    n_layer: int = MISSING
+    n_head: int = MISSING
+    n_embd: int = MISSING
+    dropout: float = MISSING
+
+
+@dataclass
+class LSTMSchema:
+    _target_: str = MISSING
+    embed_dim: int = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+
+
+@dataclass
+class ClientSchema:
+    optimizer: str = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    batch_size: int = MISSING
+    local_epochs: Optional[int] = MISSING
+    local_steps: Optional[int] = MISSING
+
+
+@dataclass
+class UniformSamplerSchema:
+    _target_: str = MISSING
+    clients_per_round: int = MISSING
+
+
+@dataclass
+class TargetOnlySchema:
+    """For options with no settings of their own (fedavg, privacy none, sequential)."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class ConfigSchema:
+    name: str = MISSING
+    rounds: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    run_dir: str = MISSING
+    eval_every: int = MISSING
+    checkpoint_every: int = MISSING
+    data: Any = MISSING
+    model: Any = MISSING
+    client: ClientSchema = MISSING
+    sampler: Any = MISSING
+    strategy: Any = MISSING
+    privacy: Any = MISSING
+    backend: Any = MISSING
+
+
+SCHEMAS = {
+    "data": {"shakespeare": ShakespeareSchema, "pystdlib": PyStdlibSchema},
+    "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema},
+    "client": {"default": ClientSchema},
+    "sampler": {"uniform": UniformSamplerSchema},
+    "strategy": {"fedavg": TargetOnlySchema},
+    "privacy": {"none": TargetOnlySchema},
+    "backend": {"sequential": TargetOnlySchema},
+}
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(name="fedrun_schema", node=ConfigSchema)
+    for group, options in SCHEMAS.items():
+        for option, schema in options.items():
+            store.store(group=f"schema/{group}", name=option, node=schema)
+
+
+# ---- range rules: (key, allowed values as words, predicate) --------------------------------
+
+def _opt(pred: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or pred(v)
+
+
+def _one_of(options: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
+    return "one of " + ", ".join(options), lambda v: v in options
+
+
+RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
+    ("device", *_one_of(DEVICES)),
+    ("data.partition", *_one_of(PARTITIONS)),
+    ("client.optimizer", *_one_of(OPTIMIZERS)),
+    ("rounds", "an integer >= 1", lambda v: v >= 1),
+    ("eval_every", "an integer >= 1", lambda v: v >= 1),
+    ("checkpoint_every", "an integer >= 1", lambda v: v >= 1),
+    ("data.seq_len", "an integer >= 1", lambda v: v >= 1),
+    ("data.test_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("data.min_samples", "an integer >= 1", lambda v: v >= 1),
+    ("data.num_clients", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("data.max_client_bytes", "null or an integer >= 2", _opt(lambda v: v >= 2)),
+    ("model.n_layer", "an integer >= 1", lambda v: v >= 1),
+    ("model.n_head", "an integer >= 1", lambda v: v >= 1),
+    ("model.n_embd", "a positive multiple of model.n_head", lambda v: v >= 1),
+    ("model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("model.embed_dim", "an integer >= 1", lambda v: v >= 1),
+    ("model.hidden_size", "an integer >= 1", lambda v: v >= 1),
+    ("model.num_layers", "an integer >= 1", lambda v: v >= 1),
+    ("client.lr", "a number > 0", lambda v: v > 0),
+    ("client.momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("client.weight_decay", "a number >= 0", lambda v: v >= 0),
+    ("client.batch_size", "an integer >= 1", lambda v: v >= 1),
+    ("client.local_epochs", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("client.local_steps", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("sampler.clients_per_round", "an integer >= 1", lambda v: v >= 1),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise FedrunError(f"{missing[0]}: no value given; set it on the command line, e.g. {missing[0]}=...")
+    for key, allowed, ok in RULES:
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and not ok(value):
+            raise FedrunError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
+    if "n_head" in cfg.model and cfg.model.n_embd % cfg.model.n_head:
+        raise FedrunError(f"model.n_embd: {cfg.model.n_embd} is not a multiple of model.n_head={cfg.model.n_head}")
+    if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
+        raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
+                          f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
+
+
+# ---- compose ---------------------------------------------------------------------------------
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The resolved, validated config for these Hydra overrides; FedrunError if it is wrong."""
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="fedrun"):
+            cfg = hydra_compose("config", overrides=list(overrides or []))
+        OmegaConf.resolve(cfg)
+    except MissingConfigException as e:
+        raise FedrunError(_unknown_option(e)) from e
+    except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
+        raise FedrunError(_one_line(e)) from e
+    validate(cfg)
+    return cfg
+
+
+def _unknown_option(e: MissingConfigException) -> str:
+    group, _, option = (e.missing_cfg_file or "").rpartition("/")
+    if group and e.options is not None:
+        return f"{group}: unknown option '{option}'; allowed: {', '.join(sorted(e.options))}"
+    return _one_line(e)
+
+
+def _one_line(e: Exception) -> str:
+    cause = e.__cause__ or e
+    key = getattr(cause, "full_key", None)
+    message = str(getattr(cause, "msg", None) or cause).splitlines()[0].strip()
+    if not key and isinstance(e, ConfigCompositionException) and e.__cause__ is None:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{key}: {message}" if key else message
+
+
+# ---- build -----------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedrunError("device: 'cuda' was asked for but CUDA is not available; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def client_config(cfg: DictConfig) -> ClientConfig:
+    return ClientConfig(**cfg.client)
+
+
+def build(cfg: DictConfig) -> Experiment:
+    device = resolve_device(cfg.device)
+    data = instantiate(cfg.data, seed=cfg.seed)
+    k = cfg.sampler.get("clients_per_round")
+    if k is not None and k > data.num_clients:
+        raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
+                          f"of this data; allowed: 1..{data.num_clients}")
+    make_model = instantiate(cfg.model, _partial_=True, vocab_size=data.vocab_size, seq_len=data.seq_len)
+    mechanism = instantiate(cfg.privacy)
+    make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device)
+    return Experiment(
+        cfg=cfg,
+        data=data,
+        make_model=make_model,
+        sampler=instantiate(cfg.sampler),
+        strategy=instantiate(cfg.strategy),
+        mechanism=mechanism,
+        # Objects go in through a partial: instantiate() would turn keyword objects into configs.
+        backend=instantiate(cfg.backend, _partial_=True)(make_trainer=make_trainer, data=data, mechanism=mechanism),
+        device=device,
+    )

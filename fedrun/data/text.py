@@ -1,0 +1,179 @@
+"""Real text split into federated clients, as byte-level next-token windows.
+
+Tokens are raw bytes (vocabulary 256: no tokenizer to download). A client's text is cut
+into windows of `seq_len + 1` bytes with stride `seq_len`, so every byte after the first
+is a prediction target exactly once; the first windows (by position) are the client's
+training data and the last ones its test data, as in LEAF's Shakespeare benchmark
+(Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings").
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedrun.core import FedrunError, Stream, numpy_rng
+from fedrun.data import partition as partitioners
+
+log = logging.getLogger(__name__)
+
+VOCAB_SIZE = 256
+PARTITIONS = ("natural", "iid")
+# Speaker lines look like "First Citizen:" alone on a line.
+_SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
+_NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass
+class ClientData:
+    name: str
+    train: torch.Tensor  # (N, seq_len + 1) uint8 windows
+    test: torch.Tensor  # (M, seq_len + 1) uint8 windows
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train)
+
+
+@dataclass
+class FederatedData:
+    clients: list[ClientData]
+    seq_len: int
+    fingerprint: dict
+    vocab_size: int = VOCAB_SIZE
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def test_windows(self) -> torch.Tensor:
+        return torch.cat([c.test for c in self.clients])
+
+
+def windows(text: bytes, seq_len: int) -> torch.Tensor:
+    """(N, seq_len + 1) uint8: windows overlapping by one byte, N = (len - 1) // seq_len."""
+    if len(text) < seq_len + 1:
+        return torch.empty(0, seq_len + 1, dtype=torch.uint8)
+    tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    return tokens.unfold(0, seq_len + 1, seq_len).clone()
+
+
+def split_by_position(w: torch.Tensor, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """First windows train, last `test_fraction` test (at least one each when possible)."""
+    n = len(w)
+    n_test = 0 if test_fraction == 0 or n < 2 else min(n - 1, max(1, int(n * test_fraction)))
+    return w[: n - n_test], w[n - n_test :]
+
+
+def read_shakespeare(path: str) -> tuple[list[tuple[str, bytes]], bytes]:
+    """One document per speaker, in order of first appearance, from `SPEAKER:\\nlines\\n\\n`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FedrunError(f"data.path: file not found: {path} (give data.path=/path/to/tinyshakespeare.txt)")
+    raw = file.read_bytes()
+    speeches: dict[str, list[bytes]] = {}
+    for block in re.split(rb"\r?\n\s*\n", raw):
+        lines = block.strip(b"\r\n").splitlines()
+        if len(lines) < 2 or not (m := _SPEAKER.match(lines[0].strip())):
+            continue
+        speaker = m.group(1).decode("utf-8", "replace").strip()
+        speeches.setdefault(speaker, []).append(b"\n".join(lines[1:]) + b"\n")
+    if not speeches:
+        raise FedrunError(f"data.path: no 'SPEAKER:' blocks found in {path}; expected the tinyshakespeare layout")
+    return [(name, b"".join(parts)) for name, parts in speeches.items()], raw
+
+
+def read_python_sources(root: str | None) -> tuple[list[tuple[str, bytes]], bytes]:
+    """One document per top-level module or package under `root` (tests excluded)."""
+    base = Path(root or sysconfig.get_paths()["stdlib"]).expanduser()
+    if not base.is_dir():
+        raise FedrunError(f"data.root: directory not found: {root}")
+    groups: dict[str, list[bytes]] = {}
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB)
+        for fname in sorted(filenames):
+            if not fname.endswith(".py") or fname.startswith("test_"):
+                continue
+            path = Path(dirpath, fname)
+            rel = path.relative_to(base)
+            content = path.read_bytes()
+            digest.update(str(rel).encode() + b"\0" + content)
+            groups.setdefault(rel.parts[0].removesuffix(".py"), []).append(content)
+    if not groups:
+        raise FedrunError(f"data.root: no Python sources found under {base}")
+    docs = [(name, b"\n".join(groups[name])) for name in sorted(groups)]
+    return docs, digest.digest()
+
+
+def federate(
+    docs: list[tuple[str, bytes]],
+    *,
+    source: dict,
+    seq_len: int,
+    test_fraction: float,
+    min_samples: int,
+    partition: str,
+    num_clients: int | None,
+    max_client_bytes: int | None,
+    seed: int,
+) -> FederatedData:
+    """Window each document, keep those with >= min_samples windows, split and partition."""
+    kept = []
+    for name, text in docs:
+        w = windows(text[:max_client_bytes] if max_client_bytes else text, seq_len)
+        if len(w) >= min_samples:
+            kept.append(ClientData(name, *split_by_position(w, test_fraction)))
+    if not kept:
+        raise FedrunError(f"data.min_samples: no client has {min_samples} windows of {seq_len + 1} bytes; lower it")
+    if partition == "iid":
+        kept = _iid(kept, num_clients or len(kept), seed)
+    elif partition != "natural":
+        raise FedrunError(f"data.partition: unknown partition '{partition}'; allowed: {', '.join(PARTITIONS)}")
+    fingerprint = {
+        **source,
+        "partition": partition,
+        "seq_len": seq_len,
+        "clients": len(kept),
+        "train_windows": sum(len(c.train) for c in kept),
+        "test_windows": sum(len(c.test) for c in kept),
+    }
+    log.info("data: %s", fingerprint)
+    return FederatedData(kept, seq_len, fingerprint)
+
+
+def _iid(clients: list[ClientData], num_clients: int, seed: int) -> list[ClientData]:
+    """The same train and test windows, shuffled evenly over `num_clients` clients."""
+    train = torch.cat([c.train for c in clients])
+    test = torch.cat([c.test for c in clients])
+    if num_clients > len(train):
+        raise FedrunError(f"data.num_clients: {num_clients} is more than the {len(train)} training windows")
+    rng = numpy_rng(seed, Stream.PARTITION)
+    train_parts = partitioners.iid(len(train), num_clients, rng)
+    test_parts = partitioners.iid(len(test), num_clients, rng)
+    return [
+        ClientData(f"iid_{i}", train[torch.from_numpy(tr)], test[torch.from_numpy(te)])
+        for i, (tr, te) in enumerate(zip(train_parts, test_parts))
+    ]
+
+
+def shakespeare(path: str, *, seed: int = 0, **options) -> FederatedData:
+    """`data=shakespeare`: one client per speaker of a tinyshakespeare-style file."""
+    docs, raw = read_shakespeare(path)
+    source = {"source": "shakespeare", "path": str(Path(path).resolve()), "bytes": len(raw),
+              "sha256": hashlib.sha256(raw).hexdigest()}
+    return federate(docs, source=source, seed=seed, **options)
+
+
+def pystdlib(root: str | None = None, *, seed: int = 0, **options) -> FederatedData:
+    """`data=pystdlib`: one client per top-level module/package of the interpreter's stdlib."""
+    docs, digest = read_python_sources(root)
+    source = {"source": "pystdlib", "path": root or sysconfig.get_paths()["stdlib"],
+              "bytes": sum(len(t) for _, t in docs), "sha256": digest.hex()}
+    return federate(docs, source=source, seed=seed, **options)

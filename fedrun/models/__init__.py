@@ -1,0 +1,1 @@
+"""Models: every model maps (B, T) token ids to (B, T, vocab) logits."""

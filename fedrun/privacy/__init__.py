@@ -1,0 +1,1 @@
+"""Privacy mechanisms: hooks on each client's update and on the aggregate."""

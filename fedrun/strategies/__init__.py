@@ -1,0 +1,1 @@
+"""Server strategies: aggregate client updates and update the global model."""

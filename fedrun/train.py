@@ -1,0 +1,45 @@
+"""One training run from a composed config: build it, run the loop, write the run directory."""
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+import fedrun
+from fedrun import config, loop
+from fedrun.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig, *, on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
+    """Run `cfg` to the end; return the run directory and the summary written there."""
+    exp = config.build(cfg)
+    rundir = RunDir.create(cfg.run_dir, cfg)
+    try:
+        log.info("run directory: %s", rundir.path)
+        write_partition(rundir, exp)
+        summary = loop.run(exp, rundir, on_round=on_round)
+        summary |= {
+            "name": cfg.name,
+            "data": exp.data.fingerprint,
+            "parameters": sum(p.numel() for p in exp.make_model().parameters()),
+            "device": str(exp.device),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "fedrun": fedrun.__version__},
+        }
+        rundir.write_json("summary.json", summary)
+    finally:
+        rundir.close()
+    return rundir.path, summary
+
+
+def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:
+    """partition.csv: each client's name and its numbers of train and test windows."""
+    rows = ({"client_id": i, "name": c.name, "train_windows": len(c.train), "test_windows": len(c.test)}
+            for i, c in enumerate(exp.data.clients))
+    rundir.table("partition.csv", ["client_id", "name", "train_windows", "test_windows"]).append(rows)
