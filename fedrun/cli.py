@@ -87,8 +87,9 @@ def train(
         if cfg:
             typer.echo(OmegaConf.to_yaml(composed), nl=False)
             return
+        experiment = config.build(composed)
         with _round_progress(composed.rounds) as on_round:
-            run_dir, summary = training.train(composed, on_round=on_round)
+            run_dir, summary = training.train(experiment, on_round=on_round)
         _print_summary(summary)
         typer.echo(str(run_dir))
 

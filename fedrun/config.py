@@ -7,7 +7,9 @@ place that instantiates objects from the config.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,8 +19,9 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from hydra.utils import instantiate
+from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
+                          OverrideParseException)
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -217,11 +220,22 @@ def _unknown_option(e: MissingConfigException) -> str:
     return _one_line(e)
 
 
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
 def _one_line(e: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line errors as `key: what is wrong; allowed: ...`."""
     cause = e.__cause__ or e
     key = getattr(cause, "full_key", None)
     message = str(getattr(cause, "msg", None) or cause).splitlines()[0].strip()
-    if not key and isinstance(e, ConfigCompositionException) and e.__cause__ is None:
+    if m := re.match(r"Value '(.*)' of type '.*' could not be converted to (\w+)", message):
+        message = f"{m.group(1)!r} is not allowed; allowed: {_TYPE_WORDS.get(m.group(2), m.group(2))}"
+    elif re.match(r"Key '.*' not in '.*'", message) and dataclasses.is_dataclass(getattr(cause, "object_type", None)):
+        names = [f.name for f in dataclasses.fields(cause.object_type) if not f.name.startswith("_")]
+        message = f"unknown key; allowed keys here: {', '.join(names)}"
+    elif isinstance(e, OverrideParseException) or message.startswith("Error parsing override"):
+        message = f"{message}; overrides look like key=value or group=option"
+    elif not key and isinstance(e, ConfigCompositionException) and e.__cause__ is None:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return f"{key}: {message}" if key else message
 
@@ -238,6 +252,16 @@ def resolve_device(name: str) -> torch.device:
 
 def client_config(cfg: DictConfig) -> ClientConfig:
     return ClientConfig(**cfg.client)
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, letting a FedrunError raised by the target through unwrapped."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, FedrunError):
+            raise e.__cause__ from None
+        raise
 
 
 def build(cfg: DictConfig) -> Experiment:

@@ -7,18 +7,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig
-
 import fedrun
-from fedrun import config, loop
+from fedrun import loop
 from fedrun.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig, *, on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
-    """Run `cfg` to the end; return the run directory and the summary written there."""
-    exp = config.build(cfg)
+def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
+    """Run a built experiment to the end; return its run directory and the summary written there."""
+    cfg = exp.cfg
     rundir = RunDir.create(cfg.run_dir, cfg)
     try:
         log.info("run directory: %s", rundir.path)

@@ -1,0 +1,56 @@
+"""Shared fixtures: composing configs, a small generated corpus, the shared tinyshakespeare file."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from fedrun import config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# A model and data small enough that a round takes milliseconds.
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "data.seq_len=16", "data.min_samples=4",
+        "sampler.clients_per_round=3", "rounds=2", "eval_every=1"]
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"needs the shared corpus at {SHAKESPEARE} (present on the project's machines, "
+                    "absent from a fresh clone)")
+    return SHAKESPEARE
+
+
+def make_play(path: Path, *, speakers: int = 6, speeches: int = 12, seed: int = 0) -> Path:
+    """A file in the tinyshakespeare layout, each speaker with a different amount of text."""
+    rng = random.Random(seed)
+    words = "the and of to my thou that is in not with me it for be his your this but he have".split()
+    blocks = []
+    for s in range(speeches * speakers):
+        who = s % speakers
+        if rng.random() < who / (speakers + 2):  # later speakers speak less often
+            continue
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 9))).capitalize() + "."
+                 for _ in range(rng.randint(1, 4))]
+        blocks.append(f"SPEAKER {chr(65 + who)}:\n" + "\n".join(lines))
+    path.write_text("\n\n".join(blocks) + "\n")
+    return path
+
+
+@pytest.fixture
+def play(tmp_path: Path) -> Path:
+    return make_play(tmp_path / "play.txt")
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path, play: Path):
+    """compose_cfg(*overrides): a validated config on the generated play, writing under tmp_path."""
+
+    def _compose(*overrides: str, tiny: bool = True):
+        base = [f"run_dir={tmp_path / 'run'}", "data=shakespeare", f"data.path={play}", "device=cpu"]
+        return config.compose(base + (TINY if tiny else []) + list(overrides))
+
+    return _compose

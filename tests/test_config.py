@@ -1,0 +1,89 @@
+"""Config groups compose and build; every bad input is one clear line and a non-zero exit."""
+import pytest
+from typer.testing import CliRunner
+
+from fedrun import config
+from fedrun.cli import app
+from tests.conftest import TINY
+
+GROUPS = ["data", "model", "client", "sampler", "strategy", "privacy", "backend"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config.conf_dir() / group).glob("*.yaml"))
+
+
+def test_every_group_option_has_a_schema():
+    for group in GROUPS:
+        assert _options(group), group
+        assert _options(group) == sorted(config.SCHEMAS[group]), group
+
+
+SMALL = {"model=tiny_gpt": ["model.n_embd=16", "model.n_head=2"], "model=lstm": ["model.hidden_size=16"],
+         "data=pystdlib": ["data.max_client_bytes=2000"]}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
+    for option in _options(group):
+        choice = f"{group}={option}"
+        data = [] if group == "data" else ["data=shakespeare", f"data.path={play}", "data.min_samples=4"]
+        if choice == "data=shakespeare":
+            data = [f"data.path={play}", "data.min_samples=4"]
+        overrides = [choice, *data, *SMALL.get(choice, []), f"run_dir={tmp_path}", "device=cpu",
+                     "sampler.clients_per_round=3"]
+        exp = config.build(config.compose(overrides))
+        assert exp.data.num_clients >= 3
+        assert exp.make_model()(exp.data.clients[0].train[:2, :-1].long()).shape[-1] == 256
+
+
+def test_defaults_compose_to_the_documented_values():
+    cfg = config.compose([])
+    assert cfg.data._target_.endswith("pystdlib") and cfg.model._target_.endswith("TinyGPT")
+    assert cfg.data.seq_len == 80 and cfg.data.test_fraction == 0.2
+    assert cfg.run_dir.startswith("runs/") and cfg.run_dir.endswith("_fedavg")
+
+
+def _fedrun(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["rounds=abc"], "rounds: 'abc' is not allowed; allowed: an integer"),
+    (["strategy=nope"], "strategy: unknown option 'nope'; allowed: fedavg"),
+    (["client.lr=-1"], "client.lr: -1.0 is not allowed; allowed: a number > 0"),
+    (["sampler.clients_per_round=7"], "sampler.clients_per_round: 7 is more than the 6 clients"),
+    (["data.path=/no/such/file.txt"], "data.path: file not found: /no/such/file.txt"),
+    (["device=gpu"], "device: 'gpu' is not allowed; allowed: one of auto, cpu, cuda"),
+    (["roundz=3"], "roundz: unknown key; allowed keys here: name, rounds"),
+    (["client.local_epochs=1"], "client.local_steps: set exactly one of"),
+    (["data.partition=speakers"], "data.partition: 'speakers' is not allowed; allowed: one of natural, iid"),
+    (["model.n_embd=17"], "model.n_embd: 17 is not a multiple of model.n_head=2"),
+    (["rounds"], "Error parsing override 'rounds'"),
+])
+def test_bad_input_is_one_line_naming_the_key(overrides, expected, play, tmp_path):
+    result = _fedrun("train", "data=shakespeare", f"data.path={play}", f"run_dir={tmp_path / 'r'}", *TINY, *overrides)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r" / "metrics.csv").exists()
+
+
+def test_missing_mandatory_path_names_the_key():
+    result = _fedrun("train", "data=shakespeare")
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: data.path: no value given")
+
+
+def test_debug_shows_the_traceback(play):
+    result = _fedrun("train", "rounds=abc", "--debug")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_cfg_prints_the_composed_config_without_running(tmp_path):
+    result = _fedrun("train", "--cfg", "rounds=7", "model=lstm", f"run_dir={tmp_path / 'x'}")
+    assert result.exit_code == 0, result.output
+    assert "rounds: 7" in result.output and "CharLSTM" in result.output
+    assert not (tmp_path / "x").exists()
