@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Callable, List, Optional
 
 import typer
@@ -103,8 +102,7 @@ class _round_progress:
         self.progress = Progress(
             TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[ppl]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-            disable=not console.is_terminal and "pytest" in sys.modules,
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
         )
         self.task = self.progress.add_task("train", total=rounds, loss="", ppl="")
 

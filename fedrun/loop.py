@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fedrun.core import Backend, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
+from fedrun.core import Backend, ClientUpdate, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
 from fedrun.data.text import FederatedData
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
@@ -63,22 +63,13 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         updates = exp.backend.train_cohort(weights, ctx.cohort, ctx)
         delta = exp.mechanism.on_aggregate(exp.strategy.aggregate(updates), ctx)
         weights = exp.strategy.apply(weights, delta)
-        row = {
-            "round": round_idx,
-            "clients": len(updates),
-            "examples": sum(u.num_examples for u in updates),
-            "train_loss": sum(u.train_loss * u.num_examples for u in updates) / sum(u.num_examples for u in updates),
-            "bytes_up": sum(u.bytes_up for u in updates),
-            "bytes_down": len(ctx.cohort) * weights.numel() * weights.element_size(),
-        }
+        row = round_row(round_idx, updates, weights, sent_to=len(ctx.cohort))
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             flat.copy_(weights)
             row.update(evaluate(model, test, exp.device))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
-        clients.append({"round": round_idx, "client_id": u.client_id, "examples": u.num_examples,
-                        "train_loss": u.train_loss, "update_norm": u.update_norm, "seconds": u.seconds}
-                       for u in updates)
+        clients.append(client_rows(round_idx, updates))
         if round_idx % cfg.checkpoint_every == 0 or round_idx == cfg.rounds:
             rundir.save_checkpoint(round_idx, checkpoint_state(exp, weights, round_idx))
         history.append(row)
@@ -88,6 +79,28 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     flat.copy_(weights)
     rundir.save_model(model, {"round": str(cfg.rounds)})
     return summarize(history, seconds=time.perf_counter() - started)
+
+
+def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor, *, sent_to: int) -> dict:
+    """The round's metrics.csv row before evaluation; train_loss is example-weighted.
+
+    The global weights go down to every client sampled (`sent_to`); updates come up from those
+    that report."""
+    examples = sum(u.num_examples for u in updates)
+    return {
+        "round": round_idx,
+        "clients": len(updates),
+        "examples": examples,
+        "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples,
+        "bytes_up": sum(u.bytes_up for u in updates),
+        "bytes_down": sent_to * weights.numel() * weights.element_size(),
+    }
+
+
+def client_rows(round_idx: int, updates: list[ClientUpdate]) -> list[dict]:
+    return [{"round": round_idx, "client_id": u.client_id, "examples": u.num_examples,
+             "train_loss": u.train_loss, "update_norm": u.update_norm, "seconds": u.seconds}
+            for u in updates]
 
 
 def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> dict:
