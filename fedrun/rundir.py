@@ -63,7 +63,10 @@ class RunDir:
         atomic_write(run.path / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
         handler = logging.FileHandler(run.path / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("fedrun").addHandler(handler)
+        logger = logging.getLogger("fedrun")
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:  # train.log gets INFO even when no CLI configured logging
+            logger.setLevel(logging.INFO)
         run._log_handler = handler
         return run
 

@@ -20,6 +20,7 @@ def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = Non
     rundir = RunDir.create(cfg.run_dir, cfg)
     try:
         log.info("run directory: %s", rundir.path)
+        log.info("data: %s", exp.data.fingerprint)
         write_partition(rundir, exp)
         summary = loop.run(exp, rundir, on_round=on_round)
         summary |= {

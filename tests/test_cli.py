@@ -64,6 +64,8 @@ def test_run_directory_round_trips_the_model_and_config(play, tmp_path):
     model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=False)
     scores = evaluate(model, exp.data.test_windows(), torch.device("cpu"))
     assert abs(scores["eval_loss"] - metrics["eval_loss"].iloc[-1]) < 1e-6
+    log = (run_dir / "train.log").read_text()
+    assert "round 3:" in log and "'source': 'shakespeare'" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final"]["round"] == 3 and summary["versions"]["torch"] == torch.__version__
     assert summary["best"]["eval_loss"] == metrics["eval_loss"].min()

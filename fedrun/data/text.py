@@ -9,7 +9,6 @@ training data and the last ones its test data, as in LEAF's Shakespeare benchmar
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import sysconfig
@@ -20,8 +19,6 @@ import torch
 
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
-
-log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 256
 PARTITIONS = ("natural", "iid")
@@ -144,7 +141,6 @@ def federate(
         "train_windows": sum(len(c.train) for c in kept),
         "test_windows": sum(len(c.test) for c in kept),
     }
-    log.info("data: %s", fingerprint)
     return FederatedData(kept, seq_len, fingerprint)
 
 
