@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from fedrun.core import ClientUpdate, RoundContext, Stream, derive_seed, torch_generator
-from fedrun.data.text import ClientData
-from fedrun.evaluation import next_token_loss, split_windows
+from fedrun.data.examples import ClientData
+from fedrun.evaluation import batch_loss
 from fedrun.params import flatten_parameters
 
 OPTIMIZERS = ("sgd", "adam")
@@ -80,8 +80,8 @@ class LocalTrainer:
         loss_sum = torch.zeros((), device=self.device)
         steps = self.cfg.num_steps(data.num_examples)
         for idx in batch_indices(data.num_examples, self.cfg.batch_size, steps, order):
-            x, y = split_windows(data.train[idx], self.device)
-            loss = next_token_loss(self.model, x, y)
+            x, y = data.train[idx].inputs_targets(self.device)
+            loss = batch_loss(self.model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

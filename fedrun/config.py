@@ -271,7 +271,7 @@ def build(cfg: DictConfig) -> Experiment:
     if k is not None and k > data.num_clients:
         raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
                           f"of this data; allowed: 1..{data.num_clients}")
-    make_model = instantiate(cfg.model, _partial_=True, vocab_size=data.vocab_size, seq_len=data.seq_len)
+    make_model = instantiate(cfg.model, _partial_=True, **data.model_dims)
     mechanism = instantiate(cfg.privacy)
     make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device)
     return Experiment(

@@ -1,4 +1,8 @@
-"""Next-token metrics of a model on a set of windows: cross-entropy, perplexity, accuracy."""
+"""Metrics of a model on a set of examples: cross-entropy, perplexity, accuracy.
+
+For language models the loss is averaged over next-token predictions; for classifiers over
+examples. Perplexity is exp(loss) in both cases (for a classifier, of the class distribution).
+"""
 from __future__ import annotations
 
 import math
@@ -7,30 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EVAL_BATCH_WINDOWS = 256
+from fedrun.data.examples import Examples
+
+EVAL_BATCH = 256  # examples per forward pass
 
 
-def split_windows(batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T + 1) uint8 windows -> inputs and next-token targets, each (B, T) int64."""
-    batch = batch.to(device, non_blocking=True).long()
-    return batch[:, :-1], batch[:, 1:]
-
-
-def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)  # (B, T, V)
+def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the model's logits (..., C) against targets (...)."""
+    logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, windows: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """Token-averaged loss, its perplexity, and top-1 accuracy over all windows."""
+def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict[str, float]:
+    """Loss averaged over all predictions, its perplexity, and top-1 accuracy."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     tokens = 0
-    for start in range(0, len(windows), EVAL_BATCH_WINDOWS):
-        x, y = split_windows(windows[start : start + EVAL_BATCH_WINDOWS], device)
+    for start in range(0, len(examples), EVAL_BATCH):
+        x, y = examples[start : start + EVAL_BATCH].inputs_targets(device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         correct += (logits.argmax(-1) == y).sum()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fedrun.core import Backend, ClientUpdate, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
-from fedrun.data.text import FederatedData
+from fedrun.data.examples import FederatedData
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
 from fedrun.rundir import RunDir
@@ -49,7 +49,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     cfg = exp.cfg
     model, flat = initial_model(exp)
     weights = flat.detach().clone()
-    test = exp.data.test_windows()
+    test = exp.data.test_examples()
     metrics = rundir.table("metrics.csv", METRIC_COLUMNS)
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     started = time.perf_counter()

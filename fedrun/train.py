@@ -38,7 +38,7 @@ def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = Non
 
 
 def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:
-    """partition.csv: each client's name and its numbers of train and test windows."""
-    rows = ({"client_id": i, "name": c.name, "train_windows": len(c.train), "test_windows": len(c.test)}
+    """partition.csv: each client's name and its numbers of train and test examples."""
+    rows = ({"client_id": i, "name": c.name, "train_examples": len(c.train), "test_examples": len(c.test)}
             for i, c in enumerate(exp.data.clients))
-    rundir.table("partition.csv", ["client_id", "name", "train_windows", "test_windows"]).append(rows)
+    rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples"]).append(rows)

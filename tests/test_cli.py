@@ -62,7 +62,7 @@ def test_run_directory_round_trips_the_model_and_config(play, tmp_path):
     exp = config.build(OmegaConf.load(run_dir / "config.yaml"))
     model = exp.make_model()
     model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=False)
-    scores = evaluate(model, exp.data.test_windows(), torch.device("cpu"))
+    scores = evaluate(model, exp.data.test_examples(), torch.device("cpu"))
     assert abs(scores["eval_loss"] - metrics["eval_loss"].iloc[-1]) < 1e-6
     log = (run_dir / "train.log").read_text()
     assert "round 3:" in log and "'source': 'shakespeare'" in log

@@ -3,7 +3,8 @@ import pandas as pd
 import torch
 
 from fedrun import config, loop, train
-from fedrun.evaluation import next_token_loss, split_windows
+from fedrun.data.examples import concat
+from fedrun.evaluation import batch_loss
 from fedrun.rundir import load_checkpoint
 
 
@@ -19,8 +20,8 @@ def test_one_fedavg_round_of_full_batch_gd_equals_centralised_gd_on_the_union(co
 
     model, flat = loop.initial_model(exp)  # the same initial weights, trained centrally
     w0 = flat.detach().clone()
-    x, y = split_windows(torch.cat([c.train for c in exp.data.clients]), torch.device("cpu"))
-    next_token_loss(model, x, y).backward()
+    x, y = concat([c.train for c in exp.data.clients]).inputs_targets(torch.device("cpu"))
+    batch_loss(model, x, y).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     central = w0 - 0.5 * grad
     assert (central - w0).abs().max() > 1e-3  # the step is not negligible

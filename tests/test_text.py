@@ -69,7 +69,7 @@ def test_natural_partition_is_one_client_per_kept_speaker(play):
     kept = [n for n, t in docs if len(text.windows(t, 16)) >= 4]
     assert [c.name for c in data.clients] == kept
     for client, (name, t) in zip(data.clients, [d for d in docs if d[0] in kept]):
-        assert torch.equal(torch.cat([client.train, client.test]), text.windows(t, 16))
+        assert torch.equal(torch.cat([client.train.tokens, client.test.tokens]), text.windows(t, 16))
 
 
 def test_min_samples_drops_small_speakers(play):
@@ -85,8 +85,8 @@ def test_iid_holds_exactly_the_natural_windows_evenly(play):
     assert iid.num_clients == 7
     sizes = [len(c.train) for c in iid.clients]
     assert max(sizes) - min(sizes) <= 1
-    assert _rows(torch.cat([c.train for c in iid.clients])) == _rows(torch.cat([c.train for c in natural.clients]))
-    assert _rows(iid.test_windows()) == _rows(natural.test_windows())
+    assert _rows(torch.cat([c.train.tokens for c in iid.clients])) == _rows(torch.cat([c.train.tokens for c in natural.clients]))
+    assert _rows(iid.test_examples().tokens) == _rows(natural.test_examples().tokens)
 
 
 def test_iid_defaults_to_as_many_clients_as_natural(play):
@@ -99,8 +99,8 @@ def test_fingerprint_records_source_hash_and_counts(play):
     assert fp["sha256"] == hashlib.sha256(play.read_bytes()).hexdigest()
     assert fp["bytes"] == play.stat().st_size
     assert fp["clients"] == data.num_clients
-    assert fp["train_windows"] == sum(len(c.train) for c in data.clients)
-    assert fp["test_windows"] == len(data.test_windows())
+    assert fp["train_examples"] == sum(len(c.train) for c in data.clients)
+    assert fp["test_examples"] == len(data.test_examples())
 
 
 def test_pystdlib_is_one_client_per_top_level_module_without_tests(tmp_path):

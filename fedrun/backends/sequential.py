@@ -7,7 +7,7 @@ import torch
 
 from fedrun.client import LocalTrainer
 from fedrun.core import ClientUpdate, Mechanism, RoundContext
-from fedrun.data.text import FederatedData
+from fedrun.data.examples import FederatedData
 
 
 class SequentialBackend:

@@ -1,4 +1,4 @@
-"""Data sources and partitioners: text -> per-client tensors of token windows."""
-from fedrun.data.text import ClientData, FederatedData
+"""Data sources and partitioners: raw data -> per-client tensors of examples."""
+from fedrun.data.examples import ClientData, Examples, FederatedData, Labelled, Windows
 
-__all__ = ["ClientData", "FederatedData"]
+__all__ = ["ClientData", "Examples", "FederatedData", "Labelled", "Windows"]

@@ -12,45 +12,19 @@ import hashlib
 import os
 import re
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
+from fedrun.data.examples import ClientData, FederatedData, Windows, concat
 
 VOCAB_SIZE = 256
 PARTITIONS = ("natural", "iid")
 # Speaker lines look like "First Citizen:" alone on a line.
 _SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
 _NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-
-
-@dataclass
-class ClientData:
-    name: str
-    train: torch.Tensor  # (N, seq_len + 1) uint8 windows
-    test: torch.Tensor  # (M, seq_len + 1) uint8 windows
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.train)
-
-
-@dataclass
-class FederatedData:
-    clients: list[ClientData]
-    seq_len: int
-    fingerprint: dict
-    vocab_size: int = VOCAB_SIZE
-
-    @property
-    def num_clients(self) -> int:
-        return len(self.clients)
-
-    def test_windows(self) -> torch.Tensor:
-        return torch.cat([c.test for c in self.clients])
 
 
 def windows(text: bytes, seq_len: int) -> torch.Tensor:
@@ -126,7 +100,8 @@ def federate(
     for name, text in docs:
         w = windows(text[:max_client_bytes] if max_client_bytes else text, seq_len)
         if len(w) >= min_samples:
-            kept.append(ClientData(name, *split_by_position(w, test_fraction)))
+            train, test = split_by_position(w, test_fraction)
+            kept.append(ClientData(name, Windows(train), Windows(test)))
     if not kept:
         raise FedrunError(f"data.min_samples: no client has {min_samples} windows of {seq_len + 1} bytes; lower it")
     if partition == "iid":
@@ -138,16 +113,16 @@ def federate(
         "partition": partition,
         "seq_len": seq_len,
         "clients": len(kept),
-        "train_windows": sum(len(c.train) for c in kept),
-        "test_windows": sum(len(c.test) for c in kept),
+        "train_examples": sum(len(c.train) for c in kept),
+        "test_examples": sum(len(c.test) for c in kept),
     }
-    return FederatedData(kept, seq_len, fingerprint)
+    return FederatedData(kept, fingerprint, model_dims={"vocab_size": VOCAB_SIZE, "seq_len": seq_len})
 
 
 def _iid(clients: list[ClientData], num_clients: int, seed: int) -> list[ClientData]:
     """The same train and test windows, shuffled evenly over `num_clients` clients."""
-    train = torch.cat([c.train for c in clients])
-    test = torch.cat([c.test for c in clients])
+    train = concat([c.train for c in clients])
+    test = concat([c.test for c in clients])
     if num_clients > len(train):
         raise FedrunError(f"data.num_clients: {num_clients} is more than the {len(train)} training windows")
     rng = numpy_rng(seed, Stream.PARTITION)
