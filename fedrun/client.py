@@ -1,4 +1,9 @@
-"""Local training of one client, on a model that is reused for every client of a worker."""
+"""Local training of one client, on a model that is reused for every client of a worker.
+
+Gradients, like weights, live in one flat buffer, so the strategy's corrections are single
+vector operations on it: FedProx (Li et al. 2020) adds mu * (w - w_global), SCAFFOLD
+(Karimireddy et al. 2020) adds c - c_i to every local gradient.
+"""
 from __future__ import annotations
 
 import math
@@ -9,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from fedrun.core import ClientUpdate, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, torch_generator
 from fedrun.data.examples import ClientData
 from fedrun.evaluation import batch_loss
 from fedrun.params import flatten_parameters
@@ -28,8 +33,13 @@ class ClientConfig:
     batch_size: int
     local_epochs: int | None
     local_steps: int | None
+    local_steps_min: int | None = None  # stragglers: each client's steps drawn from [min, max]
+    local_steps_max: int | None = None
 
-    def num_steps(self, num_examples: int) -> int:
+    def num_steps(self, num_examples: int, generator: torch.Generator) -> int:
+        if self.local_steps_min is not None:
+            high = self.local_steps_max + 1
+            return int(torch.randint(self.local_steps_min, high, (), generator=generator))
         if self.local_steps is not None:
             return self.local_steps
         return self.local_epochs * math.ceil(num_examples / self.batch_size)
@@ -57,41 +67,73 @@ def batch_indices(num_examples: int, batch_size: int, num_steps: int,
 
 
 class LocalTrainer:
-    """One worker's model, flat weight buffer and optimizer, reset for each client."""
+    """One worker's model, flat weight and gradient buffers and optimizer, reset for each client."""
 
     def __init__(self, make_model: Callable[[], nn.Module], cfg: ClientConfig, device: torch.device):
         self.model = make_model().to(device)
         self.flat = flatten_parameters(self.model)
+        self.flat_grad = attach_flat_grads(self.model, self.flat)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.cfg = cfg
         self.device = device
 
-    def train(self, client_id: int, data: ClientData, weights: torch.Tensor,
+    def train(self, job: ClientJob, data: ClientData, weights: torch.Tensor,
               ctx: RoundContext) -> ClientUpdate:
         """Train from `weights` on the client's data; return `local - weights` and stats."""
         start = time.perf_counter()
         self.flat.copy_(weights)
         self.optimizer.state.clear()  # a fresh optimizer for each client, without re-creating it
-        order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, client_id)
+        order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id)
         # Dropout draws from torch's global RNG: reseed it from the derived seed, so results
         # do not depend on which clients a worker trained before this one.
-        torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, client_id, 1))
+        torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 1))
+        steps = self.cfg.num_steps(data.num_examples, order)
+        correction = None if job.control is None else scaffold_correction(job)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        steps = self.cfg.num_steps(data.num_examples)
         for idx in batch_indices(data.num_examples, self.cfg.batch_size, steps, order):
             x, y = data.train[idx].inputs_targets(self.device)
+            self.flat_grad.zero_()
             loss = batch_loss(self.model, x, y)
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if job.prox_mu:  # gradient of (mu/2)||w - w_global||^2
+                self.flat_grad.add_(self.flat.detach() - weights, alpha=job.prox_mu)
+            if correction is not None:
+                self.flat_grad.add_(correction)
             self.optimizer.step()
             loss_sum += loss.detach()
         delta = self.flat.detach() - weights
+        extras = {} if job.control is None else {"control_delta": scaffold_control_delta(job, delta, steps, self.cfg.lr)}
         return ClientUpdate(
-            client_id=client_id,
+            client_id=job.client_id,
             delta=delta,
             num_examples=data.num_examples,
             train_loss=float(loss_sum) / max(steps, 1),
             seconds=time.perf_counter() - start,
-            bytes_up=delta.numel() * delta.element_size(),
+            bytes_up=sum(t.numel() * t.element_size() for t in (delta, *extras.values())),
+            num_steps=steps,
+            extras=extras,
         )
+
+
+def attach_flat_grads(model: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+    """Give every trainable parameter a `.grad` that is a view into one zeroed buffer.
+
+    Backward accumulates into an existing `.grad` in place, so the views persist as long as
+    nobody sets them to None (we zero the buffer instead of calling `zero_grad`)."""
+    flat_grad = torch.zeros_like(flat)
+    for p in model.parameters():
+        if p.requires_grad:
+            offset = p.data.storage_offset() - flat.storage_offset()
+            p.grad = flat_grad[offset : offset + p.numel()].view_as(p)
+    return flat_grad
+
+
+def scaffold_correction(job: ClientJob) -> torch.Tensor:
+    """SCAFFOLD's drift correction c - c_i, added to every local gradient (c_i = 0 at first)."""
+    return job.control if job.client_control is None else job.control - job.client_control
+
+
+def scaffold_control_delta(job: ClientJob, delta: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
+    """Option II: c_i+ = c_i - c + (x - y_i) / (K lr); the client sends c_i+ - c_i = -c - delta / (K lr)."""
+    return -job.control - delta / (max(steps, 1) * lr)

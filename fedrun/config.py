@@ -8,6 +8,7 @@ place that instantiates objects from the config.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedrun.client import OPTIMIZERS, ClientConfig, LocalTrainer
 from fedrun.core import FedrunError
+from fedrun.attacks import KINDS as ATTACK_KINDS
 from fedrun.data.text import PARTITIONS
+from fedrun.sampling import KINDS as SAMPLER_KINDS
 from fedrun.loop import Experiment
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,12 +93,65 @@ class ClientSchema:
     batch_size: int = MISSING
     local_epochs: Optional[int] = MISSING
     local_steps: Optional[int] = MISSING
+    local_steps_min: Optional[int] = MISSING
+    local_steps_max: Optional[int] = MISSING
 
 
 @dataclass
-class UniformSamplerSchema:
+class SamplerSchema:
     _target_: str = MISSING
+    kind: str = MISSING
     clients_per_round: int = MISSING
+    dropout: float = MISSING
+
+
+@dataclass
+class FedAvgMSchema:
+    _target_: str = MISSING
+    server_lr: float = MISSING
+    momentum: float = MISSING
+
+
+@dataclass
+class FedOptSchema:
+    _target_: str = MISSING
+    server_lr: float = MISSING
+    beta1: float = MISSING
+    beta2: float = MISSING
+    tau: float = MISSING
+
+
+@dataclass
+class FedProxSchema:
+    _target_: str = MISSING
+    mu: float = MISSING
+
+
+@dataclass
+class ScaffoldSchema:
+    _target_: str = MISSING
+    server_lr: float = MISSING
+
+
+@dataclass
+class TrimmedMeanSchema:
+    _target_: str = MISSING
+    trim: float = MISSING
+
+
+@dataclass
+class KrumSchema:
+    _target_: str = MISSING
+    num_byzantine: int = MISSING
+    multi: int = MISSING
+
+
+@dataclass
+class PoisoningSchema:
+    _target_: str = MISSING
+    kind: str = MISSING
+    fraction: float = MISSING
+    scale: float = MISSING
 
 
 @dataclass
@@ -121,16 +177,20 @@ class ConfigSchema:
     strategy: Any = MISSING
     privacy: Any = MISSING
     backend: Any = MISSING
+    attack: Any = MISSING
 
 
 SCHEMAS = {
     "data": {"shakespeare": ShakespeareSchema, "pystdlib": PyStdlibSchema},
     "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema},
     "client": {"default": ClientSchema},
-    "sampler": {"uniform": UniformSamplerSchema},
-    "strategy": {"fedavg": TargetOnlySchema},
+    "sampler": {"default": SamplerSchema},
+    "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
+                 "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
+                 "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema},
     "privacy": {"none": TargetOnlySchema},
     "backend": {"sequential": TargetOnlySchema},
+    "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
 }
 
 
@@ -177,7 +237,22 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("client.batch_size", "an integer >= 1", lambda v: v >= 1),
     ("client.local_epochs", "null or an integer >= 1", _opt(lambda v: v >= 1)),
     ("client.local_steps", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("client.local_steps_min", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("client.local_steps_max", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("sampler.kind", *_one_of(SAMPLER_KINDS)),
     ("sampler.clients_per_round", "an integer >= 1", lambda v: v >= 1),
+    ("sampler.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.server_lr", "a number > 0", lambda v: v > 0),
+    ("strategy.momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.beta1", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.beta2", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.tau", "a number > 0", lambda v: v > 0),
+    ("strategy.mu", "a number >= 0", lambda v: v >= 0),
+    ("strategy.trim", "a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    ("strategy.num_byzantine", "an integer >= 0", lambda v: v >= 0),
+    ("strategy.multi", "an integer >= 1", lambda v: v >= 1),
+    ("attack.kind", *_one_of(ATTACK_KINDS)),
+    ("attack.fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1),
 ]
 
 
@@ -191,9 +266,26 @@ def validate(cfg: DictConfig) -> None:
             raise FedrunError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
     if "n_head" in cfg.model and cfg.model.n_embd % cfg.model.n_head:
         raise FedrunError(f"model.n_embd: {cfg.model.n_embd} is not a multiple of model.n_head={cfg.model.n_head}")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    """Rules that tie several keys together."""
+    c = cfg.client
+    if (c.local_steps_min is None) != (c.local_steps_max is None):
+        raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, or neither")
+    if c.local_steps_min is not None and c.local_steps_min > c.local_steps_max:
+        raise FedrunError(f"client.local_steps_min: {c.local_steps_min} is more than client.local_steps_max={c.local_steps_max}")
     if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
         raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
                           f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
+    if cfg.strategy._target_.endswith(".scaffold") and (c.optimizer != "sgd" or c.momentum):
+        raise FedrunError(f"client.optimizer: strategy=scaffold needs plain local SGD (client.optimizer=sgd, "
+                          f"client.momentum=0; got {c.optimizer}, momentum {c.momentum}): its control variates assume it")
+    f = cfg.strategy.get("num_byzantine")
+    if f is not None and cfg.sampler.clients_per_round < 2 * f + 3:
+        raise FedrunError(f"sampler.clients_per_round: krum with strategy.num_byzantine={f} needs at least "
+                          f"2 * {f} + 3 = {2 * f + 3} clients per round, got {cfg.sampler.clients_per_round}")
 
 
 # ---- compose ---------------------------------------------------------------------------------
@@ -267,21 +359,33 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 def build(cfg: DictConfig) -> Experiment:
     device = resolve_device(cfg.device)
     data = instantiate(cfg.data, seed=cfg.seed)
-    k = cfg.sampler.get("clients_per_round")
-    if k is not None and k > data.num_clients:
+    k = cfg.sampler.clients_per_round
+    if k > data.num_clients:
         raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
                           f"of this data; allowed: 1..{data.num_clients}")
     make_model = instantiate(cfg.model, _partial_=True, **data.model_dims)
+    num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
+    # What a factory may ask for besides its own config keys.
+    context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed}
     mechanism = instantiate(cfg.privacy)
+    attack = with_context(instantiate(cfg.attack, _partial_=True), context)
     make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device)
     return Experiment(
         cfg=cfg,
         data=data,
         make_model=make_model,
         sampler=instantiate(cfg.sampler),
-        strategy=instantiate(cfg.strategy),
+        strategy=with_context(instantiate(cfg.strategy, _partial_=True), context),
         mechanism=mechanism,
         # Objects go in through a partial: instantiate() would turn keyword objects into configs.
-        backend=instantiate(cfg.backend, _partial_=True)(make_trainer=make_trainer, data=data, mechanism=mechanism),
+        backend=instantiate(cfg.backend, _partial_=True)(
+            make_trainer=make_trainer, data=data, client_hooks=[attack, mechanism]),
         device=device,
+        attack=attack,
     )
+
+
+def with_context(factory: partial, context: dict[str, Any]) -> Any:
+    """Call `factory` with the entries of `context` that its target accepts by name."""
+    accepted = inspect.signature(factory.func).parameters
+    return factory(**{k: v for k, v in context.items() if k in accepted})

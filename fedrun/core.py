@@ -27,6 +27,8 @@ class Stream(enum.IntEnum):
     SAMPLE = 2  # which clients take part in a round
     CLIENT = 3  # a client's data order and dropout
     PARTITION = 4  # assignment of examples to clients
+    DROPOUT = 5  # which sampled clients fail before reporting
+    ATTACK = 6  # which clients are malicious, and their random updates
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
@@ -44,15 +46,33 @@ def torch_generator(seed: int, stream: Stream, *keys: int) -> torch.Generator:
 
 
 @dataclass
+class ClientJob:
+    """What the server sends one client besides the global weights."""
+
+    client_id: int
+    prox_mu: float = 0.0  # FedProx: weight of (mu/2)||w - w_global||^2 in the local objective
+    control: torch.Tensor | None = None  # SCAFFOLD: the server control variate c (sent down)
+    client_control: torch.Tensor | None = None  # SCAFFOLD: c_i, state that lives on the client
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes sent down besides the weights (c_i stays on the client: not counted)."""
+        return 0 if self.control is None else self.control.numel() * self.control.element_size()
+
+
+@dataclass
 class ClientUpdate:
     """What one client sends back after local training."""
 
     client_id: int
     delta: torch.Tensor  # (D,) float32: local weights - global weights
-    num_examples: int  # training windows the client holds (FedAvg weight)
+    num_examples: int  # training examples the client holds (FedAvg weight)
     train_loss: float  # mean loss over the client's local steps
     seconds: float
     bytes_up: int  # size of what the client actually sent
+    num_steps: int = 0  # local optimizer steps taken
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's control delta
+    malicious: bool = False  # set by an attack: the update is not what honest training gave
 
     @property
     def update_norm(self) -> float:
@@ -69,8 +89,16 @@ class RoundContext:
     cohort: Sequence[int] = field(default_factory=list)
 
 
+class ClientHook(Protocol):
+    """Acts on a client's update on the client side, before it is sent (attack, privacy)."""
+
+    def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate: ...
+
+
 class Strategy(Protocol):
-    """Server side of an FL algorithm: fold client updates into the global weights."""
+    """An FL algorithm: what each client is sent, and how updates fold into the global weights."""
+
+    def client_job(self, client_id: int) -> ClientJob: ...
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor: ...
 
@@ -81,21 +109,23 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class Mechanism(Protocol):
+class Mechanism(ClientHook, Protocol):
     """A privacy mechanism: acts on each client's update and on the aggregate."""
-
-    def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate: ...
 
     def on_aggregate(self, delta: torch.Tensor, ctx: RoundContext) -> torch.Tensor: ...
 
 
 class Sampler(Protocol):
-    def sample(self, num_clients: int, ctx: RoundContext) -> list[int]: ...
+    dropout: float  # probability that a sampled client fails before reporting
+
+    def sample(self, num_examples: np.ndarray, ctx: RoundContext) -> list[int]:
+        """The round's cohort, given each client's number of training examples."""
+        ...
 
 
 class Backend(Protocol):
     """Runs local training for a cohort of clients, starting from the global weights."""
 
     def train_cohort(
-        self, weights: torch.Tensor, cohort: Sequence[int], ctx: RoundContext
+        self, weights: torch.Tensor, jobs: Sequence[ClientJob], ctx: RoundContext
     ) -> list[ClientUpdate]: ...

@@ -6,21 +6,24 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fedrun.core import Backend, ClientUpdate, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
+from fedrun.core import (Backend, ClientHook, ClientJob, ClientUpdate, Mechanism, RoundContext, Sampler, Strategy,
+                         Stream, derive_seed)
 from fedrun.data.examples import FederatedData
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
 from fedrun.rundir import RunDir
+from fedrun.sampling import drop_out
 
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["round", "clients", "examples", "train_loss", "eval_loss", "eval_ppl", "eval_acc",
-                  "bytes_up", "bytes_down", "seconds"]
-CLIENT_COLUMNS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds"]
+                  "bytes_up", "bytes_down", "seconds", "sampled", "reported", "dropped"]
+CLIENT_COLUMNS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status"]
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Experiment:
     mechanism: Mechanism
     backend: Backend
     device: torch.device
+    attack: ClientHook
 
 
 def initial_model(exp: Experiment) -> tuple[nn.Module, torch.Tensor]:
@@ -50,6 +54,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     model, flat = initial_model(exp)
     weights = flat.detach().clone()
     test = exp.data.test_examples()
+    num_examples = np.array([c.num_examples for c in exp.data.clients])
     metrics = rundir.table("metrics.csv", METRIC_COLUMNS)
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     started = time.perf_counter()
@@ -59,17 +64,22 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     for round_idx in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         ctx = RoundContext(round_idx=round_idx, seed=cfg.seed, num_clients=exp.data.num_clients)
-        ctx.cohort = exp.sampler.sample(exp.data.num_clients, ctx)
-        updates = exp.backend.train_cohort(weights, ctx.cohort, ctx)
-        delta = exp.mechanism.on_aggregate(exp.strategy.aggregate(updates), ctx)
-        weights = exp.strategy.apply(weights, delta)
-        row = round_row(round_idx, updates, weights, sent_to=len(ctx.cohort))
+        ctx.cohort = exp.sampler.sample(num_examples, ctx)
+        reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
+        jobs = [exp.strategy.client_job(cid) for cid in ctx.cohort]
+        updates = exp.backend.train_cohort(weights, [j for j in jobs if j.client_id in set(reporting)], ctx)
+        if updates:
+            delta = exp.mechanism.on_aggregate(exp.strategy.aggregate(updates), ctx)
+            weights = exp.strategy.apply(weights, delta)
+        else:
+            log.warning("round %d: no client reported (%d sampled); the global model is kept", round_idx, len(ctx.cohort))
+        row = round_row(round_idx, updates, weights, jobs=jobs, dropped=len(dropped))
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             flat.copy_(weights)
             row.update(evaluate(model, test, exp.device))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
-        clients.append(client_rows(round_idx, updates))
+        clients.append(client_rows(round_idx, updates, dropped, exp.data))
         if round_idx % cfg.checkpoint_every == 0 or round_idx == cfg.rounds:
             rundir.save_checkpoint(round_idx, checkpoint_state(exp, weights, round_idx))
         history.append(row)
@@ -81,26 +91,33 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     return summarize(history, seconds=time.perf_counter() - started)
 
 
-def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor, *, sent_to: int) -> dict:
+def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor, *,
+              jobs: list[ClientJob], dropped: int) -> dict:
     """The round's metrics.csv row before evaluation; train_loss is example-weighted.
 
-    The global weights go down to every client sampled (`sent_to`); updates come up from those
-    that report."""
+    The global weights (and any strategy state, e.g. SCAFFOLD's c) go down to every sampled
+    client, dropped ones included; updates come up from those that report."""
     examples = sum(u.num_examples for u in updates)
     return {
         "round": round_idx,
         "clients": len(updates),
         "examples": examples,
-        "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples,
+        "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples if updates else None,
         "bytes_up": sum(u.bytes_up for u in updates),
-        "bytes_down": sent_to * weights.numel() * weights.element_size(),
+        "bytes_down": sum(weights.numel() * weights.element_size() + j.extra_bytes for j in jobs),
+        "sampled": len(jobs),
+        "reported": len(updates),
+        "dropped": dropped,
     }
 
 
-def client_rows(round_idx: int, updates: list[ClientUpdate]) -> list[dict]:
-    return [{"round": round_idx, "client_id": u.client_id, "examples": u.num_examples,
-             "train_loss": u.train_loss, "update_norm": u.update_norm, "seconds": u.seconds}
-            for u in updates]
+def client_rows(round_idx: int, updates: list[ClientUpdate], dropped: list[int], data: FederatedData) -> list[dict]:
+    rows = [{"round": round_idx, "client_id": u.client_id, "examples": u.num_examples,
+             "train_loss": u.train_loss, "update_norm": u.update_norm, "seconds": u.seconds,
+             "status": "byzantine" if u.malicious else "ok"} for u in updates]
+    rows += [{"round": round_idx, "client_id": c, "examples": data.clients[c].num_examples, "status": "dropped"}
+             for c in dropped]
+    return rows
 
 
 def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> dict:

@@ -16,8 +16,8 @@ from fedrun.evaluation import evaluate
 from tests.conftest import ROOT, TINY
 
 METRICS = ["round", "clients", "examples", "train_loss", "eval_loss", "eval_ppl", "eval_acc",
-           "bytes_up", "bytes_down", "seconds"]
-CLIENTS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds"]
+           "bytes_up", "bytes_down", "seconds", "sampled", "reported", "dropped"]
+CLIENTS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status"]
 
 
 def _check_run_dir(run_dir: Path, rounds: int) -> pd.DataFrame:

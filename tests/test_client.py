@@ -3,7 +3,7 @@ import torch
 
 from fedrun import config
 from fedrun.client import ClientConfig, LocalTrainer, batch_indices
-from fedrun.core import RoundContext
+from fedrun.core import ClientJob, RoundContext
 from fedrun.loop import initial_model
 
 
@@ -14,9 +14,9 @@ def test_training_a_client_never_touches_global_or_other_clients_tensors(compose
     global_params = [p.detach().clone() for p in global_model.parameters()]
     trainer = exp.backend.trainer
     ctx = RoundContext(round_idx=1, seed=0, num_clients=exp.data.num_clients)
-    first = trainer.train(0, exp.data.clients[0], weights, ctx)
+    first = trainer.train(ClientJob(0), exp.data.clients[0], weights, ctx)
     first_delta = first.delta.clone()
-    second = trainer.train(1, exp.data.clients[1], weights, ctx)
+    second = trainer.train(ClientJob(1), exp.data.clients[1], weights, ctx)
     # The global weights and model are untouched, and the first client's update survives the second.
     torch.testing.assert_close(weights, global_flat, rtol=0, atol=0)
     for p, q in zip(global_model.parameters(), global_params):
@@ -34,9 +34,9 @@ def test_same_client_same_round_gives_the_same_update(compose_cfg):
     _, flat = initial_model(exp)
     ctx = RoundContext(round_idx=4, seed=0, num_clients=exp.data.num_clients)
     trainer = exp.backend.trainer
-    a = trainer.train(2, exp.data.clients[2], flat, ctx)
-    trainer.train(0, exp.data.clients[0], flat, ctx)  # another client in between changes nothing
-    b = trainer.train(2, exp.data.clients[2], flat, ctx)
+    a = trainer.train(ClientJob(2), exp.data.clients[2], flat, ctx)
+    trainer.train(ClientJob(0), exp.data.clients[0], flat, ctx)  # another client in between changes nothing
+    b = trainer.train(ClientJob(2), exp.data.clients[2], flat, ctx)
     assert torch.equal(a.delta, b.delta)
 
 
@@ -44,7 +44,7 @@ def test_local_epochs_visit_every_example_once_per_epoch():
     g = torch.Generator().manual_seed(0)
     cfg = ClientConfig(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=4,
                        local_epochs=2, local_steps=None)
-    steps = cfg.num_steps(10)
+    steps = cfg.num_steps(10, g)
     assert steps == 2 * 3
     batches = list(batch_indices(10, 4, steps, g))
     assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]

@@ -6,21 +6,28 @@ from fedrun import config
 from fedrun.cli import app
 from tests.conftest import TINY
 
-GROUPS = ["data", "model", "client", "sampler", "strategy", "privacy", "backend"]
+GROUPS = ["data", "model", "client", "sampler", "strategy", "privacy", "backend", "attack"]
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (config.conf_dir() / group).glob("*.yaml"))
 
 
-def test_every_group_option_has_a_schema():
+def test_every_option_declares_a_schema_and_every_schema_is_used():
+    used = set()
     for group in GROUPS:
         assert _options(group), group
-        assert _options(group) == sorted(config.SCHEMAS[group]), group
+        for option in _options(group):
+            text = (config.conf_dir() / group / f"{option}.yaml").read_text()
+            names = [n for n in config.SCHEMAS[group] if f"/schema/{group}/{n}@_here_" in text]
+            assert len(names) == 1, f"{group}/{option}.yaml must declare exactly one schema"
+            used.add((group, names[0]))
+    assert used == {(g, n) for g in GROUPS for n in config.SCHEMAS[g]}
 
 
 SMALL = {"model=tiny_gpt": ["model.n_embd=16", "model.n_head=2"], "model=lstm": ["model.hidden_size=16"],
-         "data=pystdlib": ["data.max_client_bytes=2000"]}
+         "data=pystdlib": ["data.max_client_bytes=2000"], "strategy=scaffold": ["client.optimizer=sgd"],
+         "strategy=krum": ["strategy.num_byzantine=1", "sampler.clients_per_round=5"]}
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -30,8 +37,8 @@ def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
         data = [] if group == "data" else ["data=shakespeare", f"data.path={play}", "data.min_samples=4"]
         if choice == "data=shakespeare":
             data = [f"data.path={play}", "data.min_samples=4"]
-        overrides = [choice, *data, *SMALL.get(choice, []), f"run_dir={tmp_path}", "device=cpu",
-                     "sampler.clients_per_round=3"]
+        overrides = [choice, *data, f"run_dir={tmp_path}", "device=cpu", "sampler.clients_per_round=3",
+                     *SMALL.get(choice, [])]
         exp = config.build(config.compose(overrides))
         assert exp.data.num_clients >= 3
         x, y = exp.data.clients[0].train[:2].inputs_targets(exp.device)
@@ -51,7 +58,7 @@ def _fedrun(*args):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["rounds=abc"], "rounds: 'abc' is not allowed; allowed: an integer"),
-    (["strategy=nope"], "strategy: unknown option 'nope'; allowed: fedavg"),
+    (["strategy=nope"], "strategy: unknown option 'nope'; allowed: fedadagrad, fedadam, fedavg, fedavgm,"),
     (["client.lr=-1"], "client.lr: -1.0 is not allowed; allowed: a number > 0"),
     (["sampler.clients_per_round=7"], "sampler.clients_per_round: 7 is more than the 6 clients"),
     (["data.path=/no/such/file.txt"], "data.path: file not found: /no/such/file.txt"),

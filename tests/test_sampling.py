@@ -1,5 +1,9 @@
 from fedrun.core import RoundContext
+import numpy as np
+
 from fedrun.sampling import UniformSampler
+
+SIZES = np.full(50, 10)
 
 
 def _ctx(round_idx, seed=0):
@@ -9,16 +13,16 @@ def _ctx(round_idx, seed=0):
 def test_uniform_draws_distinct_clients_of_the_right_count():
     sampler = UniformSampler(clients_per_round=10)
     for r in range(1, 200):
-        cohort = sampler.sample(50, _ctx(r))
+        cohort = sampler.sample(SIZES, _ctx(r))
         assert len(cohort) == 10 and len(set(cohort)) == 10
         assert all(0 <= c < 50 for c in cohort)
 
 
 def test_uniform_is_a_function_of_seed_and_round_only():
     sampler = UniformSampler(clients_per_round=5)
-    assert sampler.sample(50, _ctx(3)) == sampler.sample(50, _ctx(3))
-    assert sampler.sample(50, _ctx(3)) != sampler.sample(50, _ctx(4))
-    assert sampler.sample(50, _ctx(3, seed=0)) != sampler.sample(50, _ctx(3, seed=1))
+    assert sampler.sample(SIZES, _ctx(3)) == sampler.sample(SIZES, _ctx(3))
+    assert sampler.sample(SIZES, _ctx(3)) != sampler.sample(SIZES, _ctx(4))
+    assert sampler.sample(SIZES, _ctx(3, seed=0)) != sampler.sample(SIZES, _ctx(3, seed=1))
 
 
 def test_uniform_covers_clients_evenly():
@@ -27,6 +31,6 @@ def test_uniform_covers_clients_evenly():
     sampler = UniformSampler(clients_per_round=10)
     counts = [0] * 50
     for r in range(2000):
-        for c in sampler.sample(50, _ctx(r)):
+        for c in sampler.sample(SIZES, _ctx(r)):
             counts[c] += 1
     assert all(400 - 90 < n < 400 + 90 for n in counts)

@@ -6,21 +6,24 @@ from typing import Callable, Sequence
 import torch
 
 from fedrun.client import LocalTrainer
-from fedrun.core import ClientUpdate, Mechanism, RoundContext
+from fedrun.core import ClientHook, ClientJob, ClientUpdate, RoundContext
 from fedrun.data.examples import FederatedData
 
 
 class SequentialBackend:
     def __init__(self, *, make_trainer: Callable[[], LocalTrainer], data: FederatedData,
-                 mechanism: Mechanism):
+                 client_hooks: Sequence[ClientHook]):
         self.trainer = make_trainer()
         self.data = data
-        self.mechanism = mechanism
+        self.client_hooks = client_hooks
 
-    def train_cohort(self, weights: torch.Tensor, cohort: Sequence[int],
+    def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
                      ctx: RoundContext) -> list[ClientUpdate]:
-        # The mechanism's client hook runs here, on the client side, before anything is sent.
-        return [
-            self.mechanism.on_client(self.trainer.train(cid, self.data.clients[cid], weights, ctx), ctx)
-            for cid in cohort
-        ]
+        return [self.train_client(job, weights, ctx) for job in jobs]
+
+    def train_client(self, job: ClientJob, weights: torch.Tensor, ctx: RoundContext) -> ClientUpdate:
+        update = self.trainer.train(job, self.data.clients[job.client_id], weights, ctx)
+        # Client-side hooks (an attack, then privacy) act before anything leaves the client.
+        for hook in self.client_hooks:
+            update = hook.on_client(update, ctx)
+        return update
