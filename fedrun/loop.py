@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["round", "clients", "examples", "train_loss", "eval_loss", "eval_ppl", "eval_acc",
                   "bytes_up", "bytes_down", "seconds", "sampled", "reported", "dropped"]
-CLIENT_COLUMNS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status"]
+CLIENT_COLUMNS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status", "local_steps"]
 
 
 @dataclass
@@ -66,14 +66,14 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         ctx = RoundContext(round_idx=round_idx, seed=cfg.seed, num_clients=exp.data.num_clients)
         ctx.cohort = exp.sampler.sample(num_examples, ctx)
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
-        jobs = [exp.strategy.client_job(cid) for cid in ctx.cohort]
-        updates = exp.backend.train_cohort(weights, [j for j in jobs if j.client_id in set(reporting)], ctx)
+        jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
+        updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
         if updates:
             delta = exp.mechanism.on_aggregate(exp.strategy.aggregate(updates), ctx)
             weights = exp.strategy.apply(weights, delta)
         else:
             log.warning("round %d: no client reported (%d sampled); the global model is kept", round_idx, len(ctx.cohort))
-        row = round_row(round_idx, updates, weights, jobs=jobs, dropped=len(dropped))
+        row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             flat.copy_(weights)
             row.update(evaluate(model, test, exp.device))
@@ -114,7 +114,7 @@ def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor
 def client_rows(round_idx: int, updates: list[ClientUpdate], dropped: list[int], data: FederatedData) -> list[dict]:
     rows = [{"round": round_idx, "client_id": u.client_id, "examples": u.num_examples,
              "train_loss": u.train_loss, "update_norm": u.update_norm, "seconds": u.seconds,
-             "status": "byzantine" if u.malicious else "ok"} for u in updates]
+             "status": "byzantine" if u.malicious else "ok", "local_steps": u.num_steps} for u in updates]
     rows += [{"round": round_idx, "client_id": c, "examples": data.clients[c].num_examples, "status": "dropped"}
              for c in dropped]
     return rows

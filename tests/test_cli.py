@@ -17,7 +17,7 @@ from tests.conftest import ROOT, TINY
 
 METRICS = ["round", "clients", "examples", "train_loss", "eval_loss", "eval_ppl", "eval_acc",
            "bytes_up", "bytes_down", "seconds", "sampled", "reported", "dropped"]
-CLIENTS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status"]
+CLIENTS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status", "local_steps"]
 
 
 def _check_run_dir(run_dir: Path, rounds: int) -> pd.DataFrame:

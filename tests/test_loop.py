@@ -59,3 +59,38 @@ def test_round_rows_count_clients_examples_and_bytes(compose_cfg):
         expected_loss = (rows["train_loss"] * rows["examples"]).sum() / rows["examples"].sum()
         assert abs(m["train_loss"] - expected_loss) < 1e-9
     assert summary["bytes_up"] == metrics["bytes_up"].sum()
+
+
+def test_dropped_clients_are_sent_the_model_but_never_aggregated(compose_cfg):
+    exp = config.build(compose_cfg("rounds=12", "eval_every=1", "sampler.dropout=0.6"))
+    run_dir, _ = train.train(exp)
+    metrics = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
+    clients = pd.read_csv(run_dir / "clients.csv")
+    dim = sum(p.numel() for p in exp.make_model().parameters())
+    assert (metrics["sampled"] == 3).all() and (metrics["reported"] + metrics["dropped"] == 3).all()
+    assert (metrics["bytes_down"] == 3 * dim * 4).all()
+    assert (metrics["bytes_up"] == metrics["reported"] * dim * 4).all()
+    assert (clients.groupby("round")["status"].apply(lambda s: (s == "dropped").sum()).values == metrics["dropped"].values).all()
+    assert clients.loc[clients["status"] == "dropped", "train_loss"].isna().all()
+    # A round where nobody reported keeps the global model: its eval equals the round before.
+    empty = metrics.index[metrics["reported"] == 0]
+    assert len(empty) > 0, "seed should give at least one empty round at dropout 0.6"
+    full = pd.read_csv(run_dir / "metrics.csv")
+    for i in empty:
+        assert full.loc[i, "eval_loss"] == full.loc[i - 1, "eval_loss"]
+
+
+def test_stragglers_draw_their_local_steps_between_min_and_max(compose_cfg):
+    run_dir, _ = train.train(config.build(compose_cfg("rounds=6", "client.local_steps_min=1",
+                                                      "client.local_steps_max=6")))
+    steps = pd.read_csv(run_dir / "clients.csv")["local_steps"]
+    assert steps.between(1, 6).all() and steps.nunique() >= 3
+
+
+def test_attacked_clients_are_marked_byzantine(compose_cfg):
+    exp = config.build(compose_cfg("rounds=4", "attack=sign_flip", "attack.fraction=0.5"))
+    run_dir, _ = train.train(exp)
+    clients = pd.read_csv(run_dir / "clients.csv")
+    assert set(clients.loc[clients["status"] == "byzantine", "client_id"]) <= exp.attack.malicious
+    assert set(clients.loc[clients["status"] == "ok", "client_id"]).isdisjoint(exp.attack.malicious)
+    assert (clients["status"] == "byzantine").any()

@@ -34,3 +34,38 @@ def test_uniform_covers_clients_evenly():
         for c in sampler.sample(SIZES, _ctx(r)):
             counts[c] += 1
     assert all(400 - 90 < n < 400 + 90 for n in counts)
+
+
+def test_poisson_cohort_size_has_mean_q_times_n():
+    # Size ~ Binomial(N, q): mean qN = 10, sd sqrt(Nq(1-q)) = 2.83; the mean of R rounds is
+    # within 3 standard errors (sd / sqrt(R)) of 10.
+    from fedrun.sampling import PoissonSampler
+
+    sampler, rounds = PoissonSampler(clients_per_round=10), 4000
+    sizes = np.array([len(sampler.sample(SIZES, _ctx(r))) for r in range(rounds)])
+    se = np.sqrt(50 * 0.2 * 0.8) / np.sqrt(rounds)
+    assert abs(sizes.mean() - 10) < 3 * se
+    assert sizes.min() < 10 < sizes.max()  # the size really varies
+
+
+def test_dropout_rate_is_as_configured():
+    from fedrun.sampling import drop_out
+
+    rounds, k, rate = 3000, 10, 0.3
+    dropped = sum(len(drop_out(list(range(k)), rate, _ctx(r))[1]) for r in range(rounds))
+    se = np.sqrt(rate * (1 - rate) / (rounds * k))
+    assert abs(dropped / (rounds * k) - rate) < 3 * se
+    reporting, gone = drop_out(list(range(k)), rate, _ctx(5))
+    assert sorted(reporting + gone) == list(range(k)) and not set(reporting) & set(gone)
+
+
+def test_weighted_sampler_prefers_clients_with_more_examples():
+    from fedrun.sampling import WeightedSampler
+
+    sizes = np.array([1] * 25 + [20] * 25)
+    counts = np.zeros(50)
+    for r in range(2000):
+        cohort = WeightedSampler(clients_per_round=5).sample(sizes, _ctx(r))
+        assert len(set(cohort)) == 5
+        counts[cohort] += 1
+    assert counts[25:].mean() > 10 * counts[:25].mean()
