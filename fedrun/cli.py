@@ -95,6 +95,27 @@ def train(
     _fail_cleanly(action, debug=debug)
 
 
+@app.command("data")
+def data_command(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Build the data of a config and print its partition statistics, without training."""
+
+    def action() -> None:
+        from fedrun import config
+        from fedrun.data.stats import partition_stats
+
+        composed = config.compose(overrides or [])
+        stats = partition_stats(config.build_data(composed))
+        table = Table(title="partition", title_justify="left", show_header=False)
+        for key, value in stats.items():
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        Console().print(table)
+
+    _fail_cleanly(action, debug=debug)
+
+
 class _round_progress:
     """A rich progress bar over rounds showing the latest train loss and eval perplexity."""
 

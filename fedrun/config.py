@@ -29,6 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 from fedrun.client import OPTIMIZERS, ClientConfig, LocalTrainer
 from fedrun.core import FedrunError
 from fedrun.attacks import KINDS as ATTACK_KINDS
+from fedrun.data.examples import FederatedData
+from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS
 from fedrun.sampling import KINDS as SAMPLER_KINDS
 from fedrun.loop import Experiment
@@ -65,6 +67,27 @@ class ShakespeareSchema(TextDataSchema):
 @dataclass
 class PyStdlibSchema(TextDataSchema):
     root: Optional[str] = MISSING
+
+
+@dataclass
+class SyntheticSchema:
+    _target_: str = MISSING
+    alpha: float = MISSING
+    beta: float = MISSING
+    num_clients: int = MISSING
+    num_features: int = MISSING
+    num_classes: int = MISSING
+    iid: bool = MISSING
+    partition: str = MISSING
+    dirichlet_alpha: float = MISSING
+    size_skew: float = MISSING
+    test_fraction: float = MISSING
+
+
+@dataclass
+class MLPSchema:
+    _target_: str = MISSING
+    hidden: int = MISSING
 
 
 @dataclass
@@ -181,8 +204,8 @@ class ConfigSchema:
 
 
 SCHEMAS = {
-    "data": {"shakespeare": ShakespeareSchema, "pystdlib": PyStdlibSchema},
-    "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema},
+    "data": {"shakespeare": ShakespeareSchema, "pystdlib": PyStdlibSchema, "synthetic": SyntheticSchema},
+    "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema, "logreg": TargetOnlySchema, "mlp": MLPSchema},
     "client": {"default": ClientSchema},
     "sampler": {"default": SamplerSchema},
     "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
@@ -214,7 +237,6 @@ def _one_of(options: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
 
 RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("device", *_one_of(DEVICES)),
-    ("data.partition", *_one_of(PARTITIONS)),
     ("client.optimizer", *_one_of(OPTIMIZERS)),
     ("rounds", "an integer >= 1", lambda v: v >= 1),
     ("eval_every", "an integer >= 1", lambda v: v >= 1),
@@ -223,6 +245,13 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("data.test_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1),
     ("data.min_samples", "an integer >= 1", lambda v: v >= 1),
     ("data.num_clients", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("data.alpha", "a number >= 0", lambda v: v >= 0),
+    ("data.beta", "a number >= 0", lambda v: v >= 0),
+    ("data.num_features", "an integer >= 1", lambda v: v >= 1),
+    ("data.num_classes", "an integer >= 2", lambda v: v >= 2),
+    ("data.dirichlet_alpha", "a number > 0", lambda v: v > 0),
+    ("data.size_skew", "a number >= 0", lambda v: v >= 0),
+    ("model.hidden", "an integer >= 1", lambda v: v >= 1),
     ("data.max_client_bytes", "null or an integer >= 2", _opt(lambda v: v >= 2)),
     ("model.n_layer", "an integer >= 1", lambda v: v >= 1),
     ("model.n_head", "an integer >= 1", lambda v: v >= 1),
@@ -271,6 +300,9 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_combinations(cfg: DictConfig) -> None:
     """Rules that tie several keys together."""
+    partitions = SYNTHETIC_PARTITIONS if cfg.data._target_.endswith(".synthetic") else PARTITIONS
+    if cfg.data.partition not in partitions:
+        raise FedrunError(f"data.partition: {cfg.data.partition!r} is not allowed; allowed: one of {', '.join(partitions)}")
     c = cfg.client
     if (c.local_steps_min is None) != (c.local_steps_max is None):
         raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, or neither")
@@ -356,14 +388,23 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def build_data(cfg: DictConfig) -> FederatedData:
+    return instantiate(cfg.data, seed=cfg.seed)
+
+
 def build(cfg: DictConfig) -> Experiment:
     device = resolve_device(cfg.device)
-    data = instantiate(cfg.data, seed=cfg.seed)
+    data = build_data(cfg)
     k = cfg.sampler.clients_per_round
     if k > data.num_clients:
         raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
                           f"of this data; allowed: 1..{data.num_clients}")
-    make_model = instantiate(cfg.model, _partial_=True, **data.model_dims)
+    make_model = instantiate(cfg.model, _partial_=True)
+    if missing := set(data.model_dims) - set(inspect.signature(make_model.func).parameters):
+        raise FedrunError(f"model: {cfg.model._target_.rsplit('.', 1)[-1]} does not fit this data (it takes no "
+                          f"{', '.join(sorted(missing))}): text data needs model=tiny_gpt or lstm, "
+                          "labelled data (data=synthetic) model=logreg or mlp")
+    make_model = partial(make_model, **data.model_dims)
     num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
     # What a factory may ask for besides its own config keys.
     context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed}

@@ -27,6 +27,7 @@ def test_every_option_declares_a_schema_and_every_schema_is_used():
 
 SMALL = {"model=tiny_gpt": ["model.n_embd=16", "model.n_head=2"], "model=lstm": ["model.hidden_size=16"],
          "data=pystdlib": ["data.max_client_bytes=2000"], "strategy=scaffold": ["client.optimizer=sgd"],
+         "data=synthetic": ["model=logreg", "data.num_clients=6"],
          "strategy=krum": ["strategy.num_byzantine=1", "sampler.clients_per_round=5"]}
 
 
@@ -37,6 +38,8 @@ def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
         data = [] if group == "data" else ["data=shakespeare", f"data.path={play}", "data.min_samples=4"]
         if choice == "data=shakespeare":
             data = [f"data.path={play}", "data.min_samples=4"]
+        if choice in ("model=logreg", "model=mlp"):
+            data = ["data=synthetic", "data.num_clients=6"]
         overrides = [choice, *data, f"run_dir={tmp_path}", "device=cpu", "sampler.clients_per_round=3",
                      *SMALL.get(choice, [])]
         exp = config.build(config.compose(overrides))
@@ -95,3 +98,15 @@ def test_cfg_prints_the_composed_config_without_running(tmp_path):
     assert result.exit_code == 0, result.output
     assert "rounds: 7" in result.output and "CharLSTM" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_data_command_prints_partition_statistics():
+    result = _fedrun("data", "data=synthetic", "data.partition=dirichlet", "data.num_clients=20",
+                     "data.dirichlet_alpha=0.1")
+    assert result.exit_code == 0, result.output
+    assert "clients" in result.output and "20" in result.output and "label_entropy_mean_bits" in result.output
+
+
+def test_model_that_does_not_fit_the_data_is_refused():
+    result = _fedrun("train", "data=synthetic", "model=tiny_gpt")
+    assert result.exit_code == 2 and "model: TinyGPT does not fit this data" in result.output
