@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
@@ -95,6 +96,36 @@ def train(
     _fail_cleanly(action, debug=debug)
 
 
+@app.command()
+def resume(
+    path: Path = typer.Argument(..., help="A run directory, or a folder of runs (a sweep): resume every unfinished run."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Continue stopped runs from their last intact checkpoint, exactly as if never stopped."""
+    _setup_logging(verbose)
+
+    def action() -> None:
+        from fedrun import train as training
+        from fedrun.core import FedrunError
+        from fedrun.rundir import is_run_dir
+
+        runs = [path] if is_run_dir(path) else sorted(p.parent for p in path.rglob("metrics.csv") if is_run_dir(p.parent))
+        unfinished = [r for r in runs if not (r / "summary.json").exists()]
+        if not runs:
+            raise FedrunError(f"path: no run directory in {path}")
+        if not unfinished:
+            console.print(f"nothing to resume: all {len(runs)} run(s) under {path} have finished")
+        for run in unfinished:
+            experiment, rundir, checkpoint = training.load_for_resume(run)
+            with _round_progress(experiment.cfg.rounds, done=checkpoint["round"] if checkpoint else 0) as on_round:
+                run_dir, summary = training.resume(experiment, rundir, checkpoint, on_round=on_round)
+            _print_summary(summary)
+            typer.echo(str(run_dir))
+
+    _fail_cleanly(action, debug=debug)
+
+
 @app.command("data")
 def data_command(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
@@ -119,20 +150,20 @@ def data_command(
 class _round_progress:
     """A rich progress bar over rounds showing the latest train loss and eval perplexity."""
 
-    def __init__(self, rounds: int):
+    def __init__(self, rounds: int, *, done: int = 0):
         self.progress = Progress(
             TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[ppl]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console,
         )
-        self.task = self.progress.add_task("train", total=rounds, loss="", ppl="")
+        self.task = self.progress.add_task("train", total=rounds, completed=done, loss="", ppl="")
 
     def __enter__(self) -> Callable[[dict], None]:
         self.progress.start()
         return self.update
 
     def update(self, row: dict) -> None:
-        fields = {"loss": f"train loss {row['train_loss']:.3f}"}
+        fields = {"loss": "no client reported" if row["train_loss"] is None else f"train loss {row['train_loss']:.3f}"}
         if row.get("eval_ppl") is not None:
             fields["ppl"] = f"eval ppl {row['eval_ppl']:.2f}"
         self.progress.update(self.task, advance=1, **fields)

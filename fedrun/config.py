@@ -193,6 +193,7 @@ class ConfigSchema:
     run_dir: str = MISSING
     eval_every: int = MISSING
     checkpoint_every: int = MISSING
+    checkpoint_keep: Optional[int] = MISSING
     data: Any = MISSING
     model: Any = MISSING
     client: ClientSchema = MISSING
@@ -241,6 +242,7 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("rounds", "an integer >= 1", lambda v: v >= 1),
     ("eval_every", "an integer >= 1", lambda v: v >= 1),
     ("checkpoint_every", "an integer >= 1", lambda v: v >= 1),
+    ("checkpoint_keep", "null or an integer >= 1", _opt(lambda v: v >= 1)),
     ("data.seq_len", "an integer >= 1", lambda v: v >= 1),
     ("data.test_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1),
     ("data.min_samples", "an integer >= 1", lambda v: v >= 1),

@@ -1,4 +1,4 @@
-"""One training run from a composed config: build it, run the loop, write the run directory."""
+"""Runs from start to end: train a built experiment, or resume one from its run directory."""
 from __future__ import annotations
 
 import logging
@@ -7,24 +7,57 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
+
 import fedrun
-from fedrun import loop
-from fedrun.rundir import RunDir
+from fedrun import config, loop
+from fedrun.core import FedrunError
+from fedrun.rundir import RunDir, is_run_dir
 
 log = logging.getLogger(__name__)
 
 
 def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
     """Run a built experiment to the end; return its run directory and the summary written there."""
-    cfg = exp.cfg
-    rundir = RunDir.create(cfg.run_dir, cfg)
+    rundir = RunDir.create(exp.cfg.run_dir, exp.cfg)
+    log.info("run directory: %s", rundir.path)
+    log.info("data: %s", exp.data.fingerprint)
+    write_partition(rundir, exp)
+    return rundir.path, _run_to_end(exp, rundir, on_round=on_round, checkpoint=None)
+
+
+def load_for_resume(path: str | Path) -> tuple[loop.Experiment, RunDir, dict | None]:
+    """Rebuild a run from its config.yaml, with its newest intact checkpoint (None: from scratch)."""
+    rundir = RunDir(Path(path))
+    if not is_run_dir(rundir.path):
+        raise FedrunError(f"run_dir: {path} is not a run directory (no config.yaml and metrics.csv)")
+    if (rundir.path / "summary.json").exists():
+        raise FedrunError(f"run_dir: {path} has already finished (summary.json exists)")
+    cfg = OmegaConf.load(rundir.path / "config.yaml")
+    cfg.run_dir = str(rundir.path)
+    exp = config.build(cfg)
+    return exp, rundir, rundir.latest_checkpoint()
+
+
+def resume(exp: loop.Experiment, rundir: RunDir, checkpoint: dict | None, *,
+           on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
+    """Continue a stopped run; its tables end exactly as an uninterrupted run's would."""
+    rundir.open_log()
+    if checkpoint is None:  # stopped before its first checkpoint: start over in place
+        log.warning("no intact checkpoint in %s: restarting from round 0", rundir.path)
+        for name in ("metrics.csv", "clients.csv"):
+            (rundir.path / name).unlink(missing_ok=True)
+    else:
+        log.info("resuming %s from round %d", rundir.path, checkpoint["round"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+    return rundir.path, _run_to_end(exp, rundir, on_round=on_round, checkpoint=checkpoint)
+
+
+def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -> dict:
     try:
-        log.info("run directory: %s", rundir.path)
-        log.info("data: %s", exp.data.fingerprint)
-        write_partition(rundir, exp)
-        summary = loop.run(exp, rundir, on_round=on_round)
+        summary = loop.run(exp, rundir, on_round=on_round, checkpoint=checkpoint)
         summary |= {
-            "name": cfg.name,
+            "name": exp.cfg.name,
             "data": exp.data.fingerprint,
             "parameters": sum(p.numel() for p in exp.make_model().parameters()),
             "device": str(exp.device),
@@ -32,9 +65,13 @@ def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = Non
                          "fedrun": fedrun.__version__},
         }
         rundir.write_json("summary.json", summary)
+        rundir.set_status("finished", round_idx=summary["rounds"])
+        return summary
+    except BaseException as e:
+        rundir.set_status("failed", round_idx=-1, error=f"{type(e).__name__}: {e}")
+        raise
     finally:
         rundir.close()
-    return rundir.path, summary
 
 
 def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:

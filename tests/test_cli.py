@@ -56,7 +56,7 @@ def test_run_directory_round_trips_the_model_and_config(play, tmp_path):
                                       *TINY, "rounds=3", "eval_every=1", "checkpoint_every=2"])
     assert result.exit_code == 0, result.output
     metrics = _check_run_dir(run_dir, 3)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0002.pt", "round_0003.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["round_0002.pt", "round_0003.pt"]
     assert metrics["eval_loss"].iloc[-1] < metrics["eval_loss"].iloc[0]
     # The saved config composes the same run, and the saved model scores the logged final metrics.
     exp = config.build(OmegaConf.load(run_dir / "config.yaml"))
