@@ -1,0 +1,309 @@
+"""Secure aggregation with double masking and dropout recovery, simulated in one process.
+
+Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning",
+CCS 2017 (the honest-but-curious protocol of section 4, without the signatures of the
+active-adversary variant). Each client u in the round:
+
+0. advertises two X25519 public keys (`masking.PublicKeys`);
+1. Shamir-shares (t-out-of-n, `shamir`) the seed of its mask private key s_u^SK and a
+   fresh self-mask seed b_u among all clients, each share encrypted to its recipient;
+2. sends y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv) mod 2^32,
+   where x_u is its fixed-point update and s_uv its key agreement with v;
+3. for the server's list of survivors S and dropped D, reveals its shares of b_u for
+   u in S and of s_u^SK for u in D (never both for one client).
+
+The server then rebuilds b_u (u in S) and s_u^SK (u in D), strips the self masks and the
+pairwise masks the survivors share with dropped clients, and obtains sum_{u in S} x_u.
+A dropped client whose vector arrives late stays hidden by its self mask PRG(b_u).
+
+Client and server are separate classes: `ServerSecAgg` is only ever handed public keys,
+encrypted shares, masked uint32 vectors and the shares it asks for. Only the simulation
+drivers (`run_round`, `secure_sum`) hold plain vectors, and they hand them to clients alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, TypeVar
+
+import torch
+
+from fedrun.privacy import shamir
+from fedrun.privacy.fixedpoint import dequantize_sum, quantize, validate_capacity
+from fedrun.privacy.masking import (
+    MODULUS, SEALED_SHARES_BYTES, PublicKeys, SecAggAbort, client_secret, mask_seed, open_shares,
+    private_key, prg_mask, public_bytes, seal_shares,
+)
+
+T = TypeVar("T")
+
+__all__ = ["ClientSecAgg", "Reveal", "SecAggAbort", "SecAggCost", "ServerSecAgg", "dequantize_sum",
+           "quantize", "run_round", "secure_sum", "validate_capacity"]
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """A survivor's answer in step 3: its shares, keyed by the client they belong to."""
+
+    client_id: int
+    mask_key_shares: dict[int, int]  # u in D -> share of s_u^SK
+    self_mask_shares: dict[int, int]  # u in S -> share of b_u
+
+    @property
+    def nbytes(self) -> int:
+        return shamir.ELEMENT_BYTES * (len(self.mask_key_shares) + len(self.self_mask_shares))
+
+
+def share_point(client_id: int) -> int:
+    """Where client `client_id`'s shares are evaluated; x = 0 would be the secret itself."""
+    return client_id + 1
+
+
+class ClientSecAgg:
+    """One client's side of one round: holds its secrets and the shares sent to it."""
+
+    def __init__(self, client_id: int, *, round_seed: int, threshold: int):
+        if client_id < 0:
+            raise ValueError(f"client ids must be >= 0, got {client_id}")
+        self.client_id, self.threshold, self._round_seed = client_id, threshold, round_seed
+        self._cipher_key = private_key(self._secret(b"cipher key"))
+        self._mask_key_seed = self._secret(b"mask key")  # s_u^SK: shared, rebuilt if u drops
+        self._mask_key = private_key(self._mask_key_seed)
+        self._self_mask_seed = self._secret(b"self mask")  # b_u: shared, rebuilt if u survives
+        self._roster: dict[int, PublicKeys] = {}
+        self._held: dict[int, tuple[int, int]] = {}  # u -> (share of s_u^SK, share of b_u) at my point
+
+    def _secret(self, purpose: bytes) -> bytes:
+        return client_secret(self._round_seed, self.client_id, purpose)
+
+    def public_keys(self) -> PublicKeys:
+        return PublicKeys(cipher=public_bytes(self._cipher_key), mask=public_bytes(self._mask_key))
+
+    def share_keys(self, roster: Mapping[int, PublicKeys]) -> dict[int, bytes]:
+        """Step 1: encrypted shares of s_u^SK and b_u for every other client in `roster`."""
+        if self.client_id not in roster or len(roster) < self.threshold:
+            raise SecAggAbort(f"client {self.client_id}: roster of {len(roster)} clients, threshold {self.threshold}")
+        self._roster = dict(roster)
+        points = [share_point(v) for v in roster]
+        # Independent polynomials (distinct coefficient seeds): shared coefficients would
+        # let a share of one secret and a share of the other reveal their difference.
+        key_shares = shamir.split(int.from_bytes(self._mask_key_seed, "little"), threshold=self.threshold,
+                                  xs=points, seed=self._secret(b"shamir mask key"))
+        seed_shares = shamir.split(int.from_bytes(self._self_mask_seed, "little"), threshold=self.threshold,
+                                   xs=points, seed=self._secret(b"shamir self mask"))
+        mine = {v: (key_shares[share_point(v)], seed_shares[share_point(v)]) for v in roster}
+        self._held = {self.client_id: mine[self.client_id]}  # my own share never leaves me
+        return {v: seal_shares(self._cipher_key, roster[v].cipher, mine[v], sender=self.client_id, recipient=v)
+                for v in roster if v != self.client_id}
+
+    def receive_shares(self, inbox: Mapping[int, bytes]) -> None:
+        """Decrypt the shares other clients sent me; their senders are the round's U2."""
+        for u, sealed in inbox.items():
+            self._held[u] = open_shares(self._cipher_key, self._roster[u].cipher, sealed,
+                                        sender=u, recipient=self.client_id)
+
+    def masked_input(self, x_quantized: torch.Tensor) -> torch.Tensor:
+        """Step 2: (D,) uint32, x + PRG(b_u) + pairwise masks mod 2^32; all the server sees of x."""
+        if x_quantized.dtype != torch.int64 or x_quantized.ndim != 1:
+            raise TypeError("masked_input takes a (D,) int64 tensor from quantize()")
+        length = x_quantized.numel()
+        y = x_quantized + prg_mask(self._self_mask_seed, length)
+        for v in self._held:
+            if v != self.client_id:
+                pairwise = prg_mask(mask_seed(self._mask_key, self._roster[v].mask), length)
+                y += pairwise if self.client_id < v else -pairwise
+        return torch.remainder(y, MODULUS).to(torch.uint32)
+
+    def reveal_shares(self, *, survivors: frozenset[int], dropped: frozenset[int]) -> Reveal:
+        """Step 3. Refuses a request that would expose both secrets of one client."""
+        if survivors & dropped or self.client_id not in survivors or not (survivors | dropped) <= self._held.keys():
+            raise SecAggAbort(f"client {self.client_id}: inconsistent unmasking request")
+        if len(survivors) < self.threshold:
+            raise SecAggAbort(f"client {self.client_id}: {len(survivors)} survivors, threshold {self.threshold}")
+        return Reveal(self.client_id, mask_key_shares={u: self._held[u][0] for u in dropped},
+                      self_mask_shares={u: self._held[u][1] for u in survivors})
+
+
+class ServerSecAgg:
+    """The server's side of one round. It never receives an unmasked client vector."""
+
+    def __init__(self, *, threshold: int, length: int):
+        self.threshold, self.length = threshold, length
+        self.roster: dict[int, PublicKeys] = {}  # U1 and their keys
+        self.sharers: frozenset[int] = frozenset()  # U2: clients whose shares went out
+        self.survivors: frozenset[int] = frozenset()  # U3: clients whose masked vector arrived
+        self._masked_sum = torch.zeros(length, dtype=torch.int64)
+
+    def advertise(self, keys: Mapping[int, PublicKeys]) -> dict[int, PublicKeys]:
+        """Step 0: the roster U1 broadcast to every client."""
+        self._require(len(keys), "clients advertised keys")
+        if len({k.mask for k in keys.values()}) < len(keys):
+            raise SecAggAbort("two clients advertised the same public key")
+        self.roster = dict(keys)
+        return dict(keys)
+
+    def route_shares(self, outboxes: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Step 1: forward each sealed share to its recipient; the senders form U2."""
+        self.sharers = frozenset(outboxes) & self.roster.keys()
+        self._require(len(self.sharers), "clients sent shares")
+        return {v: {u: outboxes[u][v] for u in self.sharers if u != v} for v in self.sharers}
+
+    def collect_masked(self, masked: Mapping[int, torch.Tensor]) -> tuple[frozenset[int], frozenset[int]]:
+        """Step 2: add up the masked vectors that arrived; returns (survivors, dropped) to ask about."""
+        self.survivors = frozenset(masked) & self.sharers
+        self._require(len(self.survivors), "masked vectors arrived")
+        for u in self.survivors:
+            if masked[u].dtype != torch.uint32 or masked[u].shape != (self.length,):
+                raise SecAggAbort(f"client {u}: expected a ({self.length},) uint32 masked vector")
+            self._masked_sum += masked[u].to(torch.int64)
+        return self.survivors, self.sharers - self.survivors
+
+    def unmask(self, reveals: Mapping[int, Reveal]) -> torch.Tensor:
+        """Step 3: (D,) int64, sum of the survivors' inputs mod 2^32, or SecAggAbort."""
+        responders = sorted(frozenset(reveals) & self.survivors)
+        self._require(len(responders), "survivors answered the unmasking request")
+        use = responders[:self.threshold]  # any t shares determine the secret
+        total = self._masked_sum.clone()
+        for u in self.survivors:
+            b_u = shamir.reconstruct({share_point(r): reveals[r].self_mask_shares[u] for r in use})
+            total -= prg_mask(_seed_bytes(b_u), self.length)
+        for u in self.sharers - self.survivors:
+            total -= self._pairwise_masks_with(u, [reveals[r] for r in use])
+        return torch.remainder(total, MODULUS)
+
+    def _pairwise_masks_with(self, dropped: int, reveals: list[Reveal]) -> torch.Tensor:
+        """What the survivors' pairwise masks with a dropped client add to the sum."""
+        seed = shamir.reconstruct({share_point(r.client_id): r.mask_key_shares[dropped] for r in reveals})
+        key = private_key(_seed_bytes(seed))
+        if public_bytes(key) != self.roster[dropped].mask:
+            raise SecAggAbort(f"rebuilt key of client {dropped} does not match its public key")
+        total = torch.zeros(self.length, dtype=torch.int64)
+        for v in self.survivors:
+            pairwise = prg_mask(mask_seed(key, self.roster[v].mask), self.length)
+            total += pairwise if v < dropped else -pairwise  # the sign v used when masking
+        return total
+
+    def _require(self, count: int, what: str) -> None:
+        if count < self.threshold:
+            raise SecAggAbort(f"secure aggregation aborted: only {count} {what}, threshold is {self.threshold}")
+
+
+def _seed_bytes(value: int) -> bytes:
+    if value >= 2 ** (8 * 32):
+        raise SecAggAbort("a rebuilt secret is out of range: inconsistent shares")
+    return value.to_bytes(32, "little")
+
+
+@dataclass
+class SecAggCost:
+    """What secure aggregation adds to a round, per client, beyond sending a float32 update.
+
+    Up: 2 public keys (64 B) + a sealed share pair per other client ((|U1| - 1) * 82 B)
+    + the masked vector's excess over float32 (0: uint32 is 4 B a coordinate too)
+    + one revealed 33 B share per client of U2 (survivors that answer).
+    Down: the roster's other public keys (64 B each), the sealed shares addressed to it
+    (82 B each), and the unmasking request (4 B per client of U2).
+    Compute: a client expands |U2| ChaCha20 masks of D words; the server |S| self masks
+    plus |S| per dropped client, and rebuilds |U2| secrets from t shares each.
+    """
+
+    extra_bytes_up: dict[int, int] = field(default_factory=dict)
+    extra_bytes_down: dict[int, int] = field(default_factory=dict)
+    client_seconds: dict[int, float] = field(default_factory=dict)  # rounding included
+    server_seconds: float = 0.0
+
+
+def run_round(quantized: Mapping[int, torch.Tensor], *, threshold: int, round_seed: int,
+              dropped_after_masking: frozenset[int] = frozenset(),
+              silent_at_unmasking: frozenset[int] = frozenset(),
+              cost: SecAggCost | None = None) -> torch.Tensor:
+    """Simulate the protocol on fixed-point inputs: (D,) int64 sum mod 2^32 over the survivors.
+
+    `dropped_after_masking`: clients that sent their shares (so the others mask with
+    them) but whose masked vector never arrives. `silent_at_unmasking`: survivors whose
+    vector counts but who do not answer the unmasking request. Raises SecAggAbort when
+    fewer than `threshold` clients remain at any step.
+    """
+    cost = SecAggCost() if cost is None else cost
+    length = len(next(iter(quantized.values())))
+    clients = {u: ClientSecAgg(u, round_seed=round_seed, threshold=threshold) for u in sorted(quantized)}
+    server = ServerSecAgg(threshold=threshold, length=length)
+    on_client = _Meter(cost.client_seconds)
+
+    keys = {u: on_client(u, c.public_keys) for u, c in clients.items()}
+    roster = _timed_server(cost, server.advertise, keys)
+    outboxes = {u: on_client(u, c.share_keys, roster) for u, c in clients.items()}
+    inboxes = _timed_server(cost, server.route_shares, outboxes)
+    for u, c in clients.items():
+        on_client(u, c.receive_shares, inboxes[u])
+    masked = {u: on_client(u, c.masked_input, quantized[u])
+              for u, c in clients.items() if u not in dropped_after_masking}
+    survivors, dropped = _timed_server(cost, server.collect_masked, masked)
+    reveals = {u: on_client(u, clients[u].reveal_shares, survivors=survivors, dropped=dropped)
+               for u in survivors if u not in silent_at_unmasking}
+    for u in clients:
+        up = PublicKeys.nbytes + SEALED_SHARES_BYTES * len(outboxes[u])
+        up += (masked[u].numel() - length) * 4 if u in masked else 0  # uint32 vs float32: 0
+        up += reveals[u].nbytes if u in reveals else 0
+        down = PublicKeys.nbytes * (len(roster) - 1) + SEALED_SHARES_BYTES * len(inboxes[u])
+        cost.extra_bytes_up[u] = up
+        cost.extra_bytes_down[u] = down + (4 * len(survivors | dropped) if u in survivors else 0)
+    return _timed_server(cost, server.unmask, reveals)
+
+
+def secure_sum(vectors: Mapping[int, torch.Tensor], *, clip: float, bits: int, threshold: int,
+               dropped_after_masking: frozenset[int] | set[int] = frozenset(),
+               round_seed: int) -> tuple[torch.Tensor, SecAggCost]:
+    """One simulated round: the (D,) float64 sum of the surviving clients' vectors, and its cost.
+
+    The result is within n_survivors * scale of the plain sum per coordinate (inputs in
+    [-clip, clip]; see `fixedpoint`). `round_seed` derives every client secret; use a
+    fresh one per round (see `masking.client_secret` on real deployments).
+    """
+    dropped = frozenset(dropped_after_masking)
+    _validate(vectors, threshold=threshold, dropped=dropped)
+    validate_capacity(len(vectors), bits=bits)  # the server cannot know in advance who drops
+    cost = SecAggCost()
+    on_client = _Meter(cost.client_seconds)
+    quantized = {u: on_client(u, quantize, x, clip=clip, bits=bits, generator=_rounding_generator(round_seed, u))
+                 for u, x in vectors.items()}
+    total = run_round(quantized, threshold=threshold, round_seed=round_seed,
+                      dropped_after_masking=dropped, cost=cost)
+    return dequantize_sum(total, clip=clip, bits=bits, n=len(vectors) - len(dropped)), cost
+
+
+def _validate(vectors: Mapping[int, torch.Tensor], *, threshold: int, dropped: frozenset[int]) -> None:
+    if not vectors:
+        raise ValueError("secure_sum needs at least one client vector")
+    shapes = {tuple(x.shape) for x in vectors.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"client vectors must be 1-D and of one length, got shapes {sorted(shapes)}")
+    if not dropped <= vectors.keys():
+        raise ValueError(f"dropped clients {sorted(dropped - vectors.keys())} are not in the cohort")
+    if not 1 <= threshold <= len(vectors):
+        raise ValueError(f"privacy.secagg_threshold: must lie in [1, {len(vectors)}] (the cohort), got {threshold}")
+
+
+def _rounding_generator(round_seed: int, client_id: int) -> torch.Generator:
+    seed = int.from_bytes(client_secret(round_seed, client_id, b"rounding")[:8], "little") >> 1
+    return torch.Generator().manual_seed(seed)
+
+
+class _Meter:
+    """Calls a function on a client's behalf and adds its wall time to that client's total."""
+
+    def __init__(self, seconds: dict[int, float]):
+        self.seconds = seconds
+
+    def __call__(self, client_id: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[client_id] = self.seconds.get(client_id, 0.0) + time.perf_counter() - start
+        return result
+
+
+def _timed_server(cost: SecAggCost, fn: Callable[..., T], *args: Any) -> T:
+    start = time.perf_counter()
+    result = fn(*args)
+    cost.server_seconds += time.perf_counter() - start
+    return result
