@@ -97,6 +97,48 @@ def train(
 
 
 @app.command()
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, show_default=False,
+        help="Hydra multirun overrides: comma lists are swept as a grid, e.g. strategy=fedavg,fedadam "
+             "client.lr=0.01,0.1 seed=0,1,2; hydra/launcher=joblib runs jobs in parallel."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and round to the terminal."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Run a sweep over configurations (Hydra multirun): one run directory per job."""
+    _setup_logging(verbose)
+
+    def action() -> None:
+        from fedrun import sweep as sweeping
+
+        sweep_dir = sweeping.run_sweep(overrides or [])
+        _print_sweep(sweep_dir)
+        typer.echo(str(sweep_dir))
+
+    _fail_cleanly(action, debug=debug)
+
+
+def _print_sweep(sweep_dir: Path) -> None:
+    """One line per job: the overrides that differ between jobs, its status and result."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
+    overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
+    varying = {o for o in set().union(*overrides.values()) if not all(o in v for v in overrides.values())}
+    table = Table(title=f"sweep {sweep_dir}", title_justify="left")
+    for col in ("job", "overrides", "status", "final eval ppl / error"):
+        table.add_column(col)
+    for job in jobs:
+        status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {}
+        summary = json.loads((job / "summary.json").read_text()) if (job / "summary.json").exists() else None
+        result = f"{summary['final']['eval_ppl']:.3f}" if summary else status.get("error", "")
+        table.add_row(job.name, " ".join(o for o in overrides[job] if o in varying), status.get("state", "?"), result)
+    console.print(table)
+
+
+@app.command()
 def resume(
     path: Path = typer.Argument(..., help="A run directory, or a folder of runs (a sweep): resume every unfinished run."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),

@@ -38,4 +38,6 @@ def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict
         tokens += y.numel()
     model.train(was_training)
     loss = float(loss_sum) / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(loss), "eval_acc": int(correct) / max(tokens, 1)}
+    # A diverged model's perplexity is reported as inf rather than crashing the run.
+    ppl = math.exp(loss) if loss < 709.0 else math.inf
+    return {"eval_loss": loss, "eval_ppl": ppl, "eval_acc": int(correct) / max(tokens, 1)}

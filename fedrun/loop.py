@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fedrun.core import Backend, ClientHook, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
+from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
 from fedrun.data.examples import FederatedData
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
@@ -73,6 +73,8 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         if updates:
             delta = exp.mechanism.on_aggregate(exp.strategy.aggregate(updates), ctx)
             weights = exp.strategy.apply(weights, delta)
+            if not torch.isfinite(weights).all():
+                raise FedrunError(f"training diverged: the global weights are not finite after round {round_idx}")
         else:
             log.warning("round %d: no client reported (%d sampled); the global model is kept", round_idx, len(ctx.cohort))
         row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))

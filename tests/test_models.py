@@ -51,3 +51,14 @@ def test_flat_parameters_are_views_that_keep_values_and_gradients_flow():
     flat.copy_(torch.cat([before[n].reshape(-1) for n, _ in model.named_parameters()]))
     model(torch.randint(0, 256, (2, 12))).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_diverged_model_scores_infinite_perplexity_instead_of_crashing():
+    from fedrun.data.examples import Windows
+    from fedrun.evaluation import evaluate
+
+    model = _gpt()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e6)  # absurd logits: cross-entropy in the thousands
+    scores = evaluate(model, Windows(torch.randint(0, 256, (4, 13), dtype=torch.uint8)), torch.device("cpu"))
+    assert scores["eval_loss"] > 709 and scores["eval_ppl"] == float("inf")
