@@ -29,6 +29,8 @@ class Stream(enum.IntEnum):
     PARTITION = 4  # assignment of examples to clients
     DROPOUT = 5  # which sampled clients fail before reporting
     ATTACK = 6  # which clients are malicious, and their random updates
+    NOISE = 7  # the server's DP noise
+    SECAGG = 8  # secure aggregation's keys and masks
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
@@ -110,9 +112,27 @@ class Strategy(Protocol):
 
 
 class Mechanism(ClientHook, Protocol):
-    """A privacy mechanism: acts on each client's update and on the aggregate."""
+    """A privacy mechanism: acts on each client's update (`on_client`, client side) and on how
+    updates are combined (`aggregate`, server side); owns its accounting."""
 
-    def on_aggregate(self, delta: torch.Tensor, ctx: RoundContext) -> torch.Tensor: ...
+    metric_columns: list[str]  # extra metrics.csv columns it fills each round
+
+    def allows_round(self, ctx: RoundContext) -> bool: ...
+
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext,
+                  strategy: "Strategy") -> torch.Tensor | None:
+        """The round's aggregate delta, or None to keep the global model this round."""
+        ...
+
+    def round_metrics(self) -> dict[str, float]: ...
+
+    def summary(self) -> dict: ...
+
+    def ledger_rows(self) -> list[dict]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Sampler(Protocol):

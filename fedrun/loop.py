@@ -15,7 +15,7 @@ from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContex
 from fedrun.data.examples import FederatedData
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
-from fedrun.records import CLIENT_COLUMNS, METRIC_COLUMNS, client_rows, parse_row, round_row, summarize
+from fedrun.records import CLIENT_COLUMNS, LEDGER_COLUMNS, METRIC_COLUMNS, client_rows, parse_row, round_row, summarize
 from fedrun.rundir import RunDir
 from fedrun.sampling import drop_out
 
@@ -51,7 +51,9 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     model, flat = initial_model(exp)
     test = exp.data.test_examples()
     num_examples = np.array([c.num_examples for c in exp.data.clients])
-    metrics, clients = rundir.table("metrics.csv", METRIC_COLUMNS), rundir.table("clients.csv", CLIENT_COLUMNS)
+    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns)
+    clients = rundir.table("clients.csv", CLIENT_COLUMNS)
+    ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None
     if checkpoint is None:
         weights, start = flat.detach().clone(), time.perf_counter()
         history = [{"round": 0, "clients": 0, "examples": 0, "bytes_up": 0, "bytes_down": 0,
@@ -60,30 +62,39 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     else:
         weights = checkpoint["weights"].to(exp.device)
         exp.strategy.load_state_dict(checkpoint["strategy"])
+        exp.mechanism.load_state_dict(checkpoint["privacy"])
         history = [parse_row(r) for r in metrics.truncate_after(checkpoint["round"])]
-        clients.truncate_after(checkpoint["round"])
+        for table in filter(None, (clients, ledger)):
+            table.truncate_after(checkpoint["round"])
     for round_idx in range(history[-1]["round"] + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         rundir.set_status("running", round_idx=round_idx - 1)
         ctx = RoundContext(round_idx=round_idx, seed=cfg.seed, num_clients=exp.data.num_clients)
+        if not exp.mechanism.allows_round(ctx):
+            log.warning("round %d would exceed the privacy budget: stopping (privacy.stop_at_budget)", round_idx)
+            break
         ctx.cohort = exp.sampler.sample(num_examples, ctx)
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
         updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
-        if updates:
-            delta = exp.mechanism.on_aggregate(exp.strategy.aggregate(updates), ctx)
+        delta = exp.mechanism.aggregate(updates, ctx, exp.strategy)
+        if delta is not None:
             weights = exp.strategy.apply(weights, delta)
             if not torch.isfinite(weights).all():
                 raise FedrunError(f"training diverged: the global weights are not finite after round {round_idx}")
         else:
-            log.warning("round %d: no client reported (%d sampled); the global model is kept", round_idx, len(ctx.cohort))
+            log.warning("round %d: no aggregate (%d of %d sampled reported); the global model is kept",
+                        round_idx, len(updates), len(ctx.cohort))
         row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))
+        row.update(exp.mechanism.round_metrics())
         if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
             flat.copy_(weights)
             row.update(evaluate(model, test, exp.device))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
         clients.append(client_rows(round_idx, updates, dropped, exp.data))
+        if ledger is not None:
+            ledger.append(r for r in exp.mechanism.ledger_rows() if r["round"] == round_idx)
         if round_idx % cfg.checkpoint_every == 0 or round_idx == cfg.rounds:
             rundir.save_checkpoint(round_idx, checkpoint_state(exp, weights, round_idx), keep=cfg.checkpoint_keep)
         history.append(row)
@@ -91,11 +102,12 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         if on_round is not None:
             on_round(row)
     flat.copy_(weights)
-    rundir.save_model(model, {"round": str(cfg.rounds)})
-    return summarize(history)
+    rundir.save_model(model, {"round": str(history[-1]["round"])})
+    return summarize(history) | {"privacy": exp.mechanism.summary(),
+                                 "stopped_at_budget": history[-1]["round"] < cfg.rounds}
 
 
 def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> dict:
     """Everything a resumed run needs: with derived randomness, the seed restores every stream."""
     return {"round": round_idx, "weights": weights.detach().cpu(), "strategy": exp.strategy.state_dict(),
-            "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}
+            "privacy": exp.mechanism.state_dict(), "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}

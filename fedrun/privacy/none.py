@@ -1,14 +1,36 @@
-"""`privacy=none`: updates and aggregates pass through unchanged."""
+"""`privacy=none`: updates are combined by the strategy, unchanged; nothing is accounted."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
-from fedrun.core import ClientUpdate, RoundContext
+from fedrun.core import ClientUpdate, RoundContext, Strategy
 
 
 class NoPrivacy:
+    metric_columns: list[str] = []
+
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         return update
 
-    def on_aggregate(self, delta: torch.Tensor, ctx: RoundContext) -> torch.Tensor:
-        return delta
+    def allows_round(self, ctx: RoundContext) -> bool:
+        return True
+
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy: Strategy) -> torch.Tensor | None:
+        return strategy.aggregate(updates) if updates else None
+
+    def round_metrics(self) -> dict[str, float]:
+        return {}
+
+    def summary(self) -> dict:
+        return {"mechanism": "none"}
+
+    def ledger_rows(self) -> list[dict]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

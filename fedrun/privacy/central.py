@@ -1,0 +1,173 @@
+"""User-level central privacy: clipping on the client, then a (secure) sum and Gaussian noise.
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+Models"): each client clips its update to L2 norm C; the server adds N(0, (z C)^2) to the
+sum of the clipped updates and divides by the expected number of clients q N (a fixed
+denominator, so one client's presence changes the result by at most C / (q N)). With
+`adaptive`, C follows a target quantile of the update norms (Andrew et al. 2021,
+"Differentially Private Learning with Adaptive Clipping"), the noisy count of unclipped
+clients being charged to the same budget: the update noise is z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2.
+With `secure_agg`, the sum is computed by secure aggregation (Bonawitz et al. 2017): the
+server learns only the sum of the clipped, fixed-point updates of the round's survivors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+
+from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise, default_delta
+from fedrun.privacy.masking import SecAggAbort
+from fedrun.privacy.secagg import secure_sum
+
+log = logging.getLogger(__name__)
+
+
+class CentralPrivacy:
+    """One object owns the clip norm: the one clients clip to is the one the noise is scaled by."""
+
+    def __init__(self, *, clip_norm: float, noise_multiplier: float, target_epsilon: float | None,
+                 delta: float | None, accountant: str, stop_at_budget: bool, adaptive: bool,
+                 target_quantile: float, clip_lr: float, clip_count_stddev: float | None,
+                 secure_agg: bool, secagg_bits: int, secagg_threshold: float,
+                 num_clients: int, num_params: int, sample_rate: float, rounds: int, seed: int):
+        self.clip_norm = clip_norm
+        self.num_params = num_params
+        self.num_clients, self.sample_rate, self.seed = num_clients, sample_rate, seed
+        self.expected_clients = sample_rate * num_clients  # the fixed denominator
+        self.delta = delta if delta is not None else default_delta(num_clients)
+        self.accountant = accountant
+        self.target_epsilon, self.stop_at_budget = target_epsilon, stop_at_budget
+        self.adaptive, self.target_quantile, self.clip_lr = adaptive, target_quantile, clip_lr
+        self.clip_count_stddev = clip_count_stddev if clip_count_stddev is not None else self.expected_clients / 20
+        self.secure_agg, self.secagg_bits, self.secagg_threshold = secure_agg, secagg_bits, secagg_threshold
+        if target_epsilon is not None:
+            noise_multiplier = calibrate_noise(target_epsilon=target_epsilon, delta=self.delta,
+                                               sample_rate=sample_rate, rounds=rounds, accountant=accountant)
+            log.info("privacy: noise multiplier %.4f calibrated for epsilon %.3g at delta %.3g over %d rounds",
+                     noise_multiplier, target_epsilon, self.delta, rounds)
+        self.noise_multiplier = noise_multiplier
+        self.update_noise = self._update_noise_multiplier()
+        self.ledger = Ledger()
+        self.round_cost: dict[str, float] = {}
+
+    @property
+    def is_dp(self) -> bool:
+        return self.noise_multiplier > 0
+
+    @property
+    def metric_columns(self) -> list[str]:
+        dp = ["epsilon", "epsilon_rdp", "epsilon_prv", "noise_multiplier", "clip_norm"] if self.is_dp else ["clip_norm"]
+        return dp + (["secagg_bytes_per_client", "secagg_seconds"] if self.secure_agg else [])
+
+    def _update_noise_multiplier(self) -> float:
+        if not (self.adaptive and self.is_dp):
+            return self.noise_multiplier
+        rest = self.noise_multiplier**-2 - (2 * self.clip_count_stddev) ** -2
+        if rest <= 0:
+            raise FedrunError(f"privacy.clip_count_stddev: {self.clip_count_stddev:.4g} is too small for noise "
+                              f"multiplier {self.noise_multiplier:.4g}; it must exceed 1 / (2 z) = "
+                              f"{1 / (2 * self.noise_multiplier):.4g}")
+        return rest**-0.5
+
+    # ---- client side ------------------------------------------------------------------------
+
+    def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
+        """Clip the update to the current clip norm; report (for adaptive clipping) whether it fit."""
+        norm = float(torch.linalg.vector_norm(update.delta))
+        update.extras["unclipped"] = torch.tensor([float(norm <= self.clip_norm)], device=update.delta.device)
+        if norm > self.clip_norm:
+            update.delta = update.delta * (self.clip_norm / norm)
+        update.bytes_up += 4 if self.adaptive else 0
+        return update
+
+    # ---- server side ------------------------------------------------------------------------
+
+    def allows_round(self, ctx: RoundContext) -> bool:
+        """False when the next round would take epsilon past the target (privacy.stop_at_budget)."""
+        if not (self.stop_at_budget and self.is_dp and self.target_epsilon is not None):
+            return True
+        eps = self.ledger.epsilon(self.delta, accountant=self.accountant, extra=self._event(ctx, participants=0))
+        return eps <= self.target_epsilon
+
+    def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy) -> torch.Tensor | None:
+        """(sum of clipped updates + noise) / expected clients; None if secure aggregation aborted."""
+        self.ledger.record(self._event(ctx, participants=len(updates)))
+        total = self._sum(updates, ctx)
+        if total is None:
+            return None
+        g = torch_generator(self.seed, Stream.NOISE, ctx.round_idx)
+        noise = torch.randn(total.shape, generator=g).to(total.device) * (self.update_noise * self.clip_norm)
+        if self.adaptive:
+            self._adapt_clip_norm(updates, ctx)
+        return ((total + noise) / self.expected_clients).to(torch.float32)
+
+    def _sum(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> torch.Tensor | None:
+        if not updates:  # nobody reported: the noise is still added (the round was sampled)
+            return None if self.secure_agg else torch.zeros(self.num_params, dtype=torch.float64)
+        if not self.secure_agg:
+            return torch.stack([u.delta for u in updates]).double().sum(0)
+        reported = {u.client_id: u.delta for u in updates}
+        # Clients sampled but gone before sending took part in key agreement: their masks are
+        # recovered from the survivors' shares (they send nothing, hence the zero placeholder).
+        dropped = [c for c in ctx.cohort if c not in reported]
+        vectors = reported | {c: torch.zeros_like(updates[0].delta) for c in dropped}
+        threshold = max(1, math.ceil(self.secagg_threshold * len(vectors)))
+        try:
+            total, cost = secure_sum({c: v.cpu() for c, v in vectors.items()}, clip=self.clip_norm,
+                                     bits=self.secagg_bits, threshold=threshold, dropped_after_masking=set(dropped),
+                                     round_seed=derive_seed(self.seed, Stream.SECAGG, ctx.round_idx))
+        except SecAggAbort as e:
+            log.warning("round %d: secure aggregation aborted (%s); the global model is kept", ctx.round_idx, e)
+            return None
+        per_client = [cost.extra_bytes_up[c] + cost.extra_bytes_down[c] for c in vectors]
+        self.round_cost = {"secagg_bytes_per_client": sum(per_client) / len(per_client),
+                           "secagg_seconds": sum(cost.client_seconds.values()) + cost.server_seconds}
+        return total.to(updates[0].delta.device)
+
+    def _adapt_clip_norm(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> None:
+        """C <- C exp(-clip_lr (b - target_quantile)), b the noisy fraction of unclipped updates."""
+        g = torch_generator(self.seed, Stream.NOISE, ctx.round_idx, 1)
+        centred = sum(float(u.extras["unclipped"]) - 0.5 for u in updates)
+        noisy = (centred + float(torch.randn((), generator=g)) * self.clip_count_stddev) / self.expected_clients + 0.5
+        self.clip_norm *= math.exp(-self.clip_lr * (noisy - self.target_quantile))
+
+    def _event(self, ctx: RoundContext, *, participants: int) -> DPEvent:
+        return DPEvent(round=ctx.round_idx, sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier,
+                       clip_norm=self.clip_norm, participants=participants,
+                       mechanism="dp_fedavg" + ("+adaptive" if self.adaptive else "") + ("+secagg" if self.secure_agg else ""))
+
+    def round_metrics(self) -> dict[str, float]:
+        row = {"clip_norm": self.clip_norm, **self.round_cost}
+        if self.is_dp:
+            rdp = self.ledger.epsilon(self.delta, accountant="rdp")
+            prv = self.ledger.epsilon(self.delta, accountant="prv")
+            row |= {"epsilon": prv if self.accountant == "prv" else rdp, "epsilon_rdp": rdp, "epsilon_prv": prv,
+                    "noise_multiplier": self.noise_multiplier}
+        return row
+
+    def summary(self) -> dict:
+        out = {"mechanism": "central_dp" if self.is_dp else "secure_agg", "clip_norm": self.clip_norm,
+               "secure_agg": self.secure_agg}
+        if self.is_dp:
+            out |= {"epsilon": self.round_metrics()["epsilon"], "delta": self.delta, "accountant": self.accountant,
+                    "epsilon_rdp": self.ledger.epsilon(self.delta, accountant="rdp"),
+                    "epsilon_prv": self.ledger.epsilon(self.delta, accountant="prv"),
+                    "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+                    "rounds_accounted": len(self.ledger.events)}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"clip_norm": self.clip_norm, "ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clip_norm = state["clip_norm"]
+        self.ledger.load_state_dict(state["ledger"])
+
+    def ledger_rows(self) -> list[dict]:
+        return [asdict(e) for e in self.ledger.events]
