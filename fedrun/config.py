@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from fedrun.client import OPTIMIZERS, ClientConfig, LocalTrainer
 from fedrun.core import FedrunError
 from fedrun.attacks import KINDS as ATTACK_KINDS
 from fedrun.data.examples import FederatedData
+from fedrun.privacy.accounting import ACCOUNTANTS
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS
 from fedrun.sampling import KINDS as SAMPLER_KINDS
@@ -185,6 +187,24 @@ class TargetOnlySchema:
 
 
 @dataclass
+class CentralPrivacySchema:
+    _target_: str = MISSING
+    clip_norm: float = MISSING
+    noise_multiplier: Optional[float] = MISSING
+    target_epsilon: Optional[float] = MISSING
+    delta: Optional[float] = MISSING
+    accountant: str = MISSING
+    stop_at_budget: bool = MISSING
+    adaptive: bool = MISSING
+    target_quantile: float = MISSING
+    clip_lr: float = MISSING
+    clip_count_stddev: Optional[float] = MISSING
+    secure_agg: bool = MISSING
+    secagg_bits: int = MISSING
+    secagg_threshold: float = MISSING
+
+
+@dataclass
 class ConfigSchema:
     name: str = MISSING
     rounds: int = MISSING
@@ -213,7 +233,7 @@ SCHEMAS = {
     "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
                  "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema},
-    "privacy": {"none": TargetOnlySchema},
+    "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema},
     "backend": {"sequential": TargetOnlySchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
 }
@@ -285,6 +305,16 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("strategy.num_byzantine", "an integer >= 0", lambda v: v >= 0),
     ("strategy.multi", "an integer >= 1", lambda v: v >= 1),
     ("attack.kind", *_one_of(ATTACK_KINDS)),
+    ("privacy.clip_norm", "a number > 0", lambda v: v > 0),
+    ("privacy.noise_multiplier", "null (calibrate from privacy.target_epsilon) or a number >= 0", _opt(lambda v: v >= 0)),
+    ("privacy.target_epsilon", "null or a number > 0", _opt(lambda v: v > 0)),
+    ("privacy.delta", "null or a number in (0, 1)", _opt(lambda v: 0 < v < 1)),
+    ("privacy.accountant", *_one_of(ACCOUNTANTS)),
+    ("privacy.target_quantile", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    ("privacy.clip_lr", "a number >= 0", lambda v: v >= 0),
+    ("privacy.clip_count_stddev", "null or a number > 0", _opt(lambda v: v > 0)),
+    ("privacy.secagg_bits", "an integer in [1, 31]", lambda v: 1 <= v <= 31),
+    ("privacy.secagg_threshold", "a number in (0, 1]", lambda v: 0 < v <= 1),
     ("attack.fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1),
 ]
 
@@ -318,10 +348,45 @@ def _check_combinations(cfg: DictConfig) -> None:
     if cfg.strategy._target_.endswith(".scaffold") and (c.optimizer != "sgd" or c.momentum):
         raise FedrunError(f"client.optimizer: strategy=scaffold needs plain local SGD (client.optimizer=sgd, "
                           f"client.momentum=0; got {c.optimizer}, momentum {c.momentum}): its control variates assume it")
+    _check_privacy(cfg)
     f = cfg.strategy.get("num_byzantine")
     if f is not None and cfg.sampler.clients_per_round < 2 * f + 3:
         raise FedrunError(f"sampler.clients_per_round: krum with strategy.num_byzantine={f} needs at least "
                           f"2 * {f} + 3 = {2 * f + 3} clients per round, got {cfg.sampler.clients_per_round}")
+
+
+ROBUST = (".median", ".trimmed_mean", ".krum")
+
+
+def _check_privacy(cfg: DictConfig) -> None:
+    """Refuse combinations that would void the guarantee or that a mechanism cannot serve."""
+    p = cfg.privacy
+    if "clip_norm" not in p:
+        return
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        raise FedrunError("privacy.noise_multiplier: null means calibrate it from privacy.target_epsilon, "
+                          "which is not set; give one of them")
+    dp = p.noise_multiplier is None or p.noise_multiplier > 0
+    what = "privacy=central_dp" if dp else "privacy.secure_agg"
+    if dp and cfg.sampler.kind != "poisson":
+        raise FedrunError(f"sampler.kind: {what} needs sampler.kind=poisson: its accountants assume each client "
+                          f"is sampled independently with rate q; got {cfg.sampler.kind}")
+    target = cfg.strategy._target_
+    if target.endswith(ROBUST):
+        raise FedrunError(f"strategy: {target.rsplit('.', 1)[-1]} cannot be combined with {what}: a robust aggregator "
+                          "needs the individual updates, which DP noise and secure aggregation hide; use fedavg, "
+                          "fedavgm or an adaptive strategy")
+    if target.endswith(".scaffold"):
+        raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "
+                          "clients unclipped and un-noised")
+    if p.stop_at_budget and p.target_epsilon is None:
+        raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
+    if p.secure_agg:
+        largest = cfg.sampler.clients_per_round + 6 * math.sqrt(cfg.sampler.clients_per_round)
+        if largest * 2**p.secagg_bits > 2**32:
+            raise FedrunError(f"privacy.secagg_bits: {p.secagg_bits} bits leave no room to sum a cohort of up to "
+                              f"{int(largest)} clients modulo 2^32; allowed: at most "
+                              f"{int(math.log2(2**32 / largest))}")
 
 
 # ---- compose ---------------------------------------------------------------------------------
@@ -413,8 +478,9 @@ def build(cfg: DictConfig) -> Experiment:
     make_model = partial(make_model, **data.model_dims)
     num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
     # What a factory may ask for besides its own config keys.
-    context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed}
-    mechanism = instantiate(cfg.privacy)
+    context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
+               "sample_rate": k / data.num_clients, "rounds": cfg.rounds}
+    mechanism = with_context(instantiate(cfg.privacy, _partial_=True), context)
     attack = with_context(instantiate(cfg.attack, _partial_=True), context)
     make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device)
     return Experiment(

@@ -86,8 +86,9 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
             log.warning("round %d: no aggregate (%d of %d sampled reported); the global model is kept",
                         round_idx, len(updates), len(ctx.cohort))
         row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))
-        row.update(exp.mechanism.round_metrics())
-        if round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds:
+        evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
+        row.update(exp.mechanism.round_metrics(tight=evaluating))
+        if evaluating:
             flat.copy_(weights)
             row.update(evaluate(model, test, exp.device))
         row["seconds"] = time.perf_counter() - t0

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("rdp", "prv")
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,13 @@ class Ledger:
             return 0.0
         if any(e.noise_multiplier == 0 for e in events):
             return math.inf
-        acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-        for e in events:
-            acc.step(noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate)
+        counts = Counter((e.noise_multiplier, e.sample_rate) for e in events)
         with warnings.catch_warnings():  # opacus warns when the optimal RDP order is at the edge
             warnings.simplefilter("ignore")
+            if accountant == "rdp":
+                return _rdp_epsilon(counts, delta)
+            acc = PRVAccountant()
+            acc.history = [(z, q, n) for (z, q), n in counts.items()]  # composition is order-free
             return float(acc.get_epsilon(delta))
 
     def state_dict(self) -> dict:
@@ -57,6 +63,21 @@ class Ledger:
 
     def load_state_dict(self, state: dict) -> None:
         self.events = [DPEvent(**e) for e in state["events"]]
+
+
+def _rdp_epsilon(counts: Counter, delta: float) -> float:
+    """opacus' RDP accountant, with the per-step RDP curve of each (z, q) computed once:
+    RDP composes by addition, so n identical steps are n times one step's curve."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(n * _rdp_curve(z, q) for (z, q), n in counts.items())
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@lru_cache(maxsize=64)
+def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                               orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, rounds: int,

@@ -20,7 +20,7 @@ class NoPrivacy:
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy: Strategy) -> torch.Tensor | None:
         return strategy.aggregate(updates) if updates else None
 
-    def round_metrics(self) -> dict[str, float]:
+    def round_metrics(self, *, tight: bool) -> dict[str, float]:
         return {}
 
     def summary(self) -> dict:
