@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -164,6 +165,28 @@ def resume(
                 run_dir, summary = training.resume(experiment, rundir, checkpoint, on_round=on_round)
             _print_summary(summary)
             typer.echo(str(run_dir))
+
+    _fail_cleanly(action, debug=debug)
+
+
+@app.command()
+def report(
+    paths: List[Path] = typer.Argument(..., help="Run directories, or folders holding runs (sweeps)."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Sort groups by a metric, e.g. eval_ppl or best_eval_acc."),
+    where: Optional[List[str]] = typer.Option(None, "--where", help="Keep runs with key=value, e.g. strategy=fedadam (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write report.md, report.csv, report.html and PNG plots here."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Summarise runs: one row per configuration, mean ± std over seeds; optional files and plots."""
+
+    def action() -> None:
+        from fedrun.report import report as make_report
+
+        table, files = make_report(list(paths), sort=sort, where=where or (), out=out)
+        # Piped output has no terminal width: give the wide table room instead of rich's 80 columns.
+        Console(width=None if sys.stdout.isatty() else 240).print(table)
+        for f in files:
+            typer.echo(str(f))
 
     _fail_cleanly(action, debug=debug)
 

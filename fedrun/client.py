@@ -18,6 +18,7 @@ from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_se
 from fedrun.data.examples import ClientData
 from fedrun.evaluation import batch_loss
 from fedrun.params import flatten_parameters
+from fedrun.privacy.local_dp import DPSGDStep, poisson_batches
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -66,16 +67,28 @@ def batch_indices(num_examples: int, batch_size: int, num_steps: int,
             step += 1
 
 
+@dataclass(frozen=True)
+class ExampleDP:
+    """Example-level DP-SGD on the client (privacy=local_dp): Poisson batches of expected size
+    client.batch_size, per-example clipping to max_grad_norm, Gaussian noise."""
+
+    max_grad_norm: float
+    noise_multiplier: float
+
+
 class LocalTrainer:
     """One worker's model, flat weight and gradient buffers and optimizer, reset for each client."""
 
-    def __init__(self, make_model: Callable[[], nn.Module], cfg: ClientConfig, device: torch.device):
+    def __init__(self, make_model: Callable[[], nn.Module], cfg: ClientConfig, device: torch.device,
+                 example_dp: ExampleDP | None = None):
         self.model = make_model().to(device)
         self.flat = flatten_parameters(self.model)
         self.flat_grad = attach_flat_grads(self.model, self.flat)
         self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.cfg = cfg
         self.device = device
+        self.dp_sgd = None if example_dp is None else DPSGDStep(
+            self.model, max_grad_norm=example_dp.max_grad_norm, noise_multiplier=example_dp.noise_multiplier)
 
     def train(self, job: ClientJob, data: ClientData, weights: torch.Tensor,
               ctx: RoundContext) -> ClientUpdate:
@@ -90,30 +103,48 @@ class LocalTrainer:
         steps = self.cfg.num_steps(data.num_examples, order)
         correction = None if job.control is None else scaffold_correction(job)
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        for idx in batch_indices(data.num_examples, self.cfg.batch_size, steps, order):
+        loss_sum, losses = torch.zeros((), device=self.device), 0
+        for idx in self._batches(data.num_examples, steps, order):
             x, y = data.train[idx].inputs_targets(self.device)
-            self.flat_grad.zero_()
-            loss = batch_loss(self.model, x, y)
-            loss.backward()
+            loss = self._gradient(x, y, order, data.num_examples)
+            if loss is not None:
+                loss_sum, losses = loss_sum + loss, losses + 1
             if job.prox_mu:  # gradient of (mu/2)||w - w_global||^2
                 self.flat_grad.add_(self.flat.detach() - weights, alpha=job.prox_mu)
             if correction is not None:
                 self.flat_grad.add_(correction)
             self.optimizer.step()
-            loss_sum += loss.detach()
         delta = self.flat.detach() - weights
         extras = {} if job.control is None else {"control_delta": scaffold_control_delta(job, delta, steps, self.cfg.lr)}
         return ClientUpdate(
             client_id=job.client_id,
             delta=delta,
             num_examples=data.num_examples,
-            train_loss=float(loss_sum) / max(steps, 1),
+            train_loss=float(loss_sum) / max(losses, 1),
             seconds=time.perf_counter() - start,
             bytes_up=sum(t.numel() * t.element_size() for t in (delta, *extras.values())),
             num_steps=steps,
             extras=extras,
         )
+
+    def _batches(self, num_examples: int, steps: int, order: torch.Generator):
+        if self.dp_sgd is None:
+            return batch_indices(num_examples, self.cfg.batch_size, steps, order)
+        # DP-SGD's accountant assumes Poisson sampling of examples at rate batch_size / n.
+        rate = min(1.0, self.cfg.batch_size / num_examples)
+        return poisson_batches(num_examples, sample_rate=rate, num_steps=steps, generator=order)
+
+    def _gradient(self, x: torch.Tensor, y: torch.Tensor, order: torch.Generator,
+                  num_examples: int) -> torch.Tensor | None:
+        """Fill flat_grad with the batch's gradient; return its loss (None: an empty DP batch)."""
+        if self.dp_sgd is None:
+            self.flat_grad.zero_()
+            loss = batch_loss(self.model, x, y)
+            loss.backward()
+            return loss.detach()
+        expected = min(self.cfg.batch_size, num_examples)
+        loss = self.dp_sgd.compute(x, y, flat_grad=self.flat_grad, generator=order, expected_batch_size=expected)
+        return None if math.isnan(loss) else torch.tensor(loss, device=self.device)
 
 
 def attach_flat_grads(model: nn.Module, flat: torch.Tensor) -> torch.Tensor:

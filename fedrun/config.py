@@ -205,6 +205,24 @@ class CentralPrivacySchema:
 
 
 @dataclass
+class LocalPrivacySchema:
+    _target_: str = MISSING
+    max_grad_norm: float = MISSING
+    noise_multiplier: float = MISSING
+    delta: float = MISSING
+    accountant: str = MISSING
+
+
+@dataclass
+class CanariesSchema:
+    _target_: str = MISSING
+    num_canaries: int = MISSING
+    repeats: int = MISSING
+    num_references: int = MISSING
+    secret_digits: int = MISSING
+
+
+@dataclass
 class ConfigSchema:
     name: str = MISSING
     rounds: int = MISSING
@@ -223,6 +241,7 @@ class ConfigSchema:
     privacy: Any = MISSING
     backend: Any = MISSING
     attack: Any = MISSING
+    audit: Any = MISSING
 
 
 SCHEMAS = {
@@ -233,9 +252,10 @@ SCHEMAS = {
     "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
                  "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema},
-    "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema},
+    "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
     "backend": {"sequential": TargetOnlySchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
+    "audit": {"none": TargetOnlySchema, "canaries": CanariesSchema},
 }
 
 
@@ -314,6 +334,11 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("privacy.clip_lr", "a number >= 0", lambda v: v >= 0),
     ("privacy.clip_count_stddev", "null or a number > 0", _opt(lambda v: v > 0)),
     ("privacy.secagg_bits", "an integer in [1, 31]", lambda v: 1 <= v <= 31),
+    ("privacy.max_grad_norm", "a number > 0", lambda v: v > 0),
+    ("audit.num_canaries", "an integer >= 1", lambda v: v >= 1),
+    ("audit.repeats", "an integer >= 1", lambda v: v >= 1),
+    ("audit.num_references", "an integer >= 1", lambda v: v >= 1),
+    ("audit.secret_digits", "an integer in [1, 18]", lambda v: 1 <= v <= 18),
     ("privacy.secagg_threshold", "a number in (0, 1]", lambda v: 0 < v <= 1),
     ("attack.fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1),
 ]
@@ -459,13 +484,19 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_data(cfg: DictConfig) -> FederatedData:
-    return instantiate(cfg.data, seed=cfg.seed)
+def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
+    if audit is None:
+        return instantiate(cfg.data, seed=cfg.seed)
+    if cfg.data._target_.endswith(".synthetic"):
+        raise FedrunError("audit: canaries are secrets planted in text; data=synthetic has none (use audit=none)")
+    return instantiate(cfg.data, _partial_=True)(seed=cfg.seed, insert=audit.insert)
 
 
 def build(cfg: DictConfig) -> Experiment:
     device = resolve_device(cfg.device)
-    data = build_data(cfg)
+    audit = instantiate(cfg.audit, _partial_=True)
+    audit = with_context(audit, {"seed": cfg.seed})
+    data = build_data(cfg, audit=audit)
     k = cfg.sampler.clients_per_round
     if k > data.num_clients:
         raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
@@ -479,10 +510,11 @@ def build(cfg: DictConfig) -> Experiment:
     num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
     # What a factory may ask for besides its own config keys.
     context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
-               "sample_rate": k / data.num_clients, "rounds": cfg.rounds}
+               "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size}
     mechanism = with_context(instantiate(cfg.privacy, _partial_=True), context)
+    example_dp = getattr(mechanism, "example_dp", None)
     attack = with_context(instantiate(cfg.attack, _partial_=True), context)
-    make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device)
+    make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device, example_dp)
     return Experiment(
         cfg=cfg,
         data=data,
@@ -495,6 +527,7 @@ def build(cfg: DictConfig) -> Experiment:
             make_trainer=make_trainer, data=data, client_hooks=[attack, mechanism]),
         device=device,
         attack=attack,
+        audit=audit,
     )
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
 from fedrun.data.examples import FederatedData
 from fedrun.evaluation import evaluate
+from fedrun.privacy.audit import CanaryAudit
 from fedrun.params import flatten_parameters
 from fedrun.records import CLIENT_COLUMNS, LEDGER_COLUMNS, METRIC_COLUMNS, client_rows, parse_row, round_row, summarize
 from fedrun.rundir import RunDir
@@ -35,6 +36,7 @@ class Experiment:
     backend: Backend
     device: torch.device
     attack: ClientHook
+    audit: CanaryAudit | None = None
 
 
 def initial_model(exp: Experiment) -> tuple[nn.Module, torch.Tensor]:
@@ -51,13 +53,15 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     model, flat = initial_model(exp)
     test = exp.data.test_examples()
     num_examples = np.array([c.num_examples for c in exp.data.clients])
-    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns)
+    audit_columns = ["canary_exposure"] if exp.audit else []
+    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns + audit_columns)
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None
     if checkpoint is None:
         weights, start = flat.detach().clone(), time.perf_counter()
         history = [{"round": 0, "clients": 0, "examples": 0, "bytes_up": 0, "bytes_down": 0,
-                    **evaluate(model, test, exp.device), "seconds": time.perf_counter() - start}]
+                    **evaluate(model, test, exp.device), **measure_audit(exp, model),
+                    "seconds": time.perf_counter() - start}]
         metrics.append(history)
     else:
         weights = checkpoint["weights"].to(exp.device)
@@ -90,7 +94,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         row.update(exp.mechanism.round_metrics(tight=evaluating))
         if evaluating:
             flat.copy_(weights)
-            row.update(evaluate(model, test, exp.device))
+            row.update(evaluate(model, test, exp.device) | measure_audit(exp, model))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
         clients.append(client_rows(round_idx, updates, dropped, exp.data))
@@ -104,8 +108,13 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
             on_round(row)
     flat.copy_(weights)
     rundir.save_model(model, {"round": str(history[-1]["round"])})
+    audit = {"audit": exp.audit.summary(model, exp.device)} if exp.audit else {}
     return summarize(history) | {"privacy": exp.mechanism.summary(),
-                                 "stopped_at_budget": history[-1]["round"] < cfg.rounds}
+                                 "stopped_at_budget": history[-1]["round"] < cfg.rounds} | audit
+
+
+def measure_audit(exp: Experiment, model: nn.Module) -> dict:
+    return {"canary_exposure": exp.audit.measure(model, exp.device)["canary_exposure"]} if exp.audit else {}
 
 
 def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> dict:

@@ -13,6 +13,7 @@ import os
 import re
 import sysconfig
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -94,11 +95,17 @@ def federate(
     num_clients: int | None,
     max_client_bytes: int | None,
     seed: int,
+    insert: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]] | None = None,
 ) -> FederatedData:
-    """Window each document, keep those with >= min_samples windows, split and partition."""
+    """Window each document, keep those with >= min_samples windows, split and partition.
+
+    `insert` (the canary audit) edits the truncated documents before they are windowed."""
+    docs = [(name, text[:max_client_bytes] if max_client_bytes else text) for name, text in docs]
+    if insert is not None:
+        docs = insert(docs)
     kept = []
     for name, text in docs:
-        w = windows(text[:max_client_bytes] if max_client_bytes else text, seq_len)
+        w = windows(text, seq_len)
         if len(w) >= min_samples:
             train, test = split_by_position(w, test_fraction)
             kept.append(ClientData(name, Windows(train), Windows(test)))

@@ -49,20 +49,28 @@ class Ledger:
             return 0.0
         if any(e.noise_multiplier == 0 for e in events):
             return math.inf
-        counts = Counter((e.noise_multiplier, e.sample_rate) for e in events)
-        with warnings.catch_warnings():  # opacus warns when the optimal RDP order is at the edge
-            warnings.simplefilter("ignore")
-            if accountant == "rdp":
-                return _rdp_epsilon(counts, delta)
-            acc = PRVAccountant()
-            acc.history = [(z, q, n) for (z, q), n in counts.items()]  # composition is order-free
-            return float(acc.get_epsilon(delta))
+        return epsilon_of(Counter((e.noise_multiplier, e.sample_rate) for e in events), delta, accountant=accountant)
 
     def state_dict(self) -> dict:
         return {"events": [asdict(e) for e in self.events]}
 
     def load_state_dict(self, state: dict) -> None:
         self.events = [DPEvent(**e) for e in state["events"]]
+
+
+def epsilon_of(counts: Counter, delta: float, *, accountant: str) -> float:
+    """epsilon at `delta` of composing `n` subsampled Gaussian steps for each (z, q): n in `counts`."""
+    if not counts:
+        return 0.0
+    if any(z == 0 for z, _ in counts):
+        return math.inf
+    with warnings.catch_warnings():  # opacus warns when the optimal RDP order is at the edge
+        warnings.simplefilter("ignore")
+        if accountant == "rdp":
+            return _rdp_epsilon(counts, delta)
+        acc = PRVAccountant()
+        acc.history = [(z, q, n) for (z, q), n in counts.items()]  # composition is order-free
+        return float(acc.get_epsilon(delta))
 
 
 def _rdp_epsilon(counts: Counter, delta: float) -> float:
@@ -74,7 +82,7 @@ def _rdp_epsilon(counts: Counter, delta: float) -> float:
     return float(eps)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4096)
 def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                                orders=RDPAccountant.DEFAULT_ALPHAS))

@@ -199,3 +199,31 @@ def exposure(model: nn.Module, canaries: Canaries, *, device: torch.device) -> l
     secrets = log_perplexity(model, canaries.secrets, context=LINE_START, device=device)
     references = log_perplexity(model, canaries.references, context=LINE_START, device=device)
     return exposure_from_scores(secrets.numpy(), references.numpy()).tolist()
+
+
+class CanaryAudit:
+    """`audit=canaries`: secrets planted in chosen clients' training text, measured after training."""
+
+    def __init__(self, *, num_canaries: int, repeats: int, num_references: int, secret_digits: int, seed: int):
+        self.canaries = make_canaries(num_canaries=num_canaries, num_references=num_references, seed=seed,
+                                      secret_digits=secret_digits)
+        self.repeats, self.seed = repeats, seed
+        self.holders: list[int] = []
+
+    def insert(self, docs: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        docs, self.holders = insert_canaries(docs, self.canaries, clients=None, repeats=self.repeats, seed=self.seed)
+        return docs
+
+    def measure(self, model: nn.Module, device: torch.device) -> dict:
+        values = exposure(model, self.canaries, device=device)
+        return {"canary_exposure": float(np.mean(values)), "exposures": values, "max_exposure": max_exposure(self.canaries)}
+
+    def summary(self, model: nn.Module, device: torch.device) -> dict:
+        return self.measure(model, device) | {"canaries": [c.decode() for c in self.canaries.secrets],
+                                              "holders": self.holders, "repeats": self.repeats,
+                                              "references": len(self.canaries.references)}
+
+
+def no_audit() -> None:
+    """`audit=none`."""
+    return None
