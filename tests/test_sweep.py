@@ -90,3 +90,29 @@ def test_resume_a_sweep_resumes_every_unfinished_job(tmp_path):
     for job, expected in zip(jobs, before):
         assert (job / "summary.json").exists()
         pd.testing.assert_frame_equal(pd.read_csv(job / "metrics.csv").drop(columns="seconds"), expected)
+
+
+def test_report_of_a_2x2_sweep_with_2_seeds_groups_by_seed_with_pandas_mean_and_std(tmp_path):
+    from fedrun.report import collect_runs, distinguishing_keys, group_runs
+
+    result, sweep_dir = _sweep("strategy=fedavg,fedavgm", "client.lr=0.05,0.1", "seed=0,1")
+    assert result.exit_code == 0, result.output
+    runs = collect_runs([tmp_path / sweep_dir])
+    keys = distinguishing_keys(runs)
+    groups = group_runs(runs, keys)
+    assert len(groups) == 4 and (groups["n"] == 2).all()
+    # Independent: read every job's metrics.csv and compute the same statistics with pandas.
+    rows = []
+    for job in _jobs(tmp_path / sweep_dir):
+        cfg = OmegaConf.load(job / "config.yaml")
+        final = pd.read_csv(job / "metrics.csv").dropna(subset=["eval_ppl"]).iloc[-1]
+        rows.append({"strategy": cfg.strategy._target_.rsplit(".", 1)[-1], "lr": cfg.client.lr,
+                     "ppl": final["eval_ppl"]})
+    expected = pd.DataFrame(rows).groupby(["strategy", "lr"])["ppl"].agg(["mean", "std"])
+    got = {(g["strategy"], float(g["client.lr"])): (g["final_eval_ppl_mean"], g["final_eval_ppl_std"])
+           for _, g in groups.iterrows()}
+    for (strategy, lr), (mean, std) in expected.iterrows():
+        assert got[(strategy, lr)] == pytest.approx((mean, std), rel=1e-12)
+    report = CliRunner().invoke(app, ["report", str(tmp_path / sweep_dir), "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "rep" / "report.html").exists() and "fedavgm" in report.output
