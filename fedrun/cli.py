@@ -228,6 +228,8 @@ class _round_progress:
         return self.update
 
     def update(self, row: dict) -> None:
+        if row["round"] == 0:  # the initial model's evaluation, before any round
+            return
         fields = {"loss": "no client reported" if row["train_loss"] is None else f"train loss {row['train_loss']:.3f}"}
         if row.get("eval_ppl") is not None:
             fields["ppl"] = f"eval ppl {row['eval_ppl']:.2f}"

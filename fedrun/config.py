@@ -242,6 +242,7 @@ class ConfigSchema:
     backend: Any = MISSING
     attack: Any = MISSING
     audit: Any = MISSING
+    logger: Any = MISSING
 
 
 SCHEMAS = {

@@ -77,7 +77,10 @@ class ClientUpdate:
     malicious: bool = False  # set by an attack: the update is not what honest training gave
 
     @property
-    def update_norm(self) -> float:
+    def update_norm(self) -> float | None:
+        """None for a masked (secure aggregation) update: nobody but the client knows it."""
+        if not self.delta.is_floating_point():
+            return None
         return float(torch.linalg.vector_norm(self.delta))
 
 
@@ -118,6 +121,10 @@ class Mechanism(ClientHook, Protocol):
     metric_columns: list[str]  # extra metrics.csv columns it fills each round
 
     def allows_round(self, ctx: RoundContext) -> bool: ...
+
+    def begin_round(self, ctx: RoundContext) -> None:
+        """Called once the cohort is sampled, before any client trains."""
+        ...
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext,
                   strategy: "Strategy") -> torch.Tensor | None:

@@ -63,6 +63,8 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
                     **evaluate(model, test, exp.device), **measure_audit(exp, model),
                     "seconds": time.perf_counter() - start}]
         metrics.append(history)
+        if on_round is not None:
+            on_round(history[0])
     else:
         weights = checkpoint["weights"].to(exp.device)
         exp.strategy.load_state_dict(checkpoint["strategy"])
@@ -78,6 +80,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
             log.warning("round %d would exceed the privacy budget: stopping (privacy.stop_at_budget)", round_idx)
             break
         ctx.cohort = exp.sampler.sample(num_examples, ctx)
+        exp.mechanism.begin_round(ctx)
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
         updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)

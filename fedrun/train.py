@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 import fedrun
 from fedrun import config, loop
 from fedrun.core import FedrunError
+from fedrun.loggers import LOGGER_NAMES, make_loggers
 from fedrun.rundir import RunDir, is_run_dir
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,19 @@ def resume(exp: loop.Experiment, rundir: RunDir, checkpoint: dict | None, *,
 
 
 def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -> dict:
+    names = [name for name in LOGGER_NAMES if exp.cfg.logger.get(name)]
+    loggers = make_loggers(names, rundir.path, tracking_uri=exp.cfg.logger.get("tracking_uri"))
+    for logger in loggers:
+        logger.log_config(OmegaConf.to_container(exp.cfg))
+
+    def each_round(row: dict) -> None:
+        for logger in loggers:
+            logger.log_round(row)
+        if on_round is not None:
+            on_round(row)
+
     try:
-        summary = loop.run(exp, rundir, on_round=on_round, checkpoint=checkpoint)
+        summary = loop.run(exp, rundir, on_round=each_round, checkpoint=checkpoint)
         summary |= {
             "name": exp.cfg.name,
             "data": exp.data.fingerprint,
@@ -66,11 +78,15 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         }
         rundir.write_json("summary.json", summary)
         rundir.set_status("finished", round_idx=summary["rounds"])
+        for logger in loggers:
+            logger.log_summary(summary)
         return summary
     except BaseException as e:
         rundir.set_status("failed", round_idx=-1, error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        for logger in loggers:
+            logger.close()
         rundir.close()
 
 

@@ -236,3 +236,25 @@ def test_missing_package(tmp_path, monkeypatch, name, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(FedrunError, match=rf"logger={name}: needs the .* package: pip install -e \.\[{extra}\]"):
         make_loggers([name], tmp_path, tracking_uri=None)
+
+
+def test_a_run_sends_every_round_to_tensorboard_and_mlflow(compose_cfg, tmp_path):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedrun import config, train
+
+    run_dir, _ = train.train(config.build(compose_cfg("logger=[csv,tensorboard,mlflow]", "rounds=3", "eval_every=1",
+                                                      f"run_dir={tmp_path / 'logged'}")))
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tb = [(e.step, e.value) for e in events.Scalars("eval_loss")]
+    assert [s for s, _ in tb] == [0, 1, 2, 3]
+    assert [v for _, v in tb] == pytest.approx(metrics["eval_loss"].tolist(), rel=1e-6)
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    history = client.get_metric_history(run.info.run_id, "eval_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert run.data.params["client.optimizer"] == "adam"

@@ -21,7 +21,7 @@ def _mechanism(**kw):
     opts = dict(clip_norm=1.0, noise_multiplier=0.0, target_epsilon=None, delta=1e-3, accountant="rdp",
                 stop_at_budget=False, adaptive=False, target_quantile=0.5, clip_lr=0.2, clip_count_stddev=None,
                 secure_agg=False, secagg_bits=16, secagg_threshold=0.5, num_clients=20, num_params=50,
-                sample_rate=0.25, rounds=10, seed=0)
+                sample_rate=0.25, rounds=10, seed=0, device=torch.device("cpu"))
     return central(**(opts | kw))
 
 
@@ -92,8 +92,11 @@ def test_secure_aggregation_gives_the_clipped_sum_within_the_quantisation_bound(
     ctx = RoundContext(round_idx=1, seed=0, num_clients=20, cohort=[0, 1, 2, 3, 4])
     deltas = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     plain, secure = _mechanism(), _mechanism(secure_agg=True, secagg_bits=12)
+    secure.begin_round(ctx)
     a = plain.aggregate(_clipped_updates(plain, deltas, ctx), ctx, fedavg())
-    b = secure.aggregate(_clipped_updates(secure, deltas, ctx), ctx, fedavg())
+    sent = _clipped_updates(secure, deltas, ctx)
+    assert all(u.delta.dtype == torch.uint32 for u in sent)  # all the server ever sees
+    b = secure.aggregate(sent, ctx, fedavg())
     scale = 2 * 1.0 / (2**12 - 1)
     assert (a - b).abs().max() <= 5 * scale / 5 + 1e-7  # n steps of the grid, over q N = 5
     assert secure.round_metrics(tight=False)["secagg_bytes_per_client"] > 0

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict
 from typing import Sequence
 
 import torch
 
-from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, torch_generator
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise, default_delta
 from fedrun.privacy.masking import SecAggAbort
-from fedrun.privacy.secagg import secure_sum
+from fedrun.privacy.secure_round import SecureSumRound
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,8 @@ class CentralPrivacy:
                  delta: float | None, accountant: str, stop_at_budget: bool, adaptive: bool,
                  target_quantile: float, clip_lr: float, clip_count_stddev: float | None,
                  secure_agg: bool, secagg_bits: int, secagg_threshold: float,
-                 num_clients: int, num_params: int, sample_rate: float, rounds: int, seed: int):
+                 num_clients: int, num_params: int, sample_rate: float, rounds: int, seed: int,
+                 device: torch.device = torch.device("cpu")):
         self.clip_norm = clip_norm
         self.num_params = num_params
         self.num_clients, self.sample_rate, self.seed = num_clients, sample_rate, seed
@@ -55,6 +55,8 @@ class CentralPrivacy:
         self.update_noise = self._update_noise_multiplier()
         self.ledger = Ledger()
         self.round_cost: dict[str, float] = {}
+        self.secure_round: SecureSumRound | None = None
+        self.device = device
 
     @property
     def is_dp(self) -> bool:
@@ -77,13 +79,24 @@ class CentralPrivacy:
 
     # ---- client side ------------------------------------------------------------------------
 
+    def begin_round(self, ctx: RoundContext) -> None:
+        """Secure aggregation's set-up (keys, shares) among the sampled clients, before training."""
+        self.secure_round = None
+        if self.secure_agg and ctx.cohort:
+            self.secure_round = SecureSumRound(list(ctx.cohort), seed=self.seed, round_idx=ctx.round_idx,
+                                               threshold_fraction=self.secagg_threshold, length=self.num_params,
+                                               clip=self.clip_norm, bits=self.secagg_bits)
+
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
-        """Clip the update to the current clip norm; report (for adaptive clipping) whether it fit."""
+        """Clip the update to the current clip norm; report (for adaptive clipping) whether it fit;
+        with secure aggregation, send only the masked fixed-point vector."""
         norm = float(torch.linalg.vector_norm(update.delta))
         update.extras["unclipped"] = torch.tensor([float(norm <= self.clip_norm)], device=update.delta.device)
         if norm > self.clip_norm:
             update.delta = update.delta * (self.clip_norm / norm)
         update.bytes_up += 4 if self.adaptive else 0
+        if self.secure_round is not None:
+            update.delta = self.secure_round.client_mask(update.client_id, update.delta)
         return update
 
     # ---- server side ------------------------------------------------------------------------
@@ -108,27 +121,20 @@ class CentralPrivacy:
         return ((total + noise) / self.expected_clients).to(torch.float32)
 
     def _sum(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> torch.Tensor | None:
-        if not updates:  # nobody reported: the noise is still added (the round was sampled)
-            return None if self.secure_agg else torch.zeros(self.num_params, dtype=torch.float64)
-        if not self.secure_agg:
+        if self.secure_round is None:
+            if not updates:  # nobody reported: the noise is still added (the round was sampled)
+                return torch.zeros(self.num_params, dtype=torch.float64, device=self.device)
             return torch.stack([u.delta for u in updates]).double().sum(0)
-        reported = {u.client_id: u.delta for u in updates}
-        # Clients sampled but gone before sending took part in key agreement: their masks are
-        # recovered from the survivors' shares (they send nothing, hence the zero placeholder).
-        dropped = [c for c in ctx.cohort if c not in reported]
-        vectors = reported | {c: torch.zeros_like(updates[0].delta) for c in dropped}
-        threshold = max(1, math.ceil(self.secagg_threshold * len(vectors)))
-        try:
-            total, cost = secure_sum({c: v.cpu() for c, v in vectors.items()}, clip=self.clip_norm,
-                                     bits=self.secagg_bits, threshold=threshold, dropped_after_masking=set(dropped),
-                                     round_seed=derive_seed(self.seed, Stream.SECAGG, ctx.round_idx))
+        try:  # the server side holds masked uint32 vectors only
+            total = self.secure_round.server_sum({u.client_id: u.delta for u in updates})
         except SecAggAbort as e:
             log.warning("round %d: secure aggregation aborted (%s); the global model is kept", ctx.round_idx, e)
             return None
-        per_client = [cost.extra_bytes_up[c] + cost.extra_bytes_down[c] for c in vectors]
-        self.round_cost = {"secagg_bytes_per_client": sum(per_client) / len(per_client),
-                           "secagg_seconds": sum(cost.client_seconds.values()) + cost.server_seconds}
-        return total.to(updates[0].delta.device)
+        finally:
+            sr = self.secure_round
+            self.round_cost = {"secagg_bytes_per_client": sr.setup_bytes + getattr(sr, "reveal_bytes", 0.0),
+                               "secagg_seconds": sr.seconds}
+        return total.to(self.device)
 
     def _adapt_clip_norm(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> None:
         """C <- C exp(-clip_lr (b - target_quantile)), b the noisy fraction of unclipped updates."""

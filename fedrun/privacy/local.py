@@ -37,6 +37,9 @@ class LocalPrivacy:
     def allows_round(self, ctx: RoundContext) -> bool:
         return True
 
+    def begin_round(self, ctx: RoundContext) -> None:
+        pass
+
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy: Strategy) -> torch.Tensor | None:
         return strategy.aggregate(updates) if updates else None
 
