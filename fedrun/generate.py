@@ -1,0 +1,160 @@
+"""Use a finished run's global model: load it, sample bytes from it, evaluate it on other data.
+
+The model is rebuilt from the run's config.yaml alone (its `model` node and the dims its data
+implies), so no training data is loaded to generate. Weights come from `model.safetensors`
+(the final model) or from the flat vector of a checkpoint `checkpoints/round_NNNN.pt`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file
+from torch import nn
+
+from fedrun import config
+from fedrun.core import FedrunError
+from fedrun.data.text import VOCAB_SIZE
+from fedrun.evaluation import evaluate
+from fedrun.params import flatten_parameters
+from fedrun.rundir import RunDir, is_run_dir, load_checkpoint
+
+
+def load_model(run_dir: Path, *, round: int | None = None,
+               device: str | torch.device = "auto") -> tuple[nn.Module, DictConfig]:
+    """The run's global model in eval mode (final, or after `round`) and the run's config."""
+    run = RunDir(Path(run_dir))
+    if not is_run_dir(run.path):
+        raise FedrunError(f"run_dir: {run_dir} is not a run directory (no config.yaml and metrics.csv)")
+    cfg = OmegaConf.load(run.path / "config.yaml")
+    model = config.instantiate(cfg.model, **model_dims(cfg))
+    if round is None:
+        _load_final(model, run)
+    else:
+        _load_round(model, run, round)
+    return model.to(_device(device)).eval(), cfg
+
+
+def model_dims(cfg: DictConfig) -> dict[str, int]:
+    """What the model factory needs from the data, read from the config (as FederatedData.model_dims)."""
+    if "seq_len" in cfg.data:  # text: bytes
+        return {"vocab_size": VOCAB_SIZE, "seq_len": cfg.data.seq_len}
+    return {"num_features": cfg.data.num_features, "num_classes": cfg.data.num_classes}
+
+
+def _load_final(model: nn.Module, run: RunDir) -> None:
+    path = run.path / "model.safetensors"
+    if not path.is_file():
+        raise FedrunError(f"run_dir: {run.path} has no finished model (model.safetensors); the run has not "
+                          f"finished: use --round N with one of its checkpoints ({_rounds_text(run)})")
+    tensors = load_file(str(path))
+    # strict=False: a tied tensor is stored once, under its first name.
+    result = model.load_state_dict(tensors, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[name]) for name in tensors if name in params}
+    unloaded = [name for name, p in model.named_parameters() if id(p) not in loaded]
+    if result.unexpected_keys or unloaded:
+        raise FedrunError(f"{path}: does not match the model of config.yaml (unexpected: "
+                          f"{result.unexpected_keys or 'none'}; not stored: {unloaded or 'none'})")
+
+
+def _load_round(model: nn.Module, run: RunDir, round_idx: int) -> None:
+    path = run.checkpoints / f"round_{round_idx:04d}.pt"
+    if not path.is_file():
+        raise FedrunError(f"round: {run.path} has no checkpoint of round {round_idx}; available: {_rounds_text(run)}")
+    weights = load_checkpoint(path)["weights"]
+    flat = flatten_parameters(model)
+    if weights.shape != flat.shape:
+        raise FedrunError(f"{path}: holds {weights.numel()} weights, the model of config.yaml has {flat.numel()}")
+    with torch.no_grad():
+        flat.copy_(weights)
+
+
+def available_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.removeprefix("round_")) for p in (Path(run_dir) / "checkpoints").glob("round_*.pt"))
+
+
+def _rounds_text(run: RunDir) -> str:
+    rounds = available_rounds(run.path)
+    return ", ".join(map(str, rounds)) if rounds else "none"
+
+
+def _device(device: str | torch.device) -> torch.device:
+    return config.resolve_device(device) if isinstance(device, str) else device
+
+
+# ---- sampling ----------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompt: bytes, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu") -> bytes:
+    """`prompt` followed by `max_new_tokens` bytes sampled one at a time (temperature 0: greedy)."""
+    if not prompt:
+        raise FedrunError("prompt: give at least one byte to start from")
+    if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k < 1):
+        raise FedrunError("temperature and max_new_tokens must be >= 0, top_k null or >= 1")
+    device = _device(device)
+    model.eval()
+    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.seq_len:])[0, -1].float()  # (vocab,) at the last position
+        idx = torch.cat([idx, next_token(logits, temperature, top_k, generator).view(1, 1)], dim=1)
+    return bytes(idx[0].tolist())
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+               generator: torch.Generator) -> torch.Tensor:
+    """One token id from (vocab,) logits."""
+    if temperature == 0:
+        return logits.argmax()
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[0]
+
+
+# ---- evaluation on other data ------------------------------------------------------------
+
+def evaluate_run(run_dir: Path, overrides: list[str], *, round: int | None = None,
+                 device: str | torch.device = "auto") -> dict:
+    """eval_loss/ppl/acc of a saved global model on the test examples of a data set, and its fingerprint.
+
+    Supported overrides: `data=OPTION` (a fresh data node from conf/, with the run's seed),
+    `data.KEY=VALUE` and `seed=VALUE`; with none, the run's own data. A run's canaries
+    (audit=canaries) are not planted again.
+    """
+    model, run_cfg = load_model(run_dir, round=round, device=device)
+    cfg = with_data_overrides(run_cfg, overrides)
+    if model_dims(cfg).keys() != model_dims(run_cfg).keys():
+        raise FedrunError("data: the run's model was trained on another kind of data (text vs labelled)")
+    if "seq_len" in cfg.data and cfg.data.seq_len > model.seq_len:
+        raise FedrunError(f"data.seq_len: {cfg.data.seq_len} is longer than the model's context "
+                          f"({model.seq_len}); allowed: at most {model.seq_len}")
+    data = config.build_data(cfg)
+    metrics = evaluate(model, data.test_examples(), next(model.parameters()).device)
+    return {**metrics, "data": data.fingerprint}
+
+
+def with_data_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The run's config with its data (and seed) replaced as the overrides say, validated."""
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not (key in ("data", "seed") or key.startswith("data.")):
+            raise FedrunError(f"{o}: not supported here; allowed: data=OPTION, data.KEY=VALUE, seed=VALUE")
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    choice = [o for o in overrides if o.startswith("data=")]
+    dotted = [o for o in overrides if not o.startswith("data=")]
+    if choice:
+        # A group choice needs Hydra's defaults list: compose a fresh config and take its data.
+        fresh = config.compose(choice[-1:] + [o for o in dotted if o.startswith("data.")], check_ranges=False)
+        cfg.data = fresh.data
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+    except OmegaConfBaseException as e:
+        raise FedrunError(f"overrides: {e}") from e
+    config.validate(cfg)
+    return cfg
