@@ -58,20 +58,12 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None
     if checkpoint is None:
-        weights, start = flat.detach().clone(), time.perf_counter()
-        history = [{"round": 0, "clients": 0, "examples": 0, "bytes_up": 0, "bytes_down": 0,
-                    **evaluate(model, test, exp.device), **measure_audit(exp, model),
-                    "seconds": time.perf_counter() - start}]
+        weights, history = flat.detach().clone(), [initial_row(exp, model, test)]
         metrics.append(history)
         if on_round is not None:
             on_round(history[0])
     else:
-        weights = checkpoint["weights"].to(exp.device)
-        exp.strategy.load_state_dict(checkpoint["strategy"])
-        exp.mechanism.load_state_dict(checkpoint["privacy"])
-        history = [parse_row(r) for r in metrics.truncate_after(checkpoint["round"])]
-        for table in filter(None, (clients, ledger)):
-            table.truncate_after(checkpoint["round"])
+        weights, history = restore(exp, checkpoint, metrics, [t for t in (clients, ledger) if t])
     for round_idx in range(history[-1]["round"] + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         rundir.set_status("running", round_idx=round_idx - 1)
@@ -84,14 +76,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
         updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
-        delta = exp.mechanism.aggregate(updates, ctx, exp.strategy)
-        if delta is not None:
-            weights = exp.strategy.apply(weights, delta)
-            if not torch.isfinite(weights).all():
-                raise FedrunError(f"training diverged: the global weights are not finite after round {round_idx}")
-        else:
-            log.warning("round %d: no aggregate (%d of %d sampled reported); the global model is kept",
-                        round_idx, len(updates), len(ctx.cohort))
+        weights = server_step(exp, weights, updates, ctx)
         row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))
         evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
         row.update(exp.mechanism.round_metrics(tight=evaluating))
@@ -114,6 +99,36 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     audit = {"audit": exp.audit.summary(model, exp.device)} if exp.audit else {}
     return summarize(history) | {"privacy": exp.mechanism.summary(),
                                  "stopped_at_budget": history[-1]["round"] < cfg.rounds} | audit
+
+
+def initial_row(exp: Experiment, model: nn.Module, test) -> dict:
+    """Round 0: the initial model, evaluated before any training."""
+    start = time.perf_counter()
+    return {"round": 0, "clients": 0, "examples": 0, "bytes_up": 0, "bytes_down": 0,
+            **evaluate(model, test, exp.device), **measure_audit(exp, model), "seconds": time.perf_counter() - start}
+
+
+def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.Tensor, list[dict]]:
+    """Resume: the checkpoint's weights and states; tables cut back to its round, their rows as history."""
+    exp.strategy.load_state_dict(checkpoint["strategy"])
+    exp.mechanism.load_state_dict(checkpoint["privacy"])
+    for table in others:
+        table.truncate_after(checkpoint["round"])
+    history = [parse_row(r) for r in metrics.truncate_after(checkpoint["round"])]
+    return checkpoint["weights"].to(exp.device), history
+
+
+def server_step(exp: Experiment, weights: torch.Tensor, updates, ctx: RoundContext) -> torch.Tensor:
+    """Aggregate (through the privacy mechanism) and apply the strategy's server update."""
+    delta = exp.mechanism.aggregate(updates, ctx, exp.strategy)
+    if delta is None:
+        log.warning("round %d: no aggregate (%d of %d sampled reported); the global model is kept",
+                    ctx.round_idx, len(updates), len(ctx.cohort))
+        return weights
+    weights = exp.strategy.apply(weights, delta)
+    if not torch.isfinite(weights).all():
+        raise FedrunError(f"training diverged: the global weights are not finite after round {ctx.round_idx}")
+    return weights
 
 
 def measure_audit(exp: Experiment, model: nn.Module) -> dict:
