@@ -191,6 +191,53 @@ def report(
     _fail_cleanly(action, debug=debug)
 
 
+@app.command("generate")
+def generate_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Bytes to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Softmax temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(40, "--top-k", help="Sample among the k most likely bytes."),
+    round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Sample text from a run's final (or --round N) global model."""
+
+    def action() -> None:
+        from fedrun.generate import generate, load_model
+
+        model, _ = load_model(run_dir, round=round_, device="auto")
+        device = next(model.parameters()).device
+        text = generate(model, prompt.encode(), max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, seed=seed, device=device)
+        typer.echo(text.decode("utf-8", "replace"))
+
+    _fail_cleanly(action, debug=debug)
+
+
+@app.command("eval")
+def eval_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Data to evaluate on, e.g. data=shakespeare data.path=FILE."),
+    round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Evaluate a run's saved global model on a data set (by default its own test data)."""
+
+    def action() -> None:
+        from fedrun.generate import evaluate_run
+
+        scores = evaluate_run(run_dir, overrides or [], round=round_)
+        table = Table(title=f"eval of {run_dir}", title_justify="left", show_header=False)
+        for key in ("eval_loss", "eval_ppl", "eval_acc"):
+            table.add_row(key, f"{scores[key]:.4f}")
+        table.add_row("data", f"{scores['data'].get('source')} ({scores['data'].get('clients')} clients)")
+        Console().print(table)
+
+    _fail_cleanly(action, debug=debug)
+
+
 @app.command("data")
 def data_command(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),

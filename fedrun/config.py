@@ -223,6 +223,18 @@ class CanariesSchema:
 
 
 @dataclass
+class TopKSchema:
+    _target_: str = MISSING
+    fraction: float = MISSING
+
+
+@dataclass
+class QuantizeSchema:
+    _target_: str = MISSING
+    bits: int = MISSING
+
+
+@dataclass
 class ConfigSchema:
     name: str = MISSING
     rounds: int = MISSING
@@ -243,6 +255,7 @@ class ConfigSchema:
     attack: Any = MISSING
     audit: Any = MISSING
     logger: Any = MISSING
+    compression: Any = MISSING
 
 
 SCHEMAS = {
@@ -257,6 +270,7 @@ SCHEMAS = {
     "backend": {"sequential": TargetOnlySchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
     "audit": {"none": TargetOnlySchema, "canaries": CanariesSchema},
+    "compression": {"none": TargetOnlySchema, "topk": TopKSchema, "quantize": QuantizeSchema},
 }
 
 
@@ -336,6 +350,8 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("privacy.clip_count_stddev", "null or a number > 0", _opt(lambda v: v > 0)),
     ("privacy.secagg_bits", "an integer in [1, 31]", lambda v: 1 <= v <= 31),
     ("privacy.max_grad_norm", "a number > 0", lambda v: v > 0),
+    ("compression.fraction", "a number in (0, 1]", lambda v: 0 < v <= 1),
+    ("compression.bits", "an integer in [1, 16]", lambda v: 1 <= v <= 16),
     ("audit.num_canaries", "an integer >= 1", lambda v: v >= 1),
     ("audit.repeats", "an integer >= 1", lambda v: v >= 1),
     ("audit.num_references", "an integer >= 1", lambda v: v >= 1),
@@ -405,6 +421,13 @@ def _check_privacy(cfg: DictConfig) -> None:
     if target.endswith(".scaffold"):
         raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "
                           "clients unclipped and un-noised")
+    compression = cfg.compression._target_.rsplit(".", 1)[-1]
+    if p.secure_agg and compression != "NoCompression":
+        raise FedrunError("compression: secure aggregation sends masked fixed-point vectors, which cannot be "
+                          "compressed afterwards; use compression=none (or secagg_bits to shrink them)")
+    if dp and compression == "StochasticQuantizer":
+        raise FedrunError("compression: quantize after clipping can push an update's norm past privacy.clip_norm, "
+                          "voiding the DP bound; use compression=topk (which only shrinks it) or none")
     if p.stop_at_budget and p.target_epsilon is None:
         raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
     if p.secure_agg:
@@ -515,6 +538,8 @@ def build(cfg: DictConfig) -> Experiment:
     mechanism = with_context(instantiate(cfg.privacy, _partial_=True), context)
     example_dp = getattr(mechanism, "example_dp", None)
     attack = with_context(instantiate(cfg.attack, _partial_=True), context)
+    # Client-side order: an attacker tampers with its update, privacy clips it, compression packs it.
+    compression = with_context(instantiate(cfg.compression, _partial_=True), context)
     make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device, example_dp)
     return Experiment(
         cfg=cfg,
@@ -525,10 +550,11 @@ def build(cfg: DictConfig) -> Experiment:
         mechanism=mechanism,
         # Objects go in through a partial: instantiate() would turn keyword objects into configs.
         backend=instantiate(cfg.backend, _partial_=True)(
-            make_trainer=make_trainer, data=data, client_hooks=[attack, mechanism]),
+            make_trainer=make_trainer, data=data, client_hooks=[attack, mechanism, compression]),
         device=device,
         attack=attack,
         audit=audit,
+        compression=compression,
     )
 
 

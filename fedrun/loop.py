@@ -37,6 +37,7 @@ class Experiment:
     device: torch.device
     attack: ClientHook
     audit: CanaryAudit | None = None
+    compression: ClientHook | None = None
 
 
 def initial_model(exp: Experiment) -> tuple[nn.Module, torch.Tensor]:
@@ -112,6 +113,8 @@ def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.T
     """Resume: the checkpoint's weights and states; tables cut back to its round, their rows as history."""
     exp.strategy.load_state_dict(checkpoint["strategy"])
     exp.mechanism.load_state_dict(checkpoint["privacy"])
+    if exp.compression is not None:
+        exp.compression.load_state_dict(checkpoint["compression"])
     for table in others:
         table.truncate_after(checkpoint["round"])
     history = [parse_row(r) for r in metrics.truncate_after(checkpoint["round"])]
@@ -138,4 +141,5 @@ def measure_audit(exp: Experiment, model: nn.Module) -> dict:
 def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> dict:
     """Everything a resumed run needs: with derived randomness, the seed restores every stream."""
     return {"round": round_idx, "weights": weights.detach().cpu(), "strategy": exp.strategy.state_dict(),
-            "privacy": exp.mechanism.state_dict(), "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}
+            "privacy": exp.mechanism.state_dict(),
+            "compression": exp.compression.state_dict() if exp.compression is not None else {}, "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}

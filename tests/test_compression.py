@@ -196,3 +196,39 @@ def test_no_compression_is_identity():
     out = NoCompression().on_client(update, ctx())
     assert out.bytes_up == 23 and torch.equal(out.delta, torch.arange(5.0))
     assert NoCompression().state_dict() == {}
+
+
+def test_compressed_runs_count_what_is_sent_and_resume_exactly(compose_cfg, tmp_path):
+    import math
+
+    import pandas as pd
+
+    from fedrun import config, train
+
+    args = ("compression=topk", "compression.fraction=0.1", "rounds=4", "checkpoint_every=2")
+    whole, _ = train.train(config.build(compose_cfg(*args, f"run_dir={tmp_path / 'whole'}")))
+    exp = config.build(compose_cfg(*args, f"run_dir={tmp_path / 'cut'}"))
+    cut, _ = train.train(exp)
+    dim = sum(p.numel() for p in exp.make_model().parameters())
+    m = pd.read_csv(whole / "metrics.csv").iloc[1:]
+    assert (m["bytes_up"] == m["reported"] * math.ceil(0.1 * dim - 1e-9) * 8).all()
+    assert (m["bytes_down"] == m["sampled"] * dim * 4).all()
+    (cut / "summary.json").unlink()
+    (cut / "checkpoints" / "round_0004.pt").unlink()
+    exp, rundir, ckpt = train.load_for_resume(cut)
+    assert ckpt["round"] == 2 and ckpt["compression"]["residual"]  # error-feedback residuals are saved
+    train.resume(exp, rundir, ckpt)
+    pd.testing.assert_frame_equal(pd.read_csv(whole / "metrics.csv").drop(columns="seconds"),
+                                  pd.read_csv(cut / "metrics.csv").drop(columns="seconds"))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["privacy=secure_agg", "compression=topk"], "compression: secure aggregation sends masked"),
+    (["privacy=central_dp", "sampler.kind=poisson", "compression=quantize"], "compression: quantize after clipping"),
+])
+def test_compression_that_would_void_a_guarantee_is_refused(overrides, expected):
+    from fedrun import config
+    from fedrun.core import FedrunError
+
+    with pytest.raises(FedrunError, match=expected):
+        config.compose(overrides)
