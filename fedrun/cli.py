@@ -66,6 +66,7 @@ def _setup_logging(verbose: bool) -> None:
     logger = logging.getLogger("fedrun")
     logger.handlers = [h for h in logger.handlers if not isinstance(h, RichHandler)] + [handler]
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # our handlers show fedrun's records; a Hydra-configured root must not repeat them
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
