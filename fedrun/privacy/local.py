@@ -9,16 +9,15 @@ not the client as a whole: see the README's Privacy section.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
-
-import torch
-
 from fedrun.client import ExampleDP
-from fedrun.core import ClientUpdate, RoundContext, Strategy
+from fedrun.core import ClientUpdate, RoundContext
 from fedrun.privacy.accounting import epsilon_of
+from fedrun.privacy.none import NoPrivacy
 
 
-class LocalPrivacy:
+class LocalPrivacy(NoPrivacy):
+    """Aggregation is the strategy's own (NoPrivacy's); the privacy happens inside local training."""
+
     metric_columns = ["epsilon", "epsilon_rdp", "epsilon_prv"]
 
     def __init__(self, *, max_grad_norm: float, noise_multiplier: float, delta: float, accountant: str,
@@ -33,15 +32,6 @@ class LocalPrivacy:
         steps = self.client_steps.setdefault(update.client_id, Counter())
         steps[(self.example_dp.noise_multiplier, rate)] += update.num_steps
         return update
-
-    def allows_round(self, ctx: RoundContext) -> bool:
-        return True
-
-    def begin_round(self, ctx: RoundContext) -> None:
-        pass
-
-    def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy: Strategy) -> torch.Tensor | None:
-        return strategy.aggregate(updates) if updates else None
 
     def worst_client(self) -> tuple[int | None, float]:
         if not self.client_steps:
@@ -63,9 +53,6 @@ class LocalPrivacy:
                 "accountant": self.accountant, "epsilon": final["epsilon"], "epsilon_rdp": final["epsilon_rdp"],
                 "epsilon_prv": final["epsilon_prv"], "max_grad_norm": self.example_dp.max_grad_norm,
                 "noise_multiplier": self.example_dp.noise_multiplier}
-
-    def ledger_rows(self) -> list[dict]:
-        return []
 
     def state_dict(self) -> dict:
         return {"client_steps": {c: [[z, q, n] for (z, q), n in steps.items()] for c, steps in self.client_steps.items()}}
