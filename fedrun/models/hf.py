@@ -1,0 +1,185 @@
+"""Hugging Face causal language models for fedrun, optionally with LoRA adapters (peft).
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes the base
+weights W and trains a low-rank update W + (alpha / r) B A. Only `requires_grad` parameters go
+into fedrun's flat vector, so with LoRA on, clients train, send and aggregate the adapters only.
+
+Averaging the factors separately (mean B)(mean A) is not the average of the updates mean(B A);
+`lora_aggregation_error` measures that gap (Sun et al. 2024, "Improving LoRA in
+Privacy-preserving Federated Learning", FFA-LoRA; Wang et al. 2024, FLoRA).
+
+Tokens are bytes (vocabulary 256), as everywhere in fedrun. A pretrained checkpoint's larger
+vocabulary still accepts them (bytes index its first 256 ids, which do not mean those bytes),
+and the logits are cut to the first `vocab_size` ids; using the checkpoint's own tokenizer
+is future work. Weights are never downloaded: `name_or_path` must be a local directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fedrun.core import FedrunError
+
+# peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
+DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def _offline() -> None:
+    """Forbid the hub before transformers is imported: fedrun never downloads weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _plain(value: Any) -> Any:
+    """A Hydra DictConfig/ListConfig as plain dicts and lists; anything else unchanged."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM: (B, T) int64 token ids -> (B, T, vocab_size) logits.
+
+    The base is built under a private RNG seeded with `init_seed`, so every worker and the
+    global model hold the same frozen base whatever the caller's RNG; LoRA adapters are then
+    drawn from the caller's RNG (peft's init: B = 0, so the adapted model starts as the base).
+    """
+
+    def __init__(self, *, vocab_size: int, seq_len: int, name_or_path: str | None,
+                 from_config: dict | None, lora: dict, init_seed: int):
+        super().__init__()
+        _offline()
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        from_config, lora = _plain(from_config), _plain(lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            base = _load_base(name_or_path, from_config, vocab_size=vocab_size, seq_len=seq_len)
+        self.lora_enabled = bool(lora["enabled"])
+        self.model = _with_lora(base, lora) if self.lora_enabled else base
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab_size) logits."""
+        logits = self.model(input_ids=idx, use_cache=False).logits  # (B, T, V_model)
+        return logits[..., : self.vocab_size]
+
+    def save_adapter(self, path: Path) -> None:
+        """peft's `save_pretrained` layout: `PeftModel.from_pretrained(base, path)` loads it.
+
+        Without LoRA this writes the whole model in transformers' layout instead."""
+        if self.lora_enabled:  # peft copies the adapters itself
+            self.model.save_pretrained(str(path))
+            return
+        # fedrun's flat buffer makes every parameter a view of one storage: safetensors needs copies.
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.save_pretrained(str(path), state_dict=state)
+
+
+def _load_base(name_or_path: str | None, from_config: dict | None, *, vocab_size: int,
+               seq_len: int) -> nn.Module:
+    if (name_or_path is None) == (from_config is None):
+        raise FedrunError("model: set exactly one of model.name_or_path and model.from_config")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name_or_path is not None:
+        return _pretrained(name_or_path, vocab_size=vocab_size, seq_len=seq_len)
+    options = dict(from_config)
+    model_type = options.pop("model_type", None)
+    options["vocab_size"] = vocab_size
+    for special in ("bos_token_id", "eos_token_id", "pad_token_id"):  # bytes have no special tokens
+        options.setdefault(special, None)
+    options["n_positions" if model_type == "gpt2" else "max_position_embeddings"] = seq_len
+    try:
+        config = AutoConfig.for_model(model_type, **options)
+    except (ValueError, TypeError) as e:
+        raise FedrunError(f"model.from_config: {e}") from None
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _pretrained(name_or_path: str, *, vocab_size: int, seq_len: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not Path(name_or_path).is_dir():
+        raise FedrunError(f"model.name_or_path: directory not found: {name_or_path}; "
+                          "fedrun never downloads weights")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FedrunError(f"model.name_or_path: cannot load {name_or_path}: {e}") from None
+    config = model.config
+    if config.vocab_size < vocab_size:
+        raise FedrunError(f"model.name_or_path: vocabulary of {config.vocab_size} < {vocab_size} byte tokens")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions is not None and positions < seq_len:
+        raise FedrunError(f"model.name_or_path: {positions} positions < data.seq_len={seq_len}")
+    return model
+
+
+def _with_lora(base: nn.Module, lora: dict) -> nn.Module:
+    """Freeze `base` and add trainable adapters to the target modules (peft)."""
+    import peft
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.get("target_modules") or DEFAULT_TARGET_MODULES.get(base.config.model_type)
+    if targets is None:
+        raise FedrunError(f"model.lora.target_modules: no default for model_type "
+                          f"{base.config.model_type!r}; list the module names to adapt")
+    # GPT-2's Conv1D stores its weight as (in, out): peft must know to transpose.
+    conv1d = any(isinstance(m, Conv1D) and name.split(".")[-1] in targets for name, m in base.named_modules())
+    config = peft.LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                             target_modules=list(targets), fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(base, config)
+    except ValueError as e:
+        raise FedrunError(f"model.lora.target_modules: {e}") from None
+
+
+def lora_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module name, A, B) for every LoRA adapter in `model`: A (r, in), B (out, r)."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                pairs.append((f"{name}.{adapter}", module.lora_A[adapter].weight, module.lora_B[adapter].weight))
+    return pairs
+
+
+def lora_aggregation_error(client_vectors: Sequence[torch.Tensor], model: nn.Module, *,
+                           weights: Sequence[float] | None = None) -> float:
+    """Mean over layers of ||mean_i(B_i A_i) - mean(B_i) mean(A_i)||_F / ||mean_i(B_i A_i)||_F.
+
+    `client_vectors` are the clients' adapter weights (not deltas) as flat vectors in the order
+    of `[p for p in model.parameters() if p.requires_grad]`; clients count equally unless
+    `weights` is given. A layer whose mean product is zero counts 0 (or inf if the gap is not)."""
+    offsets = _trainable_offsets(model)
+    w = torch.tensor(weights if weights is not None else [1.0] * len(client_vectors), dtype=torch.float64)
+    w = (w / w.sum()).view(-1, 1, 1)  # (N, 1, 1)
+    errors = []
+    for _, a, b in lora_pairs(model):
+        a_i = torch.stack([_slice(v, offsets[id(a)], a) for v in client_vectors])  # (N, r, in)
+        b_i = torch.stack([_slice(v, offsets[id(b)], b) for v in client_vectors])  # (N, out, r)
+        exact = (w * (b_i @ a_i)).sum(0)  # (out, in)
+        gap = torch.linalg.matrix_norm(exact - (w * b_i).sum(0) @ (w * a_i).sum(0))
+        norm = torch.linalg.matrix_norm(exact)
+        errors.append(float(gap / norm) if norm > 0 else (0.0 if gap == 0 else float("inf")))
+    return sum(errors) / len(errors)
+
+
+def _trainable_offsets(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> its offset in the flat vector of trainable parameters."""
+    offsets, offset = {}, 0
+    for p in model.parameters():
+        if p.requires_grad:
+            offsets[id(p)] = offset
+            offset += p.numel()
+    return offsets
+
+
+def _slice(vector: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    return vector[offset : offset + like.numel()].view(like.shape).to(torch.float64)

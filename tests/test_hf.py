@@ -1,0 +1,243 @@
+"""HFCausalLM: tiny transformers models built from a config (nothing downloaded), LoRA via peft."""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from fedrun.client import ClientConfig, LocalTrainer  # noqa: E402
+from fedrun.core import ClientJob, FedrunError, RoundContext  # noqa: E402
+from fedrun.data.examples import ClientData, Windows  # noqa: E402
+from fedrun.evaluation import batch_loss  # noqa: E402
+from fedrun.models.hf import HFCausalLM, lora_aggregation_error, lora_pairs  # noqa: E402
+from fedrun.params import flatten_parameters  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
+LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+         "num_attention_heads": 2, "num_key_value_heads": 1}
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
+NO_LORA = {**LORA, "enabled": False}
+SEQ_LEN = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and others' threads don't slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(from_config=GPT2, lora=LORA, init_seed=0, **kwargs) -> HFCausalLM:
+    args = {"vocab_size": 256, "seq_len": SEQ_LEN, "name_or_path": None, "from_config": from_config,
+            "lora": lora, "init_seed": init_seed, **kwargs}
+    return HFCausalLM(**args)
+
+
+def tokens(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+def base_state(model: HFCausalLM) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def lora_size_closed_form(cfg: dict, r: int) -> int:
+    """r * (in + out) per adapted module, from the architecture's dimensions."""
+    if cfg["model_type"] == "gpt2":  # c_attn: Conv1D n_embd -> 3 n_embd
+        return cfg["n_layer"] * r * (cfg["n_embd"] + 3 * cfg["n_embd"])
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    q = cfg["hidden_size"] + cfg["num_attention_heads"] * head_dim  # q_proj: hidden -> heads * head_dim
+    v = cfg["hidden_size"] + cfg["num_key_value_heads"] * head_dim  # v_proj: hidden -> kv_heads * head_dim
+    return cfg["num_hidden_layers"] * r * (q + v)
+
+
+@pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("lora", [LORA, NO_LORA], ids=["lora", "full"])
+def test_forward_shape(cfg, lora):
+    model = build(cfg, lora)
+    assert model.seq_len == SEQ_LEN
+    assert model(tokens()).shape == (3, SEQ_LEN, 256)
+
+
+@pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_only_adapters_train_and_their_size_is_the_closed_form(cfg):
+    model = build(cfg)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert sum(p.numel() for p in trainable.values()) == lora_size_closed_form(cfg, LORA["r"])
+    assert flatten_parameters(model).numel() == lora_size_closed_form(cfg, LORA["r"])
+
+
+def test_without_lora_everything_trains():
+    model = build(lora=NO_LORA)
+    assert all(p.requires_grad for p in model.parameters())
+    assert flatten_parameters(model).numel() == sum(p.numel() for p in model.parameters())
+
+
+def test_target_modules_override():
+    model = build(LLAMA, {**LORA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    assert len(lora_pairs(model)) == 4 * LLAMA["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_base_depends_on_init_seed_not_on_global_rng(cfg):
+    torch.manual_seed(1)
+    a = build(cfg, init_seed=7)
+    torch.manual_seed(2)
+    torch.rand(5)
+    b = build(cfg, init_seed=7)
+    c = build(cfg, init_seed=8)
+    sa, sb, sc = base_state(a), base_state(b), base_state(c)
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    # Adapters come from the caller's RNG: different here, and B = 0 so the output is the base's.
+    a_a = [p for n, p in a.named_parameters() if "lora_A" in n]
+    a_b = [p for n, p in b.named_parameters() if "lora_A" in n]
+    assert any(not torch.equal(x, y) for x, y in zip(a_a, a_b))
+    x = tokens()
+    torch.testing.assert_close(a.eval()(x), b.eval()(x))  # eval: GPT-2's config has dropout
+
+
+def train_step(model: HFCausalLM, lr: float = 0.5, seed: int = 0) -> None:
+    window = tokens(batch=4, seed=seed)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch_loss(model, window[:, :-1], window[:, 1:]).backward()
+    opt.step()
+
+
+def test_sgd_step_changes_only_adapters():
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed)
+    # With B = 0 at init, A's gradient is zero at the first step: only B moves.
+    assert all("lora_B" in k for k in changed)
+
+
+def test_save_adapter_loads_in_peft(tmp_path):
+    torch.manual_seed(0)
+    model = build()
+    flatten_parameters(model)  # as in fedrun: parameters are views of one flat buffer
+    train_step(model)
+    train_step(model, seed=1)
+    model.save_adapter(tmp_path)
+    base = build(lora=NO_LORA).model  # the same base: same init_seed
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path)
+    x = tokens()
+    model.eval()
+    torch.testing.assert_close(loaded(input_ids=x).logits[..., :256], model(x))
+
+
+def test_pretrained_directory(tmp_path):
+    """A local checkpoint with a larger vocabulary: bytes index it, logits are cut to 256."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(vocab_size=300, n_positions=32, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = build(from_config=None, name_or_path=str(tmp_path))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model.eval()
+    x = tokens()
+    torch.testing.assert_close(model(x), reference(input_ids=x).logits[..., :256])
+
+
+def test_pretrained_directory_too_short_for_seq_len(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(vocab_size=256, n_positions=8, n_layer=1, n_head=2, n_embd=32)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(FedrunError, match="positions"):
+        build(from_config=None, name_or_path=str(tmp_path))
+
+
+def test_missing_directory_is_a_user_error(tmp_path):
+    with pytest.raises(FedrunError, match="model.name_or_path: directory not found: .*never downloads"):
+        build(from_config=None, name_or_path=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("source", [{"name_or_path": None, "from_config": None},
+                                    {"name_or_path": "x", "from_config": GPT2}])
+def test_exactly_one_source(source):
+    with pytest.raises(FedrunError, match="exactly one"):
+        build(**source)
+
+
+def test_unknown_model_type_and_targets_are_user_errors():
+    with pytest.raises(FedrunError, match="model.from_config"):
+        build({"model_type": "no_such_model"})
+    with pytest.raises(FedrunError, match="model.lora.target_modules"):
+        build({"model_type": "gpt_neo", "num_layers": 1, "attention_types": [[["global"], 1]],
+               "hidden_size": 32, "num_heads": 2})
+
+
+def test_hydra_configs_are_accepted():
+    model = build(OmegaConf.create(LLAMA), OmegaConf.create({**LORA, "target_modules": ["q_proj"]}))
+    assert len(lora_pairs(model)) == LLAMA["num_hidden_layers"]
+
+
+def test_aggregation_error_is_zero_for_identical_clients():
+    model = build()
+    flat = flatten_parameters(model)
+    flat.add_(torch.randn(flat.shape, generator=torch.Generator().manual_seed(0)))
+    assert lora_aggregation_error([flat.clone()] * 3, model) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_aggregation_error_matches_numpy():
+    model = build()
+    flat = flatten_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    clients = [torch.randn(flat.shape, generator=g) for _ in range(2)]
+    # Oracle: slice each client's vector by hand, in the order of the trainable parameters.
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])
+    per_client = [dict(zip(names, (v.numpy()[e - int(np.prod(s)) : e].reshape(s) for s, e in zip(shapes, ends))))
+                  for v in clients]
+    errors = []
+    for name in (n for n in names if "lora_A" in n):
+        a = [c[name] for c in per_client]
+        b = [c[name.replace("lora_A", "lora_B")] for c in per_client]
+        exact = np.mean([bi @ ai for ai, bi in zip(a, b)], axis=0)
+        approx = np.mean(b, axis=0) @ np.mean(a, axis=0)
+        errors.append(np.linalg.norm(exact - approx) / np.linalg.norm(exact))
+    assert len(errors) == GPT2["n_layer"]
+    assert lora_aggregation_error(clients, model) == pytest.approx(np.mean(errors), rel=1e-5)
+
+
+def test_local_trainer_trains_the_flat_adapter_vector():
+    """fedrun's own client loop, unchanged, on a LoRA model: the update is the adapters only."""
+    make_model = partial(HFCausalLM, vocab_size=256, seq_len=SEQ_LEN, name_or_path=None, from_config=GPT2,
+                         lora=LORA, init_seed=0)
+    torch.manual_seed(0)
+    global_model = make_model()
+    weights = flatten_parameters(global_model).detach().clone()
+    text = np.frombuffer(b"to be or not to be, that is the question. " * 20, dtype=np.uint8)
+    starts = range(0, len(text) - SEQ_LEN - 1, 7)
+    windows = Windows(torch.from_numpy(np.stack([text[s : s + SEQ_LEN + 1] for s in starts]).copy()))
+    data = ClientData(name="c0", train=windows, test=windows)
+    cfg = ClientConfig(optimizer="adam", lr=1e-2, momentum=0.0, weight_decay=0.0, batch_size=8,
+                       local_epochs=None, local_steps=30)
+    trainer = LocalTrainer(make_model, cfg, torch.device("cpu"))
+    update = trainer.train(ClientJob(client_id=0), data, weights, RoundContext(round_idx=1, seed=0, num_clients=1))
+    assert update.delta.shape == weights.shape == (lora_size_closed_form(GPT2, LORA["r"]),)
+    assert update.delta.abs().sum() > 0
+    x, y = windows.inputs_targets(torch.device("cpu"))
+    with torch.no_grad():
+        before = batch_loss(global_model.eval(), x, y)
+        flatten_parameters(global_model).copy_(weights + update.delta)
+        after = batch_loss(global_model, x, y)
+    assert after < before - 0.2
