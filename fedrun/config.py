@@ -93,6 +93,24 @@ class MLPSchema:
 
 
 @dataclass
+class LoRASchema:
+    enabled: bool = MISSING
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: Optional[list[str]] = MISSING
+
+
+@dataclass
+class HFSchema:
+    _target_: str = MISSING
+    name_or_path: Optional[str] = MISSING
+    from_config: Optional[Any] = MISSING
+    lora: LoRASchema = MISSING
+    init_seed: int = MISSING
+
+
+@dataclass
 class TinyGPTSchema:
     _target_: str = MISSING
     n_layer: int = MISSING
@@ -260,7 +278,8 @@ class ConfigSchema:
 
 SCHEMAS = {
     "data": {"shakespeare": ShakespeareSchema, "pystdlib": PyStdlibSchema, "synthetic": SyntheticSchema},
-    "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema, "logreg": TargetOnlySchema, "mlp": MLPSchema},
+    "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema, "logreg": TargetOnlySchema, "mlp": MLPSchema,
+              "hf": HFSchema},
     "client": {"default": ClientSchema},
     "sampler": {"default": SamplerSchema},
     "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
@@ -311,6 +330,9 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("data.dirichlet_alpha", "a number > 0", lambda v: v > 0),
     ("data.size_skew", "a number >= 0", lambda v: v >= 0),
     ("model.hidden", "an integer >= 1", lambda v: v >= 1),
+    ("model.lora.r", "an integer >= 1", lambda v: v >= 1),
+    ("model.lora.alpha", "an integer >= 1", lambda v: v >= 1),
+    ("model.lora.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
     ("data.max_client_bytes", "null or an integer >= 2", _opt(lambda v: v >= 2)),
     ("model.n_layer", "an integer >= 1", lambda v: v >= 1),
     ("model.n_head", "an integer >= 1", lambda v: v >= 1),

@@ -54,8 +54,8 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     model, flat = initial_model(exp)
     test = exp.data.test_examples()
     num_examples = np.array([c.num_examples for c in exp.data.clients])
-    audit_columns = ["canary_exposure"] if exp.audit else []
-    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns + audit_columns)
+    extra_columns = (["canary_exposure"] if exp.audit else []) + (["lora_agg_error"] if is_lora(model) else [])
+    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns + extra_columns)
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None
     if checkpoint is None:
@@ -77,8 +77,9 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
         updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
-        weights = server_step(exp, weights, updates, ctx)
+        previous, weights = weights, server_step(exp, weights, updates, ctx)
         row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))
+        row.update(lora_error(model, previous, updates))
         evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
         row.update(exp.mechanism.round_metrics(tight=evaluating))
         if evaluating:
@@ -97,6 +98,8 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
             on_round(row)
     flat.copy_(weights)
     rundir.save_model(model, {"round": str(history[-1]["round"])})
+    if is_lora(model):  # peft's layout, loadable with PeftModel.from_pretrained
+        model.save_adapter(rundir.path / "adapter")
     audit = {"audit": exp.audit.summary(model, exp.device)} if exp.audit else {}
     return summarize(history) | {"privacy": exp.mechanism.summary(),
                                  "stopped_at_budget": history[-1]["round"] < cfg.rounds} | audit
@@ -132,6 +135,19 @@ def server_step(exp: Experiment, weights: torch.Tensor, updates, ctx: RoundConte
     if not torch.isfinite(weights).all():
         raise FedrunError(f"training diverged: the global weights are not finite after round {ctx.round_idx}")
     return weights
+
+
+def is_lora(model: nn.Module) -> bool:
+    return getattr(model, "lora_enabled", False)
+
+
+def lora_error(model: nn.Module, weights: torch.Tensor, updates) -> dict:
+    """Averaging LoRA factors A and B separately is not averaging B A: log the relative gap."""
+    if not is_lora(model) or not updates or not updates[0].delta.is_floating_point():
+        return {}
+    from fedrun.models.hf import lora_aggregation_error
+
+    return {"lora_agg_error": lora_aggregation_error([weights + u.delta for u in updates], model)}
 
 
 def measure_audit(exp: Experiment, model: nn.Module) -> dict:

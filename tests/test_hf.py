@@ -241,3 +241,27 @@ def test_local_trainer_trains_the_flat_adapter_vector():
         flatten_parameters(global_model).copy_(weights + update.delta)
         after = batch_loss(global_model, x, y)
     assert after < before - 0.2
+
+
+@pytest.mark.parametrize("privacy", [[], ["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.5"]])
+def test_lora_federated_runs_exchange_only_adapters(privacy, compose_cfg, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from fedrun import config, train
+
+    exp = config.build(compose_cfg("model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1",
+                                   "model.lora.r=2", "rounds=2", "data.seq_len=16", "data.min_samples=4",
+                                   "sampler.clients_per_round=3", *privacy, f"run_dir={tmp_path / 'lora'}", tiny=False))
+    model = exp.make_model()
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 1 * 2 * (16 + 3 * 16)  # r (in + out) for GPT-2's c_attn, one layer
+    run_dir, summary = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
+    assert (m["bytes_up"] == m["reported"] * adapters * 4).all()  # only the adapters travel
+    assert m["lora_agg_error"].notna().any() and (m["lora_agg_error"].dropna() >= 0).all()
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    if privacy:
+        assert summary["privacy"]["epsilon"] > 0
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 2
