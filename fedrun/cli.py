@@ -206,12 +206,16 @@ def generate_command(
     """Sample text from a run's final (or --round N) global model."""
 
     def action() -> None:
-        from fedrun.generate import generate, load_model
+        from fedrun.generate import generate, generate_text, load_model, run_tokenizer
 
-        model, _ = load_model(run_dir, round=round_, device="auto")
+        model, cfg = load_model(run_dir, round=round_, device="auto")
         device = next(model.parameters()).device
-        text = generate(model, prompt.encode(), max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, seed=seed, device=device)
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, device=device)
+        tokenizer = run_tokenizer(cfg)
+        if tokenizer is None:
+            text = generate(model, prompt.encode(), **options)
+        else:
+            text = generate_text(model, tokenizer, prompt.encode(), **options)
         typer.echo(text.decode("utf-8", "replace"))
 
     _fail_cleanly(action, debug=debug)

@@ -33,7 +33,7 @@ from fedrun.attacks import KINDS as ATTACK_KINDS
 from fedrun.data.examples import FederatedData
 from fedrun.privacy.accounting import ACCOUNTANTS
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
-from fedrun.data.text import PARTITIONS
+from fedrun.data.text import PARTITIONS, Tokenizer, has_tokenizer
 from fedrun.sampling import KINDS as SAMPLER_KINDS
 from fedrun.loop import Experiment
 
@@ -531,11 +531,16 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
-    if audit is None:
-        return instantiate(cfg.data, seed=cfg.seed)
-    if cfg.data._target_.endswith(".synthetic"):
-        raise FedrunError("audit: canaries are secrets planted in text; data=synthetic has none (use audit=none)")
-    return instantiate(cfg.data, _partial_=True)(seed=cfg.seed, insert=audit.insert)
+    options: dict[str, Any] = {}
+    path = cfg.model.get("name_or_path")
+    if path and has_tokenizer(path) and not cfg.data._target_.endswith(".synthetic"):
+        options["tokenizer"] = Tokenizer(path)  # windows of the model's own tokens
+    if audit is not None:
+        if cfg.data._target_.endswith(".synthetic") or options:
+            raise FedrunError("audit: canaries are byte-level secrets planted in text; they need byte-level text "
+                              "data (not data=synthetic, nor a model with its own tokenizer)")
+        options["insert"] = audit.insert
+    return instantiate(cfg.data, _partial_=True)(seed=cfg.seed, **options)
 
 
 def build(cfg: DictConfig) -> Experiment:

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedrun import config
 from fedrun.core import FedrunError
-from fedrun.data.text import VOCAB_SIZE
+from fedrun.data.text import VOCAB_SIZE, Tokenizer, has_tokenizer
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
 from fedrun.rundir import RunDir, is_run_dir, load_checkpoint
@@ -37,10 +37,17 @@ def load_model(run_dir: Path, *, round: int | None = None,
     return model.to(_device(device)).eval(), cfg
 
 
+def run_tokenizer(cfg: DictConfig) -> Tokenizer | None:
+    """The tokenizer a run's text was encoded with (a local checkpoint's own), or None for bytes."""
+    path = cfg.model.get("name_or_path")
+    return Tokenizer(path) if path and has_tokenizer(path) else None
+
+
 def model_dims(cfg: DictConfig) -> dict[str, int]:
     """What the model factory needs from the data, read from the config (as FederatedData.model_dims)."""
-    if "seq_len" in cfg.data:  # text: bytes
-        return {"vocab_size": VOCAB_SIZE, "seq_len": cfg.data.seq_len}
+    if "seq_len" in cfg.data:  # text: bytes, or the ids of the model's own tokenizer
+        tokenizer = run_tokenizer(cfg)
+        return {"vocab_size": tokenizer.vocab_size if tokenizer else VOCAB_SIZE, "seq_len": cfg.data.seq_len}
     return {"num_features": cfg.data.num_features, "num_classes": cfg.data.num_classes}
 
 
@@ -95,14 +102,30 @@ def generate(model: nn.Module, prompt: bytes, *, max_new_tokens: int, temperatur
         raise FedrunError("prompt: give at least one byte to start from")
     if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k < 1):
         raise FedrunError("temperature and max_new_tokens must be >= 0, top_k null or >= 1")
+    return bytes(sample_ids(model, list(prompt), max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, seed=seed, device=device))
+
+
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: bytes, **options) -> bytes:
+    """As `generate`, for a model trained on its own tokenizer's ids: `max_new_tokens` tokens."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise FedrunError("prompt: give at least one byte to start from")
+    return tokenizer.decode(sample_ids(model, ids, **options))
+
+
+def sample_ids(model: nn.Module, ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu") -> list[int]:
+    """`ids` followed by `max_new_tokens` sampled ids, the context cropped to model.seq_len."""
     device = _device(device)
     model.eval()
-    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # (1, T)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(seed)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.seq_len:])[0, -1].float()  # (vocab,) at the last position
-        idx = torch.cat([idx, next_token(logits, temperature, top_k, generator).view(1, 1)], dim=1)
-    return bytes(idx[0].tolist())
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -model.seq_len:])[0, -1].float()  # (vocab,) at the last position
+            idx = torch.cat([idx, next_token(logits, temperature, top_k, generator).view(1, 1)], dim=1)
+    return idx[0].tolist()
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None,

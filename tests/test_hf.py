@@ -265,3 +265,59 @@ def test_lora_federated_runs_exchange_only_adapters(privacy, compose_cfg, tmp_pa
     if privacy:
         assert summary["privacy"]["epsilon"] > 0
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 2
+
+
+def _local_checkpoint(directory, text: str):
+    """A tiny GPT-2 with its own byte-level BPE tokenizer, saved as a local HF checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.save_pretrained(directory)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(directory)
+    return fast
+
+
+def test_a_local_checkpoint_trains_on_its_own_tokens(play, tmp_path):
+    import pandas as pd
+
+    from fedrun import config, train
+    from fedrun.data.text import read_shakespeare, windows
+
+    tokenizer = _local_checkpoint(tmp_path / "ckpt", play.read_text())
+    cfg = config.compose(["model=hf", f"model.name_or_path={tmp_path / 'ckpt'}", "model.from_config=null",
+                          "model.lora.r=2", "data=shakespeare", f"data.path={play}", "data.seq_len=16",
+                          "data.min_samples=2", "sampler.clients_per_round=3", "rounds=2", "device=cpu",
+                          f"run_dir={tmp_path / 'run'}"])
+    exp = config.build(cfg)
+    assert exp.data.model_dims["vocab_size"] == len(tokenizer)
+    docs, _ = read_shakespeare(str(play))
+    first = dict(docs)[exp.data.clients[0].name]
+    ids = tokenizer(first.decode(), add_special_tokens=False)["input_ids"]
+    expected = windows(first, 16, encode=lambda _: ids)
+    got = torch.cat([exp.data.clients[0].train.tokens, exp.data.clients[0].test.tokens])
+    assert torch.equal(got, expected) and int(got.max()) < len(tokenizer)
+    run_dir, _ = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv")
+    assert m["eval_loss"].iloc[-1] < m["eval_loss"].iloc[0]
+
+
+def test_generate_from_a_tokenized_run_decodes_its_own_tokens(play, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedrun.cli import app
+
+    _local_checkpoint(tmp_path / "ckpt", play.read_text())
+    result = CliRunner().invoke(app, ["train", "model=hf", f"model.name_or_path={tmp_path / 'ckpt'}",
+                                      "model.from_config=null", "data=shakespeare", f"data.path={play}",
+                                      "data.seq_len=16", "data.min_samples=2", "sampler.clients_per_round=3",
+                                      "rounds=1", "device=cpu", f"run_dir={tmp_path / 'run'}"])
+    assert result.exit_code == 0, result.output
+    out = CliRunner().invoke(app, ["generate", str(tmp_path / "run"), "--prompt", "SPEAKER A:",
+                                   "--max-new-tokens", "5", "--temperature", "0"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("SPEAKER A:") and len(out.output) > len("SPEAKER A:")

@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class Windows:
-    tokens: torch.Tensor  # (N, T + 1) uint8
+    tokens: torch.Tensor  # (N, T + 1) uint8 bytes, or int32 ids of a model's tokenizer
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -28,11 +28,15 @@ _SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
 _NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-def windows(text: bytes, seq_len: int) -> torch.Tensor:
-    """(N, seq_len + 1) uint8: windows overlapping by one byte, N = (len - 1) // seq_len."""
-    if len(text) < seq_len + 1:
-        return torch.empty(0, seq_len + 1, dtype=torch.uint8)
-    tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+def windows(text: bytes, seq_len: int, *, encode: Callable[[bytes], list[int]] | None = None) -> torch.Tensor:
+    """(N, seq_len + 1) windows overlapping by one token, N = (len - 1) // seq_len: bytes (uint8),
+    or the ids of `encode` (a model's tokenizer, int32)."""
+    if encode is None:
+        tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
+    else:
+        tokens = torch.tensor(encode(text), dtype=torch.int32)
+    if len(tokens) < seq_len + 1:
+        return torch.empty(0, seq_len + 1, dtype=tokens.dtype)
     return tokens.unfold(0, seq_len + 1, seq_len).clone()
 
 
@@ -96,6 +100,7 @@ def federate(
     max_client_bytes: int | None,
     seed: int,
     insert: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]] | None = None,
+    tokenizer: "Tokenizer | None" = None,
 ) -> FederatedData:
     """Window each document, keep those with >= min_samples windows, split and partition.
 
@@ -105,7 +110,7 @@ def federate(
         docs = insert(docs)
     kept = []
     for name, text in docs:
-        w = windows(text, seq_len)
+        w = windows(text, seq_len, encode=tokenizer.encode if tokenizer else None)
         if len(w) >= min_samples:
             train, test = split_by_position(w, test_fraction)
             kept.append(ClientData(name, Windows(train), Windows(test)))
@@ -122,8 +127,10 @@ def federate(
         "clients": len(kept),
         "train_examples": sum(len(c.train) for c in kept),
         "test_examples": sum(len(c.test) for c in kept),
+        "tokens": tokenizer.name if tokenizer else "bytes",
     }
-    return FederatedData(kept, fingerprint, model_dims={"vocab_size": VOCAB_SIZE, "seq_len": seq_len})
+    vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
+    return FederatedData(kept, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})
 
 
 def _iid(clients: list[ClientData], num_clients: int, seed: int) -> list[ClientData]:
@@ -139,6 +146,30 @@ def _iid(clients: list[ClientData], num_clients: int, seed: int) -> list[ClientD
         ClientData(f"iid_{i}", train[torch.from_numpy(tr)], test[torch.from_numpy(te)])
         for i, (tr, te) in enumerate(zip(train_parts, test_parts))
     ]
+
+
+class Tokenizer:
+    """A model's own tokenizer (Hugging Face), read from a local checkpoint directory."""
+
+    def __init__(self, path: str):
+        from fedrun.models.hf import _offline
+
+        _offline()
+        from transformers import AutoTokenizer  # the [llm] extra
+
+        self.name = str(path)
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = len(self._tokenizer)
+
+    def encode(self, text: bytes) -> list[int]:
+        return self._tokenizer(text.decode("utf-8", "replace"), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> bytes:
+        return self._tokenizer.decode(ids).encode()
+
+
+def has_tokenizer(path: str) -> bool:
+    return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
 def shakespeare(path: str, *, seed: int = 0, **options) -> FederatedData:

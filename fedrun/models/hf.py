@@ -32,6 +32,10 @@ def _offline() -> None:
     """Forbid the hub before transformers is imported: fedrun never downloads weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # fedrun's output is its own
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _plain(value: Any) -> Any:
