@@ -243,7 +243,8 @@ def test_local_trainer_trains_the_flat_adapter_vector():
     assert after < before - 0.2
 
 
-@pytest.mark.parametrize("privacy", [[], ["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.5"]])
+@pytest.mark.parametrize("privacy", [[], ["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.5"],
+                                     ["privacy=local_dp"]])
 def test_lora_federated_runs_exchange_only_adapters(privacy, compose_cfg, tmp_path):
     import json
 
