@@ -8,8 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+pytest.importorskip("transformers", reason="needs the [llm] extra: pip install -e .[llm]")
+peft = pytest.importorskip("peft", reason="needs the [llm] extra: pip install -e .[llm]")
 
 from fedrun.client import ClientConfig, LocalTrainer  # noqa: E402
 from fedrun.core import ClientJob, FedrunError, RoundContext  # noqa: E402
