@@ -221,6 +221,28 @@ def generate_command(
     _fail_cleanly(action, debug=debug)
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory of a model=hf run."),
+    out: Path = typer.Argument(..., help="Folder to write the Hugging Face checkpoint to."),
+    round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Write a model=hf run's global model as a Hugging Face checkpoint (with LoRA: the adapters)."""
+
+    def action() -> None:
+        from fedrun.core import FedrunError
+        from fedrun.generate import load_model
+
+        model, _ = load_model(run_dir, round=round_, device="cpu")
+        if not hasattr(model, "save_adapter"):
+            raise FedrunError(f"run_dir: {run_dir} is not a model=hf run; its weights are in model.safetensors")
+        model.save_adapter(out)
+        typer.echo(str(out))
+
+    _fail_cleanly(action, debug=debug)
+
+
 @app.command("eval")
 def eval_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),

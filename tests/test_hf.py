@@ -322,3 +322,23 @@ def test_generate_from_a_tokenized_run_decodes_its_own_tokens(play, tmp_path):
                                    "--max-new-tokens", "5", "--temperature", "0"])
     assert out.exit_code == 0, out.output
     assert out.output.startswith("SPEAKER A:") and len(out.output) > len("SPEAKER A:")
+
+
+def test_an_exported_run_is_a_checkpoint_that_starts_where_the_run_ended(compose_cfg, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fedrun import config, train
+    from fedrun.cli import app
+
+    small = ["model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1", "data.seq_len=16",
+             "data.min_samples=4", "sampler.clients_per_round=3", "eval_every=1"]
+    first, _ = train.train(config.build(compose_cfg(*small, "model.lora.enabled=false", "rounds=2",
+                                                    f"run_dir={tmp_path / 'first'}", tiny=False)))
+    assert CliRunner().invoke(app, ["export", str(first), str(tmp_path / "ckpt")]).exit_code == 0
+    second, _ = train.train(config.build(compose_cfg(*small, f"model.name_or_path={tmp_path / 'ckpt'}",
+                                                     "model.from_config=null", "rounds=1",
+                                                     f"run_dir={tmp_path / 'second'}", tiny=False)))
+    end = pd.read_csv(first / "metrics.csv")["eval_loss"].iloc[-1]
+    start = pd.read_csv(second / "metrics.csv")["eval_loss"].iloc[0]  # LoRA B = 0: the base exactly
+    assert start == pytest.approx(end, abs=1e-5)
