@@ -42,5 +42,5 @@ def test_canaries_are_planted_in_training_text_and_their_exposure_reported(compo
 def test_canaries_need_text_data():
     from fedrun.core import FedrunError
 
-    with pytest.raises(FedrunError, match="audit: canaries are secrets planted in text"):
+    with pytest.raises(FedrunError, match="audit: canaries are byte-level secrets planted in text"):
         config.build(config.compose(["data=synthetic", "model=logreg", "audit=canaries"]))
