@@ -1,9 +1,9 @@
 """Configuration: locate conf/, compose it with overrides, validate it, build the run.
 
-Defaults live once, in the YAML under conf/. The dataclasses here are schemas only: they
-give every key its type (so `rounds=abc` fails at composition, naming the key) and hold
-no values. Range checks that types cannot express live in RULES. `build` is the one
-place that instantiates objects from the config.
+Defaults live once, in the YAML under conf/. The dataclasses in fedrun/schemas.py give every
+key its type (so `rounds=abc` fails at composition, naming the key) and hold no values.
+Range checks that types cannot express live in RULES. `build` is the one place that
+instantiates objects from the config.
 """
 from __future__ import annotations
 
@@ -12,19 +12,17 @@ import inspect
 import math
 import os
 import re
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hydra.core.config_store import ConfigStore
 from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
                           OverrideParseException)
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedrun.client import OPTIMIZERS, ClientConfig, LocalTrainer
@@ -36,6 +34,7 @@ from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS, Tokenizer, has_tokenizer
 from fedrun.sampling import KINDS as SAMPLER_KINDS
 from fedrun.loop import Experiment
+from fedrun.schemas import SCHEMAS, register_schemas  # noqa: F401  (SCHEMAS: re-exported for tests)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -46,259 +45,6 @@ def conf_dir() -> Path:
     if not (path / "config.yaml").is_file():
         raise FedrunError(f"FEDRUN_CONF: no config.yaml in {path}; point FEDRUN_CONF at fedrun's conf/ folder")
     return path
-
-
-# ---- schemas: types only; values live in conf/ -------------------------------------------
-
-@dataclass
-class TextDataSchema:
-    _target_: str = MISSING
-    seq_len: int = MISSING
-    test_fraction: float = MISSING
-    min_samples: int = MISSING
-    partition: str = MISSING
-    num_clients: Optional[int] = MISSING
-    max_client_bytes: Optional[int] = MISSING
-
-
-@dataclass
-class ShakespeareSchema(TextDataSchema):
-    path: str = MISSING
-
-
-@dataclass
-class PyStdlibSchema(TextDataSchema):
-    root: Optional[str] = MISSING
-
-
-@dataclass
-class SyntheticSchema:
-    _target_: str = MISSING
-    alpha: float = MISSING
-    beta: float = MISSING
-    num_clients: int = MISSING
-    num_features: int = MISSING
-    num_classes: int = MISSING
-    iid: bool = MISSING
-    partition: str = MISSING
-    dirichlet_alpha: float = MISSING
-    size_skew: float = MISSING
-    test_fraction: float = MISSING
-
-
-@dataclass
-class MLPSchema:
-    _target_: str = MISSING
-    hidden: int = MISSING
-
-
-@dataclass
-class LoRASchema:
-    enabled: bool = MISSING
-    r: int = MISSING
-    alpha: int = MISSING
-    dropout: float = MISSING
-    target_modules: Optional[list[str]] = MISSING
-
-
-@dataclass
-class HFSchema:
-    _target_: str = MISSING
-    name_or_path: Optional[str] = MISSING
-    from_config: Optional[Any] = MISSING
-    lora: LoRASchema = MISSING
-    init_seed: int = MISSING
-
-
-@dataclass
-class TinyGPTSchema:
-    _target_: str = MISSING
-    n_layer: int = MISSING
-    n_head: int = MISSING
-    n_embd: int = MISSING
-    dropout: float = MISSING
-
-
-@dataclass
-class LSTMSchema:
-    _target_: str = MISSING
-    embed_dim: int = MISSING
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-
-
-@dataclass
-class ClientSchema:
-    optimizer: str = MISSING
-    lr: float = MISSING
-    momentum: float = MISSING
-    weight_decay: float = MISSING
-    batch_size: int = MISSING
-    local_epochs: Optional[int] = MISSING
-    local_steps: Optional[int] = MISSING
-    local_steps_min: Optional[int] = MISSING
-    local_steps_max: Optional[int] = MISSING
-
-
-@dataclass
-class SamplerSchema:
-    _target_: str = MISSING
-    kind: str = MISSING
-    clients_per_round: int = MISSING
-    dropout: float = MISSING
-
-
-@dataclass
-class FedAvgMSchema:
-    _target_: str = MISSING
-    server_lr: float = MISSING
-    momentum: float = MISSING
-
-
-@dataclass
-class FedOptSchema:
-    _target_: str = MISSING
-    server_lr: float = MISSING
-    beta1: float = MISSING
-    beta2: float = MISSING
-    tau: float = MISSING
-
-
-@dataclass
-class FedProxSchema:
-    _target_: str = MISSING
-    mu: float = MISSING
-
-
-@dataclass
-class ScaffoldSchema:
-    _target_: str = MISSING
-    server_lr: float = MISSING
-
-
-@dataclass
-class TrimmedMeanSchema:
-    _target_: str = MISSING
-    trim: float = MISSING
-
-
-@dataclass
-class KrumSchema:
-    _target_: str = MISSING
-    num_byzantine: int = MISSING
-    multi: int = MISSING
-
-
-@dataclass
-class PoisoningSchema:
-    _target_: str = MISSING
-    kind: str = MISSING
-    fraction: float = MISSING
-    scale: float = MISSING
-
-
-@dataclass
-class TargetOnlySchema:
-    """For options with no settings of their own (fedavg, privacy none, sequential)."""
-
-    _target_: str = MISSING
-
-
-@dataclass
-class CentralPrivacySchema:
-    _target_: str = MISSING
-    clip_norm: float = MISSING
-    noise_multiplier: Optional[float] = MISSING
-    target_epsilon: Optional[float] = MISSING
-    delta: Optional[float] = MISSING
-    accountant: str = MISSING
-    stop_at_budget: bool = MISSING
-    adaptive: bool = MISSING
-    target_quantile: float = MISSING
-    clip_lr: float = MISSING
-    clip_count_stddev: Optional[float] = MISSING
-    secure_agg: bool = MISSING
-    secagg_bits: int = MISSING
-    secagg_threshold: float = MISSING
-
-
-@dataclass
-class LocalPrivacySchema:
-    _target_: str = MISSING
-    max_grad_norm: float = MISSING
-    noise_multiplier: float = MISSING
-    delta: float = MISSING
-    accountant: str = MISSING
-
-
-@dataclass
-class CanariesSchema:
-    _target_: str = MISSING
-    num_canaries: int = MISSING
-    repeats: int = MISSING
-    num_references: int = MISSING
-    secret_digits: int = MISSING
-
-
-@dataclass
-class TopKSchema:
-    _target_: str = MISSING
-    fraction: float = MISSING
-
-
-@dataclass
-class QuantizeSchema:
-    _target_: str = MISSING
-    bits: int = MISSING
-
-
-@dataclass
-class ConfigSchema:
-    name: str = MISSING
-    rounds: int = MISSING
-    seed: int = MISSING
-    device: str = MISSING
-    run_dir: str = MISSING
-    eval_every: int = MISSING
-    checkpoint_every: int = MISSING
-    checkpoint_keep: Optional[int] = MISSING
-    objective: str = MISSING
-    data: Any = MISSING
-    model: Any = MISSING
-    client: ClientSchema = MISSING
-    sampler: Any = MISSING
-    strategy: Any = MISSING
-    privacy: Any = MISSING
-    backend: Any = MISSING
-    attack: Any = MISSING
-    audit: Any = MISSING
-    logger: Any = MISSING
-    compression: Any = MISSING
-
-
-SCHEMAS = {
-    "data": {"shakespeare": ShakespeareSchema, "pystdlib": PyStdlibSchema, "synthetic": SyntheticSchema},
-    "model": {"tiny_gpt": TinyGPTSchema, "lstm": LSTMSchema, "logreg": TargetOnlySchema, "mlp": MLPSchema,
-              "hf": HFSchema},
-    "client": {"default": ClientSchema},
-    "sampler": {"default": SamplerSchema},
-    "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
-                 "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
-                 "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema},
-    "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
-    "backend": {"sequential": TargetOnlySchema},
-    "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
-    "audit": {"none": TargetOnlySchema, "canaries": CanariesSchema},
-    "compression": {"none": TargetOnlySchema, "topk": TopKSchema, "quantize": QuantizeSchema},
-}
-
-
-def register_schemas() -> None:
-    store = ConfigStore.instance()
-    store.store(name="fedrun_schema", node=ConfigSchema)
-    for group, options in SCHEMAS.items():
-        for option, schema in options.items():
-            store.store(group=f"schema/{group}", name=option, node=schema)
 
 
 # ---- range rules: (key, allowed values as words, predicate) --------------------------------
