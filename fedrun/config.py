@@ -307,6 +307,7 @@ def build(cfg: DictConfig) -> Experiment:
     num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
     # What a factory may ask for besides its own config keys.
     context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
+               "make_model": make_model,
                "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size}
     mechanism = with_context(instantiate(cfg.privacy, _partial_=True), context)
     example_dp = getattr(mechanism, "example_dp", None)
@@ -314,12 +315,17 @@ def build(cfg: DictConfig) -> Experiment:
     # Client-side order: an attacker tampers with its update, privacy clips it, compression packs it.
     compression = with_context(instantiate(cfg.compression, _partial_=True), context)
     make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device, example_dp)
+    strategy = with_context(instantiate(cfg.strategy, _partial_=True), context)
+    public = getattr(strategy, "public_fingerprint", None)
+    if public is not None and public.get("sha256") == data.fingerprint.get("sha256"):
+        raise FedrunError("strategy.public: the public corpus is the clients' own data; distillation must use "
+                          "other text, e.g. data=shakespeare with the default public pystdlib")
     return Experiment(
         cfg=cfg,
         data=data,
         make_model=make_model,
         sampler=instantiate(cfg.sampler),
-        strategy=with_context(instantiate(cfg.strategy, _partial_=True), context),
+        strategy=strategy,
         mechanism=mechanism,
         # Objects go in through a partial: instantiate() would turn keyword objects into configs.
         backend=instantiate(cfg.backend, _partial_=True)(

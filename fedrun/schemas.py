@@ -139,6 +139,17 @@ class ScaffoldSchema:
 
 
 @dataclass
+class FedDFSchema:
+    _target_: str = MISSING
+    temperature: float = MISSING
+    distill_steps: int = MISSING
+    distill_lr: float = MISSING
+    distill_batch: int = MISSING
+    eval_every: int = MISSING
+    public: Any = MISSING
+
+
+@dataclass
 class TrimmedMeanSchema:
     _target_: str = MISSING
     trim: float = MISSING
@@ -246,7 +257,7 @@ SCHEMAS = {
     "sampler": {"default": SamplerSchema},
     "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
-                 "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema},
+                 "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema, "feddf": FedDFSchema},
     "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
     "backend": {"sequential": TargetOnlySchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},

@@ -71,6 +71,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         summary |= {
             "name": exp.cfg.name,
             "data": exp.data.fingerprint,
+            **({"public_data": exp.strategy.public_fingerprint} if hasattr(exp.strategy, "public_fingerprint") else {}),
             "parameters": sum(p.numel() for p in exp.make_model().parameters()),
             "device": str(exp.device),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,

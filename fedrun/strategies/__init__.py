@@ -11,6 +11,7 @@ import torch
 from fedrun.core import ClientUpdate
 from fedrun.strategies import robust
 from fedrun.strategies.aggregate import weighted_mean
+from fedrun.strategies.feddf import FedDF
 from fedrun.strategies.scaffold import Scaffold
 from fedrun.strategies.server import ServerStrategy
 from fedrun.strategies.server_opt import FedOpt
@@ -70,3 +71,11 @@ def trimmed_mean(*, trim: float) -> ServerStrategy:
 def krum(*, num_byzantine: int, multi: int) -> ServerStrategy:
     """Krum (Blanchard et al. 2017), or Multi-Krum's mean of the `multi` best (multi > 1)."""
     return ServerStrategy(_stacked(robust.krum, num_byzantine=num_byzantine, multi=multi), _sgd())
+
+
+def feddf(*, temperature: float, distill_steps: int, distill_lr: float, distill_batch: int, eval_every: int,
+          public, make_model, seed: int, device: torch.device) -> FedDF:
+    """FedAvg, then server-side ensemble distillation on a public corpus (Lin et al. 2020)."""
+    return FedDF(example_weighted, _sgd(), make_model=make_model, public=public, temperature=temperature,
+                 distill_steps=distill_steps, distill_lr=distill_lr, distill_batch=distill_batch,
+                 eval_every=eval_every, seed=seed, device=device)
