@@ -165,7 +165,7 @@ def _check_combinations(cfg: DictConfig) -> None:
                           f"2 * {f} + 3 = {2 * f + 3} clients per round, got {cfg.sampler.clients_per_round}")
 
 
-ROBUST = (".median", ".trimmed_mean", ".krum")
+ROBUST = (".median", ".trimmed_mean", ".krum", ".feddf")  # need the individual client updates
 
 
 def _check_privacy(cfg: DictConfig) -> None:
@@ -183,8 +183,8 @@ def _check_privacy(cfg: DictConfig) -> None:
                           f"is sampled independently with rate q; got {cfg.sampler.kind}")
     target = cfg.strategy._target_
     if target.endswith(ROBUST):
-        raise FedrunError(f"strategy: {target.rsplit('.', 1)[-1]} cannot be combined with {what}: a robust aggregator "
-                          "needs the individual updates, which DP noise and secure aggregation hide; use fedavg, "
+        raise FedrunError(f"strategy: {target.rsplit('.', 1)[-1]} cannot be combined with {what}: it needs the "
+                          "individual client updates, which DP noise and secure aggregation hide; use fedavg, "
                           "fedavgm or an adaptive strategy")
     if target.endswith(".scaffold"):
         raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "

@@ -185,6 +185,7 @@ def test_secure_agg_below_threshold_aborts_the_round_and_keeps_the_model(compose
 @pytest.mark.parametrize("overrides, expected", [
     (["privacy=central_dp"], "sampler.kind: privacy=central_dp needs sampler.kind=poisson"),
     ([*DP, "strategy=median"], "strategy: median cannot be combined with privacy=central_dp"),
+    ([*DP, "strategy=feddf"], "strategy: feddf cannot be combined with privacy=central_dp"),
     ([*DP, "strategy=scaffold", "client.optimizer=sgd"], "strategy: scaffold cannot be combined"),
     ([*DP, "privacy.stop_at_budget=true"], "privacy.stop_at_budget: needs privacy.target_epsilon"),
     (["privacy=secure_agg", "privacy.secagg_bits=30"], "privacy.secagg_bits: 30 bits leave no room"),

@@ -62,9 +62,8 @@ class FedDF(ServerStrategy):
     def apply(self, weights: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         self._round += 1
         fused = super().apply(weights, delta)
-        if self.steps == 0 or not self._clients:
-            return fused
-        return self.distill(fused, [weights + d for d in self._clients])
+        teachers, self._clients = [weights + d for d in self._clients], []
+        return fused if self.steps == 0 or not teachers else self.distill(fused, teachers)
 
     def distill(self, start: torch.Tensor, teachers: list[torch.Tensor]) -> torch.Tensor:
         self.student_flat.copy_(start)
