@@ -17,17 +17,17 @@ into the caller's flat gradient buffer.
 from __future__ import annotations
 
 import math
-import warnings
+from collections import Counter
 from typing import Iterator
 
 import torch
-from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fedrun.core import FedrunError
 from fedrun.evaluation import batch_loss
+from fedrun.privacy.accounting import epsilon_of
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -150,10 +150,4 @@ def client_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, d
                           f"allowed: {', '.join(ACCOUNTANTS)}")
     if steps == 0:
         return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, steps)]  # as opacus' get_noise_multiplier does
-    with warnings.catch_warnings():  # opacus warns when the optimal RDP order is at the edge
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta))
+    return epsilon_of(Counter({(noise_multiplier, sample_rate): steps}), delta, accountant=accountant)
