@@ -5,6 +5,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from fedrun.backends.hooks import apply_client_hooks
 from fedrun.client import LocalTrainer
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, RoundContext
 from fedrun.data.examples import FederatedData
@@ -24,6 +25,7 @@ class SequentialBackend:
     def train_client(self, job: ClientJob, weights: torch.Tensor, ctx: RoundContext) -> ClientUpdate:
         update = self.trainer.train(job, self.data.clients[job.client_id], weights, ctx)
         # Client-side hooks (an attack, then privacy) act before anything leaves the client.
-        for hook in self.client_hooks:
-            update = hook.on_client(update, ctx)
-        return update
+        return apply_client_hooks(update, self.client_hooks, ctx)
+
+    def close(self) -> None:
+        """Nothing to release: the trainer lives in this process."""
