@@ -86,6 +86,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         rundir.set_status("failed", round_idx=-1, error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        exp.backend.close()  # worker processes and Ray actors end with the run, also on Ctrl-C
         for logger in loggers:
             logger.close()
         rundir.close()
