@@ -150,6 +150,20 @@ class FedDFSchema:
 
 
 @dataclass
+class ProcessBackendSchema:
+    _target_: str = MISSING
+    workers: Optional[int] = MISSING
+
+
+@dataclass
+class RayBackendSchema:
+    _target_: str = MISSING
+    workers: Optional[int] = MISSING
+    address: Optional[str] = MISSING
+    num_cpus_per_worker: float = MISSING
+
+
+@dataclass
 class TrimmedMeanSchema:
     _target_: str = MISSING
     trim: float = MISSING
@@ -259,7 +273,7 @@ SCHEMAS = {
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
                  "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema, "feddf": FedDFSchema},
     "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
-    "backend": {"sequential": TargetOnlySchema},
+    "backend": {"sequential": TargetOnlySchema, "process": ProcessBackendSchema, "ray": RayBackendSchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
     "audit": {"none": TargetOnlySchema, "canaries": CanariesSchema},
     "compression": {"none": TargetOnlySchema, "topk": TopKSchema, "quantize": QuantizeSchema},
