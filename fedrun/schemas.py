@@ -164,6 +164,12 @@ class RayBackendSchema:
 
 
 @dataclass
+class VectorizedBackendSchema:
+    _target_: str = MISSING
+    max_clients: Optional[int] = MISSING
+
+
+@dataclass
 class TrimmedMeanSchema:
     _target_: str = MISSING
     trim: float = MISSING
@@ -273,7 +279,8 @@ SCHEMAS = {
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
                  "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema, "feddf": FedDFSchema},
     "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
-    "backend": {"sequential": TargetOnlySchema, "process": ProcessBackendSchema, "ray": RayBackendSchema},
+    "backend": {"sequential": TargetOnlySchema, "process": ProcessBackendSchema, "ray": RayBackendSchema,
+                "vectorized": VectorizedBackendSchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},
     "audit": {"none": TargetOnlySchema, "canaries": CanariesSchema},
     "compression": {"none": TargetOnlySchema, "topk": TopKSchema, "quantize": QuantizeSchema},
