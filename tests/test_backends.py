@@ -1,0 +1,254 @@
+"""backend=process and backend=ray give backend=sequential's results; their workers end with the run."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedrun import config, train
+from fedrun.backends import process
+from fedrun.backends.process import ProcessBackend, cohort_chunks
+from fedrun.core import FedrunError
+from fedrun.rundir import load_checkpoint
+from tests.conftest import TINY, make_play
+
+# Each case exercises what a backend must carry across: plain FedAvg; SCAFFOLD's control
+# variates (tensors in the jobs and in the updates); stateful client hooks of the main process
+# (an attack, clipping, top-k error feedback); clients with different amounts of local work.
+CASES = {
+    "fedavg": [],
+    "scaffold": ["strategy=scaffold", "client.optimizer=sgd", "client.lr=0.1"],
+    "hooks": ["attack=sign_flip", "attack.fraction=0.5", "privacy=central_dp", "sampler.kind=poisson",
+              "compression=topk", "compression.fraction=0.1", "rounds=3"],
+    "stragglers": ["client.local_steps_min=1", "client.local_steps_max=8", "sampler.clients_per_round=5"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread here, as in each worker: the sequential reference is then computed in the
+    same floating-point order (and fast: two threads on a busy two-core machine crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def play_file(tmp_path_factory) -> Path:
+    return make_play(tmp_path_factory.mktemp("data") / "play.txt")
+
+
+@pytest.fixture(scope="module")
+def sequential(play_file, tmp_path_factory):
+    """Each case's sequential run, computed once for all backends: (metrics, clients, final weights)."""
+    cache: dict[str, tuple] = {}
+
+    def result(case: str) -> tuple:
+        if case not in cache:
+            cache[case] = run(compose(play_file, tmp_path_factory.mktemp(case), *CASES[case]))
+        return cache[case]
+
+    return result
+
+
+def compose(play: Path, run_dir: Path, *overrides: str):
+    return config.compose([f"run_dir={run_dir}", "data=shakespeare", f"data.path={play}", "device=cpu",
+                           *TINY, *overrides])
+
+
+def run(cfg, *, make_trainer=None) -> tuple[pd.DataFrame, pd.DataFrame, torch.Tensor]:
+    exp = config.build(cfg)
+    if make_trainer is not None:
+        exp.backend.make_trainer = partial(make_trainer, exp.backend.make_trainer)
+    run_dir, summary = train.train(exp)
+    weights = load_checkpoint(run_dir / "checkpoints" / f"round_{summary['rounds']:04d}.pt")["weights"]
+    return (pd.read_csv(run_dir / "metrics.csv").drop(columns="seconds"),
+            pd.read_csv(run_dir / "clients.csv").drop(columns="seconds"), weights)
+
+
+def assert_same_results(got: tuple, expected: tuple) -> None:
+    # Equal to float tolerance: bit-identical when workers use as many threads as this process.
+    for table, reference in zip(got[:2], expected[:2]):
+        pd.testing.assert_frame_equal(table, reference, check_exact=False, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-6)
+
+
+def children() -> set[int]:
+    """Live child processes of this process (Linux /proc)."""
+    pids: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return {p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)}
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
+
+
+# ---- trainers that misbehave on one client (module level: spawned workers import them) --------
+
+BAD_CLIENT = 2
+
+
+class RaisingTrainer:
+    def __init__(self, make_trainer):
+        self.inner = make_trainer()
+
+    def train(self, job, data, weights, ctx):
+        if job.client_id == BAD_CLIENT:
+            raise RuntimeError("out of cheese\nsecond line")
+        return self.inner.train(job, data, weights, ctx)
+
+
+class DyingTrainer(RaisingTrainer):
+    def train(self, job, data, weights, ctx):
+        if job.client_id == BAD_CLIENT:
+            os._exit(3)  # a hard crash: no exception, no reply
+        return self.inner.train(job, data, weights, ctx)
+
+
+STUCK_FLAG = Path("/nonexistent")  # set by the test; forked workers inherit it
+
+
+class StuckTrainer(RaisingTrainer):
+    def train(self, job, data, weights, ctx):
+        STUCK_FLAG.touch()
+        time.sleep(60)
+
+
+# ---- backend=process ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_process_gives_the_results_of_sequential(case, play_file, tmp_path, sequential):
+    before = children()
+    got = run(compose(play_file, tmp_path, "backend=process", "backend.workers=2", *CASES[case]))
+    assert_same_results(got, sequential(case))
+    assert children() <= before  # the run closed its pool
+
+
+@pytest.mark.slow  # each spawned worker imports torch afresh: ~30 s on a busy two-core machine
+def test_process_with_spawn_ships_the_data_and_gives_the_same_results(play_file, tmp_path, sequential,
+                                                                      monkeypatch):
+    monkeypatch.setattr(process, "start_method", lambda: "spawn")  # what platforms without fork use
+    got = run(compose(play_file, tmp_path, "backend=process", "backend.workers=2"))
+    assert_same_results(got, sequential("fedavg"))
+
+
+def test_process_pool_starts_at_the_first_round_not_at_build(play_file, tmp_path):
+    before = children()
+    exp = config.build(compose(play_file, tmp_path, "backend=process", "backend.workers=2"))
+    assert exp.backend.pool is None and children() == before
+    exp.backend.close()  # closing a pool that never started is fine
+
+
+@pytest.mark.parametrize("trainer, message", [
+    (RaisingTrainer, f"backend=process: client {BAD_CLIENT} failed in worker [01]: RuntimeError: out of cheese$"),
+    (DyingTrainer, f"backend=process: worker [01] died \\(exit code 3\\) while training client {BAD_CLIENT}$"),
+])
+def test_a_failing_worker_is_one_line_naming_the_client_and_leaves_no_process(trainer, message, play_file,
+                                                                              tmp_path):
+    before = children()
+    cfg = compose(play_file, tmp_path, "backend=process", "backend.workers=2", "sampler.clients_per_round=6")
+    with pytest.raises(FedrunError, match=message):
+        run(cfg, make_trainer=trainer)
+    assert children() <= before
+
+
+def test_ctrl_c_mid_round_stops_the_workers(play_file, tmp_path, monkeypatch):
+    before = children()
+    monkeypatch.setattr(__import__(__name__, fromlist=["x"]), "STUCK_FLAG", tmp_path / "training")
+    done = threading.Event()
+
+    def interrupt_once_training() -> None:  # Ctrl-C while the workers are busy with a round
+        while not done.is_set() and not (tmp_path / "training").exists():
+            time.sleep(0.05)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_once_training)
+    thread.start()
+    cfg = compose(play_file, tmp_path / "run", "backend=process", "backend.workers=2")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, make_trainer=StuckTrainer)
+    finally:
+        done.set()
+        thread.join()
+    assert children() <= before
+
+
+def test_bad_worker_count_is_one_line(play_file, tmp_path):
+    with pytest.raises(FedrunError, match="^backend.workers: 0 is not allowed; allowed: null \\(one per core\\)"):
+        config.build(compose(play_file, tmp_path, "backend=process", "backend.workers=0"))
+
+
+def test_null_workers_means_one_per_core(play_file, tmp_path):
+    exp = config.build(compose(play_file, tmp_path, "backend=process"))
+    assert exp.backend.workers == os.cpu_count()
+
+
+def test_chunks_cover_each_job_once_costliest_first_with_similar_costs():
+    costs = [5, 1, 9, 3, 3, 7, 2, 8, 1, 1]
+    chunks = cohort_chunks(costs, 4)
+    assert sorted(i for c in chunks for i in c) == list(range(len(costs)))
+    order = [costs[i] for c in chunks for i in c]
+    assert order == sorted(costs, reverse=True)
+    assert len(chunks) == 4 and max(sum(costs[i] for i in c) for c in chunks) <= 2 * sum(costs) / 4
+    assert cohort_chunks([4, 4], 8) == [[0], [1]]  # never more chunks than jobs
+
+
+# ---- backend=ray --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray for the module (loopback only, 2 CPUs, a capped object store)."""
+    import ray
+
+    from fedrun.backends.ray import local_ray_options
+
+    ray.init(**local_ray_options(num_cpus=2) | {"object_store_memory": 200 * 2**20})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ray_gives_the_results_of_sequential(case, local_ray, play_file, tmp_path, sequential):
+    got = run(compose(play_file, tmp_path, "backend=ray", "backend.workers=2", *CASES[case]))
+    assert_same_results(got, sequential(case))
+    assert local_ray.is_initialized()  # the run left running the Ray it did not start
+    assert_actors_released(local_ray)
+
+
+def assert_actors_released(ray, seconds: float = 30) -> None:
+    """The run's actors were killed: the cluster's CPUs come free (Ray frees them asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_ray_failing_client_is_one_line_naming_it(local_ray, play_file, tmp_path):
+    cfg = compose(play_file, tmp_path, "backend=ray", "backend.workers=2", "sampler.clients_per_round=6")
+    with pytest.raises(FedrunError, match=f"^backend=ray: client {BAD_CLIENT} failed in actor [01]: "
+                                          "RuntimeError: out of cheese$"):
+        run(cfg, make_trainer=RaisingTrainer)
+
+
+def test_ray_without_the_extra_is_one_line(play_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    with pytest.raises(FedrunError, match=r"^backend=ray needs the ray extra: pip install -e \.\[ray\]$"):
+        config.build(compose(play_file, tmp_path, "backend=ray"))
