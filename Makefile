@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-all clean
+.PHONY: install train test test-all bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,25 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
+
+# Flower and pfl in their own environment: flwr 1.42 pins ray, typer and rich, which must not
+# constrain fedrun's. torch first again, for the same reason as above; pfl's [pytorch] extra
+# then finds it satisfied.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet 'flwr[simulation]==1.42.0'
+	$(BENCH_VENV)/bin/pip install --quiet 'pfl[pytorch]==0.6.0'
+	touch $(BENCH_STAMP)
+
+# Speed and memory against a bare PyTorch floor, Flower and pfl (benchmarks/README.md);
+# BENCH_QUICK=1 for a few-minute smoke run.
+bench: install $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Speed and memory of fedrun against a bare PyTorch floor, Flower and pfl-research (`make bench`)."""

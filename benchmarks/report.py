@@ -1,0 +1,140 @@
+"""Benchmark results as markdown tables, the issue's targets checked, and the W3 plot."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+W1_CLIENT_STEPS = 10 * 10  # clients per round x local steps
+
+
+def one_line(r: dict) -> str:
+    if "error" in r:
+        return f"FAILED {r['error'][:300]}"
+    return (f"{r['seconds_per_round']:.3f} s/round, first round after {r['time_to_first_round']:.1f} s, "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (tree {r['tree_pss_mb']:.0f} MB), eval loss {r['eval_loss']:.6f}")
+
+
+def find(results: list[dict], workload: str, contender: str) -> dict | None:
+    return next((r for r in results if r["workload"] == workload and r["contender"] == contender
+                 and "error" not in r), None)
+
+
+def ratio(a: dict | None, b: dict | None, key: str = "seconds_per_round") -> float:
+    return a[key] / b[key] if a and b else math.nan
+
+
+def workload_table(results: list[dict], workload: str) -> str:
+    rows = [r for r in results if r["workload"] == workload]
+    floor = find(results, workload, "floor")
+    lines = ["| contender | s/round | x floor | first round (s) | peak RSS (MB) | tree PSS (MB) | eval loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        x = f"{ratio(r, floor):.2f}" if floor else ""
+        lines.append(f"| {r['contender']} | {r['seconds_per_round']:.3f} | {x} | {r['time_to_first_round']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['tree_pss_mb']:.0f} | {r['eval_loss']:.6f} |")
+    return "\n".join(lines)
+
+
+def w3_table(results: list[dict]) -> str:
+    rows = sorted((r for r in results if r["group"] == "W3"),
+                  key=lambda r: (r["contender"], r["population"], r["clients_per_round"]))
+    lines = ["| backend | clients per round | population | s/round | peak RSS (MB) | tree PSS (MB) | first round (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['contender']} | {r['clients_per_round']} | {r['population']:,} | failed: "
+                         f"{r['error'][:100]} | | | |")
+        else:
+            lines.append(f"| {r['contender']} | {r['clients_per_round']} | {r['population']:,} | "
+                         f"{r['seconds_per_round']:.3f} | {r['peak_rss_mb']:.0f} | {r['tree_pss_mb']:.0f} | "
+                         f"{r['time_to_first_round']:.1f} |")
+    return "\n".join(lines)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def check(value: float, ok) -> tuple[str, str]:
+    return ("n/a", "n/a") if math.isnan(value) else (f"{value:.2f}", verdict(ok(value)))
+
+
+def targets(results: list[dict]) -> str:
+    """The issue's targets, each with the ratio measured in this run."""
+    rows = []
+    for w in sorted({r["workload"] for r in results if r["group"] == "W1"}):
+        seq, floor = find(results, w, "fedrun-sequential"), find(results, w, "floor")
+        vec = find(results, w, "fedrun-vectorized")
+        rows.append((f"{w}: fedrun-sequential / floor, s/round", "<= 1.05", *check(ratio(seq, floor), lambda v: v <= 1.05)))
+        rows.append((f"{w}: fedrun-sequential / floor, peak RSS", "<= 1.25",
+                     *check(ratio(seq, floor, "peak_rss_mb"), lambda v: v <= 1.25)))
+        rows.append((f"{w}: fedrun-vectorized / floor, client-steps/s", ">= 1.5 (one model suffices)",
+                     *check(ratio(floor, vec), lambda v: v >= 1.5)))
+    for w in sorted({r["workload"] for r in results if r["group"] == "W2"}):
+        seq = find(results, w, "fedrun-sequential")
+        rows.append((f"{w}: Flower / fedrun-sequential, s/round", ">= 5",
+                     *check(ratio(find(results, w, "flower"), seq), lambda v: v >= 5)))
+        rows.append((f"{w}: pfl / fedrun-sequential, s/round", ">= 1",
+                     *check(ratio(find(results, w, "pfl"), seq), lambda v: v >= 1)))
+        rows.append((f"{w}: fedrun-process2 / fedrun-sequential, s/round", "< 1",
+                     *check(ratio(find(results, w, "fedrun-process2"), seq), lambda v: v < 1)))
+    for backend in sorted({r["contender"] for r in results if r["group"] == "W3"}):
+        sweep = [r for r in results if r["group"] == "W3" and r["contender"] == backend
+                 and r["clients_per_round"] == 100 and "error" not in r]
+        base = next((r for r in sweep if r["population"] == 1000), None)
+        largest = max(sweep, key=lambda r: r["population"], default=None)
+        what = f"W3 {backend}: s/round at N={largest['population']:,} / N=1,000 (k=100)" if largest else f"W3 {backend}"
+        spread = ratio(largest, base) if largest is not base else math.nan
+        rows.append((what, "within 0.90-1.10", *check(spread, lambda v: 0.9 <= v <= 1.1)))
+    lines = ["| target | wanted | measured | verdict |", "| --- | --- | ---: | --- |"]
+    lines += [f"| {name} | {want} | {value} | {ok} |" for name, want, value, ok in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    parts = [f"Measured {meta['date']} on {meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, "
+             f"{meta['threads_per_contender']} intra-op thread(s) per contender process"
+             f"{' (BENCH_QUICK: few rounds, smoke test only)' if meta['quick'] else ''}. "
+             f"Load average (1 min) during the run: {min(meta['load_average_1m']):.1f} to "
+             f"{max(meta['load_average_1m']):.1f}.", "", "### Targets", "", targets(results)]
+    for w in dict.fromkeys(r["workload"] for r in results if r["group"] != "W3"):
+        parts += ["", f"### {w}", "", workload_table(results, w)]
+    parts += ["", "### W3 scale", "", w3_table(results)]
+    if not meta.get("synthetic_cap"):
+        parts += ["", "The 100,000-client point needs `data.max_client_examples` (not in conf/data/synthetic.yaml "
+                  "yet): uncapped, 100,000 Synthetic(1, 1) clients hold about 38M examples (~9 GB)."]
+    return "\n".join(parts) + "\n"
+
+
+def plot_w3(results: list[dict], path: Path) -> None:
+    """Seconds per round and peak memory against clients per round and against population."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["group"] == "W3" and "error" not in r]
+    if not rows:
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    sweeps = [("clients_per_round", lambda r: r["population"] == 1000, "clients per round (population 1,000)"),
+              ("population", lambda r: r["clients_per_round"] == 100, "population (100 clients per round)")]
+    for col, (x, keep, label) in enumerate(sweeps):
+        for backend in sorted({r["contender"] for r in rows}):
+            pts = sorted((r[x], r) for r in rows if r["contender"] == backend and keep(r))
+            xs = [p[0] for p in pts]
+            axes[0, col].plot(xs, [p[1]["seconds_per_round"] for p in pts], "o-", label=backend)
+            axes[1, col].plot(xs, [p[1]["tree_pss_mb"] for p in pts], "o-", label=backend)
+        for row, ylabel in enumerate(["seconds per round", "peak memory, process tree PSS (MB)"]):
+            axes[row, col].set_xscale("log")
+            axes[row, col].set_xlabel(label)
+            axes[row, col].set_ylabel(ylabel)
+            axes[row, col].grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.suptitle("W3: Synthetic(1, 1), logreg, 5 SGD steps of batch 10 per client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""`make bench`: run every workload with every contender, each in its own process, and report.
+
+fedrun and the floor run in fedrun's `.venv` (this interpreter); Flower and pfl in
+`.venv-bench` (BENCH_PYTHON), reading the workload from a file `benchmarks.export` writes.
+Each contender process gets one intra-op thread (BENCH_THREADS, default 1: Ray gives its
+workers one, and on a shared 2-core machine two spinning threads per process mostly wait on
+each other), and the same start stamp BENCH_T0. Results go to benchmarks/results/.
+`python -m benchmarks.run` (BENCH_QUICK=1 for a smoke run of a few minutes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.export import export
+from benchmarks.measure import TreeMemory
+from benchmarks.workloads import FEDRUN, ROOT, SHAKESPEARE, Workload, w1, w2, w3
+
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH_PYTHON = os.environ.get("BENCH_PYTHON", str(ROOT / ".venv-bench" / "bin" / "python"))
+TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", 1200))  # seconds per contender run
+
+
+def contender_command(name: str) -> list[str]:
+    if name in ("flower", "pfl"):
+        return [BENCH_PYTHON, "-m", f"benchmarks.contender_{name}"]
+    return [sys.executable, "-m", "benchmarks.contender_floor" if name == "floor" else "benchmarks.contender_fedrun"]
+
+
+def child_env(export_path: Path | None) -> dict[str, str]:
+    threads = os.environ.get("BENCH_THREADS", "1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_AUTH_MODE="disabled", BENCH_T0=repr(time.time()))
+    if threads != "0":
+        env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if export_path is not None:
+        env["BENCH_EXPORT"] = str(export_path)
+    return env
+
+
+def run_contender(name: str, workload: Workload, workdir: Path, export_path: Path | None) -> dict:
+    """One contender on one workload in a fresh process; its result, or why it failed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {"overrides": workload.overrides, "warmup": workload.warmup, "workdir": str(workdir),
+            "backend": FEDRUN.get(name, [])}
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    result_path = workdir / "result.json"
+    log = open(workdir / "output.log", "w")
+    env = child_env(export_path)
+    proc = subprocess.Popen(contender_command(name) + [str(workdir / "spec.json"), str(result_path)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    memory = TreeMemory(proc.pid)
+    try:
+        rc = proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    tree_mb = memory.stop()
+    try:  # whatever it left behind in its own session (Ray's daemons, worker pools)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    log.close()
+    base = {"contender": name, "workload": workload.name, "group": workload.group, **workload.point,
+            "tree_pss_mb": tree_mb, "wall_seconds": time.time() - float(env["BENCH_T0"])}
+    if rc == 0 and result_path.exists():
+        return base | json.loads(result_path.read_text())
+    tail = (workdir / "output.log").read_text().strip().splitlines()[-3:]
+    return base | {"error": f"exit {rc}: " + " | ".join(tail)}
+
+
+def has_cap() -> bool:
+    """Whether data=synthetic has the per-client cap of the population-scale work."""
+    return "max_client_examples" in (ROOT / "conf" / "data" / "synthetic.yaml").read_text()
+
+
+def workloads(quick: bool) -> list[Workload]:
+    chosen = []
+    if SHAKESPEARE.is_file():
+        chosen += w1(quick=quick)
+    else:
+        print(f"W1 skipped: {SHAKESPEARE} not found (the tinyshakespeare file of the project's machines)")
+    return chosen + w2(quick=quick) + w3(quick=quick, has_cap=has_cap())
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import torch
+
+    return {"cores": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
+            "threads_per_contender": os.environ.get("BENCH_THREADS", "1"),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main() -> None:
+    quick = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
+    work = RESULTS / "work"
+    results, loads = [], [os.getloadavg()]
+    for workload in workloads(quick):
+        slug = workload.name.replace(" ", "_").replace("=", "")
+        export_path = None
+        if {"flower", "pfl"} & set(workload.contenders):
+            work.mkdir(parents=True, exist_ok=True)
+            export_path = export(workload.overrides, work / f"{slug}.pt")
+        for name in workload.contenders:
+            print(f"{workload.name}: {name} ...", flush=True)
+            result = run_contender(name, workload, work / slug / name, export_path)
+            loads.append(os.getloadavg())
+            print("   ", report.one_line(result), flush=True)
+            results.append(result)
+    meta = machine() | {"quick": quick, "load_average_1m": [round(x[0], 2) for x in loads],
+                        "synthetic_cap": has_cap()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps({"machine": meta, "results": results}, indent=2) + "\n")
+    markdown = report.markdown(results, meta)
+    (RESULTS / "results.md").write_text(markdown)
+    report.plot_w3(results, RESULTS / "w3.png")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The workloads of issue #8 as fedrun overrides, and which contenders run each.
+
+Every contender does the same work: the overrides fix the data, the model, plain local SGD
+(batch size, steps, learning rate), the cohort size, the rounds and the seed, and every
+contender trains fedrun's cohorts on fedrun's batches from fedrun's initial weights.
+`BENCH_QUICK=1` keeps one model per workload, three rounds and the small W3 points.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# fedrun contenders: name -> backend overrides. A backend runs only if conf/backend has it.
+FEDRUN = {
+    "fedrun-sequential": ["backend=sequential"],
+    "fedrun-vectorized": ["backend=vectorized"],
+    "fedrun-process2": ["backend=process", "backend.workers=2"],
+    "fedrun-ray2": ["backend=ray", "backend.workers=2"],
+}
+W1_LR = {"lstm": 0.5, "tiny_gpt": 0.5}  # plain SGD, as LEAF trains its Shakespeare LSTM
+W2_LR = 0.01  # FedProx's learning rate for Synthetic(1, 1)
+
+
+@dataclass
+class Workload:
+    name: str  # e.g. "W1 lstm"
+    group: str  # W1, W2 or W3
+    overrides: list[str]
+    contenders: list[str]
+    warmup: int = 1
+    point: dict = field(default_factory=dict)  # W3: clients per round and population
+
+
+def backend_exists(contender: str) -> bool:
+    backend = FEDRUN[contender][0].split("=", 1)[1]
+    return (ROOT / "conf" / "backend" / f"{backend}.yaml").is_file()
+
+
+def available(contenders: list[str]) -> list[str]:
+    return [c for c in contenders if c not in FEDRUN or backend_exists(c)]
+
+
+def w1(*, quick: bool) -> list[Workload]:
+    """Heavy clients: tinyshakespeare by speaker, 10 clients a round, 10 SGD steps of batch 16."""
+    rounds = 3 if quick else 6
+    models = ["tiny_gpt"] if quick else ["lstm", "tiny_gpt"]
+    contenders = available(["floor", "fedrun-sequential", "fedrun-vectorized", "flower", "pfl"])
+    return [Workload(f"W1 {m}", "W1", [
+        "data=shakespeare", f"data.path={SHAKESPEARE}", f"model={m}", "client.optimizer=sgd",
+        f"client.lr={W1_LR[m]}", "client.batch_size=16", "client.local_steps=10", "client.local_epochs=null",
+        "sampler.clients_per_round=10", f"rounds={rounds}", "seed=0"], contenders) for m in models]
+
+
+def w2(*, quick: bool) -> list[Workload]:
+    """Light clients: Synthetic(1, 1), 1,000 clients, 100 a round, 1 local epoch of batch 10."""
+    rounds = 3 if quick else 6
+    models = ["logreg"] if quick else ["logreg", "mlp"]
+    contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "flower", "pfl"])
+    return [Workload(f"W2 {m}", "W2", [
+        "data=synthetic", "data.num_clients=1000", f"model={m}", "client.optimizer=sgd", f"client.lr={W2_LR}",
+        "client.batch_size=10", "client.local_steps=null", "client.local_epochs=1",
+        "sampler.clients_per_round=100", f"rounds={rounds}", "seed=0"], contenders) for m in models]
+
+
+def w3(*, quick: bool, has_cap: bool) -> list[Workload]:
+    """Scale: clients per round (10, 100, 500) at 1,000 clients; population (1,000 to 100,000)
+    at 100 a round. Each client takes 5 SGD steps of batch 10, so a round's work does not
+    depend on which clients (of very different sizes) are drawn, and only scale varies."""
+    rounds = 3 if quick else 4
+    points = [(10, 1000), (100, 1000)] if quick else [(10, 1000), (100, 1000), (500, 1000), (100, 10000)]
+    if not quick and has_cap:
+        points.append((100, 100000))
+    contenders = available(["fedrun-sequential"] if quick else list(FEDRUN))
+    cap = ["data.max_client_examples=200"] if has_cap else []
+    return [Workload(f"W3 k={k} N={n}", "W3", [
+        "data=synthetic", f"data.num_clients={n}", *cap, "model=logreg", "client.optimizer=sgd",
+        f"client.lr={W2_LR}", "client.batch_size=10", "client.local_steps=5", "client.local_epochs=null",
+        f"sampler.clients_per_round={k}", f"rounds={rounds}", "seed=0"], contenders,
+        point={"clients_per_round": k, "population": n}) for k, n in points]
