@@ -1,0 +1,162 @@
+"""`backend=ray`: the round's clients trained by Ray actors, on this machine or a cluster.
+
+Each of `backend.workers` actors builds one trainer when it starts and reuses it for the whole
+run. The client data goes into Ray's object store once, at the start (each actor loads it
+once); the global weights go in once per round (`ray.put`). Jobs go out a chunk of clients per
+call, handed to whichever actor is free. As with every backend, the client hooks (attack,
+privacy, compression) run here, in the main process, in job order.
+
+A local Ray (`backend.address: null`) listens on loopback only. (This module's name shadows
+`ray` only for relative imports, which fedrun does not use: `import ray` here is the library.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fedrun.backends.hooks import apply_client_hooks
+from fedrun.backends.process import CHUNKS_PER_WORKER, cohort_chunks, one_line, resolve_workers, train_share
+from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext
+from fedrun.data.examples import FederatedData
+
+log = logging.getLogger(__name__)
+EXTRA = "backend=ray needs the ray extra: pip install -e .[ray]"
+
+
+class RayBackend:
+    """Trains each round's clients in Ray actors; results equal sequential training's."""
+
+    def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, client_hooks: Sequence[ClientHook],
+                 workers: int | None, address: str | None, num_cpus_per_worker: float):
+        if importlib.util.find_spec("ray") is None:
+            raise FedrunError(EXTRA)
+        if num_cpus_per_worker <= 0:
+            raise FedrunError(f"backend.num_cpus_per_worker: {num_cpus_per_worker} is not allowed; "
+                              "allowed: a number > 0")
+        self.workers = None if workers is None else resolve_workers(workers, "ray")
+        self.address = address
+        self.num_cpus_per_worker = num_cpus_per_worker
+        self.make_trainer = make_trainer
+        self.data = data
+        self.client_hooks = client_hooks
+        self.actors: list | None = None  # started at the first round
+        self.started_ray = False  # shut down at close only the Ray this backend started
+
+    def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
+                     ctx: RoundContext) -> list[ClientUpdate]:
+        if not jobs:
+            return []
+        import ray
+
+        if self.actors is None:
+            self._start(ray)
+        weights_ref = ray.put(weights.detach().cpu())  # once per round, read by every actor
+        chunks = cohort_chunks([self.data.clients[j.client_id].num_examples for j in jobs],
+                               len(self.actors) * CHUNKS_PER_WORKER)
+        try:
+            updates = self._run(ray, weights_ref, jobs, chunks, ctx)
+        except BaseException:
+            self.close()
+            raise
+        return [apply_client_hooks(u, self.client_hooks, ctx) for u in updates]
+
+    def _run(self, ray, weights_ref, jobs: Sequence[ClientJob], chunks: list[list[int]],
+             ctx: RoundContext) -> list[ClientUpdate]:
+        """Updates in job order: each free actor takes the next chunk until none is left."""
+        updates: list[ClientUpdate | None] = [None] * len(jobs)
+        waiting = list(reversed(chunks))
+        pending: dict = {}
+
+        def send(rank: int) -> None:
+            chunk = waiting.pop()
+            pending[self.actors[rank].train.remote(weights_ref, ctx, [jobs[i] for i in chunk])] = (rank, chunk)
+
+        for rank in range(min(len(self.actors), len(waiting))):
+            send(rank)
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            rank, chunk = pending.pop(ref)
+            for i, update in zip(chunk, self._reply(ray, ref, rank, [jobs[i].client_id for i in chunk])):
+                updates[i] = update
+            if waiting:
+                send(rank)
+        return updates
+
+    def _reply(self, ray, ref, rank: int, client_ids: list[int]) -> list[ClientUpdate]:
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            raise FedrunError(f"backend=ray: actor {rank} died while training clients {client_ids}: "
+                              f"{one_line(e)}") from None
+        if reply[0] == "error":
+            raise FedrunError(f"backend=ray: client {reply[1]} failed in actor {rank}: {reply[2]}")
+        return reply[1]
+
+    def _start(self, ray) -> None:
+        if not ray.is_initialized():
+            self._init(ray)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        workers = self.workers or max(1, int(cpus // self.num_cpus_per_worker))
+        if workers * self.num_cpus_per_worker > cpus:
+            raise FedrunError(f"backend.workers: {workers} actors x {self.num_cpus_per_worker} CPUs "
+                              f"(backend.num_cpus_per_worker) need more than the {cpus:g} CPUs of the Ray cluster")
+        data_ref = ray.put(self.data)  # once: each actor loads it when it starts
+        actor = ray.remote(num_cpus=self.num_cpus_per_worker)(TrainerActor)
+        threads = max(1, int(self.num_cpus_per_worker))
+        self.actors = [actor.remote(self.make_trainer, data_ref, threads) for _ in range(workers)]
+        log.info("backend=ray: %d actors on a cluster of %g CPUs", workers, cpus)
+
+    def _init(self, ray) -> None:
+        if self.address is None:
+            needed = (self.workers or 1) * self.num_cpus_per_worker
+            ray.init(**local_ray_options(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999))))
+        else:
+            try:
+                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise FedrunError(f"backend.address: no Ray cluster reachable at {self.address} ({one_line(e)}); "
+                                  "start one with `ray start --head`, or use backend.address=null "
+                                  "for a local Ray") from None
+        self.started_ray = True
+
+    def close(self) -> None:
+        if self.actors is None and not self.started_ray:
+            return
+        import ray
+
+        for actor in self.actors or []:
+            ray.kill(actor)
+        self.actors = None
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+
+def local_ray_options(*, num_cpus: int) -> dict:
+    """`ray.init` options for a Ray of this machine alone, listening on loopback only (by
+    default Ray binds the machine's external address); also sets the environment it reads."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return dict(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING, log_to_driver=False)
+
+
+class TrainerActor:
+    """A Ray actor: one trainer, built once, trains every chunk of jobs it is sent."""
+
+    def __init__(self, make_trainer: Callable[[], Any], data: FederatedData, threads: int):
+        torch.set_num_threads(threads)
+        self.data = data
+        try:
+            self.trainer, self.failure = make_trainer(), None
+        except Exception as e:
+            self.trainer, self.failure = None, one_line(e)
+
+    def train(self, weights: torch.Tensor, ctx: RoundContext, jobs: Sequence[ClientJob]) -> tuple:
+        if self.failure is not None:
+            return "error", jobs[0].client_id, f"building the trainer: {self.failure}"
+        return train_share(self.trainer, self.data, weights, ctx, jobs)
