@@ -1,0 +1,207 @@
+"""`backend=vectorized`: the round's clients train at once, as one batched computation.
+
+Each client's weights are a row of a (K, D) stack; one vmapped forward and one backward pass
+per local step give every row its own gradient (`StackedModel`), and a functional optimizer
+updates all rows in a few tensor ops (`stacked_optim`). Each client keeps its own data order
+(the same generator draws as `LocalTrainer.train`), its own optimizer state and its own
+FedProx / SCAFFOLD correction, so the updates equal sequential training's to float tolerance.
+
+Ragged work is padded and masked: a short batch is padded with weight-0 examples, and clients
+are ordered by their number of steps, longest first, so the clients still training at step s
+are a prefix of the stack and a finished client is simply left out of later steps.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedrun.backends.hooks import apply_client_hooks
+from fedrun.backends.sequential import SequentialBackend
+from fedrun.backends.stacked_model import StackedModel
+from fedrun.backends.stacked_optim import stacked_optimizer
+from fedrun.client import LocalTrainer, batch_indices, scaffold_control_delta, scaffold_correction
+from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.data.examples import ClientData, FederatedData, concat
+
+log = logging.getLogger(__name__)
+
+# What vmap raises for a model it cannot batch (a missing batching rule, data-dependent control flow).
+VMAP_ERRORS = (RuntimeError, NotImplementedError, TypeError, ValueError)
+
+
+@dataclass
+class ClientPlan:
+    """One client's local work this round: its job and the example indices of each step."""
+
+    job: ClientJob
+    data: ClientData
+    batches: list[torch.Tensor]
+
+
+def plan_client(job: ClientJob, data: ClientData, trainer: LocalTrainer, ctx: RoundContext) -> ClientPlan:
+    """The same generator draws as `LocalTrainer.train`: steps, then each epoch's permutation."""
+    order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id)
+    steps = trainer.cfg.num_steps(data.num_examples, order)
+    return ClientPlan(job, data, list(batch_indices(data.num_examples, trainer.cfg.batch_size, steps, order)))
+
+
+@dataclass
+class PaddedSteps:
+    """A group's steps as padded indices into its clients' concatenated examples.
+
+    Clients are ordered longest-first: at step s the clients still training are rows
+    [:active[s]], and every batch among them fits in width[s] slots."""
+
+    index: torch.Tensor  # (S, K, B) int64; padding points at one of the client's own examples
+    weight: torch.Tensor  # (S, K, B) float32: 1 for a real example, 0 for padding
+    active: list[int]  # (S,)
+    width: list[int]  # (S,)
+
+
+def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
+    num_steps = max(len(p.batches) for p in plans)
+    width = max((len(b) for p in plans for b in p.batches), default=1)
+    index = torch.zeros(num_steps, len(plans), width, dtype=torch.int64)
+    weight = torch.zeros(num_steps, len(plans), width)
+    offset = 0
+    for k, plan in enumerate(plans):
+        index[:, k] = offset
+        for s, batch in enumerate(plan.batches):
+            index[s, k, : len(batch)] = batch + offset
+            weight[s, k, : len(batch)] = 1.0
+        offset += plan.data.num_examples
+    active = [sum(len(p.batches) > s for p in plans) for s in range(num_steps)]
+    widths = [max(len(p.batches[s]) for p in plans[:a]) for s, a in enumerate(active)]
+    return PaddedSteps(index, weight, active, widths)
+
+
+def dropout_rate(model: nn.Module) -> float:
+    """The largest dropout probability anywhere in the model (dropout layers, attention, RNNs)."""
+    rates = [m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    rates += [m.dropout for m in model.modules() if isinstance(getattr(m, "dropout", None), float)]
+    return max(rates, default=0.0)
+
+
+def unbatchable(trainer) -> str | None:
+    """Why this trainer's clients cannot train as one batch (None: they can)."""
+    if type(trainer) is not LocalTrainer:
+        return f"the trainer is a {type(trainer).__name__}, not a plain LocalTrainer"
+    if trainer.dp_sgd is not None:
+        return "example-level DP-SGD (privacy=local_dp) clips and noises each client's gradients itself"
+    if (rate := dropout_rate(trainer.model)) > 0:
+        return f"the model has dropout {rate} > 0, whose masks each client draws from its own RNG stream"
+    return None
+
+
+class VectorizedBackend:
+    """Trains the cohort in groups of at most `max_clients` clients, each group as one batch."""
+
+    def __init__(self, *, make_trainer: Callable[[], LocalTrainer], data: FederatedData,
+                 client_hooks: Sequence[ClientHook], max_clients: int | None):
+        if max_clients is not None and max_clients < 1:
+            raise FedrunError(f"backend.max_clients: {max_clients} is not allowed; allowed: null or an integer >= 1")
+        trainer = make_trainer()
+        self.trainer, self.data, self.client_hooks, self.max_clients = trainer, data, client_hooks, max_clients
+        self.sequential = SequentialBackend(make_trainer=lambda: trainer, data=data, client_hooks=client_hooks)
+        self.fallback = unbatchable(trainer)
+        if self.fallback is not None:
+            log.warning("backend=vectorized: training clients sequentially: %s", self.fallback)
+        else:
+            self.stacked = StackedModel(trainer.model)
+        self.proven = False  # a batched round has succeeded: later errors are real errors
+
+    def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
+                     ctx: RoundContext) -> list[ClientUpdate]:
+        if self.fallback is None and jobs:
+            try:
+                updates = self.train_batched(weights, jobs, ctx)
+            except VMAP_ERRORS as e:
+                if self.proven:
+                    raise
+                self.fallback = f"vmap cannot batch this model ({type(e).__name__}: {str(e).splitlines()[0]})"
+                log.warning("backend=vectorized: training clients sequentially: %s", self.fallback)
+            else:
+                self.proven = True
+                return self.run_hooks(updates, ctx)
+        return self.sequential.train_cohort(weights, jobs, ctx)
+
+    def train_batched(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
+                      ctx: RoundContext) -> list[ClientUpdate]:
+        """Every client's update, in job order, before the client hooks."""
+        plans = [plan_client(job, self.data.clients[job.client_id], self.trainer, ctx) for job in jobs]
+        # Longest first, so a group's finished clients are always its last rows; grouping by
+        # length also keeps the clients of a group finishing together.
+        order = sorted(range(len(plans)), key=lambda i: -len(plans[i].batches))
+        size = self.max_clients or len(plans)
+        updates: dict[int, ClientUpdate] = {}
+        for start in range(0, len(order), size):
+            group = order[start : start + size]
+            for i, update in zip(group, self.train_group([plans[i] for i in group], weights)):
+                updates[i] = update
+        return [updates[i] for i in range(len(plans))]
+
+    def run_hooks(self, updates: list[ClientUpdate], ctx: RoundContext) -> list[ClientUpdate]:
+        """The client hooks, in job order, each seeing torch's global RNG as it would after
+        that client's sequential training (LocalTrainer reseeds it per client)."""
+        out = []
+        for update in updates:
+            torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, update.client_id, 1))
+            out.append(apply_client_hooks(update, self.client_hooks, ctx))
+        return out
+
+    def train_group(self, plans: Sequence[ClientPlan], weights: torch.Tensor) -> list[ClientUpdate]:
+        """Train the group's clients (longest first) together; their updates in the same order."""
+        start = time.perf_counter()
+        device, cfg = self.trainer.device, self.trainer.cfg
+        x_all, y_all = concat([p.data.train for p in plans]).inputs_targets(device)
+        steps = pad_steps(plans)
+        index, weight = steps.index.to(device), steps.weight.to(device)
+        stack = weights.expand(len(plans), -1).clone()  # (K, D): row k is client k's weights
+        optimizer = stacked_optimizer(stack, cfg)
+        prox_mu = torch.tensor([[p.job.prox_mu] for p in plans], device=device)  # (K, 1)
+        prox_mu = prox_mu if prox_mu.any() else None
+        correction = scaffold_corrections(plans, weights)
+        loss_sum = torch.zeros(len(plans), device=device)
+        for s, (active, width) in enumerate(zip(steps.active, steps.width)):
+            idx = index[s, :active, :width]  # (a, B)
+            grad, loss = self.stacked.gradients(stack[:active], x_all[idx], y_all[idx], weight[s, :active, :width])
+            loss_sum[:active] += loss
+            if prox_mu is not None:  # gradient of (mu/2)||w - w_global||^2
+                grad.add_((stack[:active] - weights) * prox_mu[:active])
+            if correction is not None:
+                grad.add_(correction[:active])
+            optimizer.step(stack, grad, active=active, step=s)
+        seconds = (time.perf_counter() - start) / len(plans)
+        return [self.client_update(p, stack[k] - weights, float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
+
+    def client_update(self, plan: ClientPlan, delta: torch.Tensor, loss_sum: float, seconds: float) -> ClientUpdate:
+        """The fields `LocalTrainer.train` fills, from the batched results."""
+        steps, job = len(plan.batches), plan.job
+        extras = {} if job.control is None else {
+            "control_delta": scaffold_control_delta(job, delta, steps, self.trainer.cfg.lr)}
+        return ClientUpdate(
+            client_id=job.client_id,
+            delta=delta,
+            num_examples=plan.data.num_examples,
+            train_loss=loss_sum / max(steps, 1),
+            seconds=seconds,
+            bytes_up=sum(t.numel() * t.element_size() for t in (delta, *extras.values())),
+            num_steps=steps,
+            extras=extras,
+        )
+
+    def close(self) -> None:
+        """Nothing to release: the stack lives only during a round."""
+
+
+def scaffold_corrections(plans: Sequence[ClientPlan], weights: torch.Tensor) -> torch.Tensor | None:
+    """SCAFFOLD's c - c_i per client (K, D), or None when no client has a control variate."""
+    if all(p.job.control is None for p in plans):
+        return None
+    return torch.stack([torch.zeros_like(weights) if p.job.control is None else scaffold_correction(p.job)
+                        for p in plans])
