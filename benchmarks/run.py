@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def child_env(export_path: Path | None) -> dict[str, str]:
 
 def run_contender(name: str, workload: Workload, workdir: Path, export_path: Path | None) -> dict:
     """One contender on one workload in a fresh process; its result, or why it failed."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # fedrun refuses a run_dir that holds a run
+    workdir.mkdir(parents=True)
     spec = {"overrides": workload.overrides, "warmup": workload.warmup, "workdir": str(workdir),
             "backend": FEDRUN.get(name, [])}
     (workdir / "spec.json").write_text(json.dumps(spec))
@@ -100,26 +102,47 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def prepare(workload: Workload, path: Path) -> Path | None:
+    """The exported workload file, for the contenders that run outside fedrun's environment."""
+    if not {"flower", "pfl"} & set(workload.contenders):
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export(workload.overrides, path)
+
+
+def failed(name: str, workload: Workload, error: str) -> dict:
+    return {"contender": name, "workload": workload.name, "group": workload.group, **workload.point,
+            "error": error}
+
+
+def save(results: list[dict], meta: dict) -> None:
+    """results.json after every contender, so an interrupted run keeps what it measured."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps({"machine": meta, "results": results}, indent=2) + "\n")
+
+
 def main() -> None:
     quick = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
     work = RESULTS / "work"
     results, loads = [], [os.getloadavg()]
+    meta = machine() | {"quick": quick, "synthetic_cap": has_cap()}
     for workload in workloads(quick):
         slug = workload.name.replace(" ", "_").replace("=", "")
-        export_path = None
-        if {"flower", "pfl"} & set(workload.contenders):
-            work.mkdir(parents=True, exist_ok=True)
-            export_path = export(workload.overrides, work / f"{slug}.pt")
+        try:
+            export_path = prepare(workload, work / f"{slug}.pt")
+        except Exception as e:  # a broken workload is reported, the others still run
+            results += [failed(name, workload, f"export: {type(e).__name__}: {e}") for name in workload.contenders]
+            print(f"{workload.name}: export failed: {e}", flush=True)
+            continue
         for name in workload.contenders:
             print(f"{workload.name}: {name} ...", flush=True)
             result = run_contender(name, workload, work / slug / name, export_path)
             loads.append(os.getloadavg())
             print("   ", report.one_line(result), flush=True)
             results.append(result)
-    meta = machine() | {"quick": quick, "load_average_1m": [round(x[0], 2) for x in loads],
-                        "synthetic_cap": has_cap()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps({"machine": meta, "results": results}, indent=2) + "\n")
+            save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]})
+    meta |= {"load_average_1m": [round(x[0], 2) for x in loads]}
+    save(results, meta)
     markdown = report.markdown(results, meta)
     (RESULTS / "results.md").write_text(markdown)
     report.plot_w3(results, RESULTS / "w3.png")
