@@ -15,7 +15,9 @@ import torch
 from fedrun import config, train
 from fedrun.backends import process
 from fedrun.backends.process import ProcessBackend, cohort_chunks
-from fedrun.core import FedrunError
+from fedrun.backends.sequential import SequentialBackend
+from fedrun.core import ClientJob, ClientUpdate, FedrunError, RoundContext
+from fedrun.data.examples import ClientData, FederatedData, Labelled
 from fedrun.rundir import load_checkpoint
 from tests.conftest import TINY, make_play
 
@@ -149,6 +151,48 @@ def test_process_with_spawn_ships_the_data_and_gives_the_same_results(play_file,
     monkeypatch.setattr(process, "start_method", lambda: "spawn")  # what platforms without fork use
     got = run(compose(play_file, tmp_path, "backend=process", "backend.workers=2"))
     assert_same_results(got, sequential("fedavg"))
+
+
+class EchoTrainer:
+    """Not a LocalTrainer: its update echoes the weights it saw (any shape) and the job's tensor."""
+
+    def train(self, job, data, weights, ctx):
+        delta = weights.flatten().float() * job.client_id + job.control.sum()
+        return ClientUpdate(client_id=job.client_id, delta=delta, num_examples=data.num_examples,
+                            train_loss=float(weights.sum()), seconds=0.0, bytes_up=0, extras={"seen": weights.clone()})
+
+
+class OrderHook:
+    """A stateful hook: its output depends on every update it saw before, in order."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def on_client(self, update, ctx):
+        self.seen.append(update.client_id)
+        update.delta = update.delta + len(self.seen)
+        return update
+
+
+def test_process_carries_any_trainer_tensor_jobs_and_weights_of_changing_shape():
+    clients = [ClientData(str(i), Labelled(torch.randn(i + 1, 2), torch.zeros(i + 1, dtype=torch.long)),
+                          Labelled(torch.randn(1, 2), torch.zeros(1, dtype=torch.long))) for i in range(9)]
+    data = FederatedData(clients, fingerprint={})
+    backends = [cls(make_trainer=EchoTrainer, data=data, client_hooks=[OrderHook()], **kw)
+                for cls, kw in ((SequentialBackend, {}), (ProcessBackend, {"workers": 2}))]
+    try:
+        for round_idx, weights in enumerate([torch.arange(6.0), torch.ones(2, 3) * 2, torch.arange(4)], 1):
+            jobs = [ClientJob(c, control=torch.full((3,), float(c))) for c in (8, 1, 5, 0, 3, 7, 2)]
+            ctx = RoundContext(round_idx=round_idx, seed=0, num_clients=9, cohort=[j.client_id for j in jobs])
+            expected, got = (b.train_cohort(weights, jobs, ctx) for b in backends)
+            assert [u.client_id for u in got] == [j.client_id for j in jobs]
+            for u, e in zip(got, expected):
+                torch.testing.assert_close(u.delta, e.delta, rtol=0, atol=0)
+                torch.testing.assert_close(u.extras["seen"], weights, rtol=0, atol=0)
+                assert (u.num_examples, u.train_loss) == (e.num_examples, e.train_loss)
+    finally:
+        for b in backends:
+            b.close()
 
 
 def test_process_pool_starts_at_the_first_round_not_at_build(play_file, tmp_path):

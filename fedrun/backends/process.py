@@ -3,8 +3,8 @@ on one trainer it builds once and reuses for the whole run.
 
 Workers are forked after the experiment is built, so they inherit the client data without
 pickling it (spawn, where fork is unavailable, ships it once per worker). Each round the global
-weights are written once into a shared-memory tensor that every worker reads; jobs go out and
-updates come back a chunk of clients per message, tensors pickled as raw numpy buffers. The
+state the server sends (the global weights, whatever their shape) is written once into a
+shared-memory tensor that every worker reads; jobs go out and updates come back a chunk of clients per message, tensors pickled as raw numpy buffers. The
 client hooks (attack, privacy, compression) hold state of the main process: they run here, in
 job order, on the updates that come back.
 """
@@ -18,6 +18,7 @@ import signal
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,8 +50,7 @@ class ProcessBackend:
             raise FedrunError(f"backend=process: trains on the CPU, the weights are on {weights.device}; "
                               "use device=cpu or backend=sequential")
         if self.pool is None:
-            self.pool = WorkerPool(make_trainer=self.make_trainer, data=self.data, size=self.workers,
-                                   num_params=weights.numel())
+            self.pool = WorkerPool(make_trainer=self.make_trainer, data=self.data, size=self.workers)
         chunks = cohort_chunks([self.data.clients[j.client_id].num_examples for j in jobs],
                                self.workers * CHUNKS_PER_WORKER)
         try:
@@ -141,9 +141,12 @@ class Worker:
 class WorkerPool:
     """`size` processes that each build one trainer and serve chunks of jobs until closed."""
 
-    def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, size: int, num_params: int):
+    def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, size: int):
         context = mp.get_context(start_method())
-        self.weights = torch.zeros(num_params).share_memory_()  # written once per round, read by all
+        # The round's weights, written once per round and read by all; re-shared (a new version)
+        # only when their shape or dtype changes, e.g. a strategy that sends predictions.
+        self.weights: torch.Tensor | None = None
+        self.version, self.versions = 0, [0] * size  # the version each worker holds
         self.current = torch.full((size,), -1, dtype=torch.int64).share_memory_()  # client in training
         threads = max(1, (os.cpu_count() or 1) // size)
         self.workers: list[Worker] = []
@@ -151,8 +154,7 @@ class WorkerPool:
             parent, child = context.Pipe()
             process = context.Process(
                 target=serve, name=f"fedrun-worker-{rank}", daemon=True,
-                kwargs=dict(conn=child, make_trainer=make_trainer, data=data, weights=self.weights,
-                            current=self.current, rank=rank, threads=threads, parent_pid=os.getpid()))
+                kwargs=dict(conn=child, make_trainer=make_trainer, data=data, current=self.current, rank=rank, threads=threads, parent_pid=os.getpid()))
             process.start()
             child.close()
             self.workers.append(Worker(process, parent))
@@ -163,7 +165,7 @@ class WorkerPool:
     def run(self, weights: torch.Tensor, jobs: Sequence[ClientJob], chunks: list[list[int]],
             ctx: RoundContext) -> list[ClientUpdate]:
         """Updates for `jobs`, in order: each idle worker takes the next chunk until none is left."""
-        self.weights.copy_(weights)
+        self._write(weights)
         self.state["busy"] = True
         updates: list[ClientUpdate | None] = [None] * len(jobs)
         waiting = list(reversed(chunks))
@@ -180,8 +182,17 @@ class WorkerPool:
         self.state["busy"] = False
         return updates
 
+    def _write(self, weights: torch.Tensor) -> None:
+        if self.weights is None or self.weights.shape != weights.shape or self.weights.dtype != weights.dtype:
+            self.weights = torch.empty_like(weights).share_memory_()
+            self.version += 1
+        self.weights.copy_(weights)
+
     def _send(self, rank: int, chunk: list[int], jobs: Sequence[ClientJob], ctx: RoundContext) -> list[int]:
-        self.workers[rank].conn.send_bytes(dumps((ctx, [jobs[i] for i in chunk])))
+        # A new shared tensor goes to each worker once, as a handle to the same memory (not a copy).
+        handle = None if self.versions[rank] == self.version else bytes(ForkingPickler.dumps(self.weights))
+        self.versions[rank] = self.version
+        self.workers[rank].conn.send_bytes(dumps((ctx, [jobs[i] for i in chunk], handle)))
         return chunk
 
     def _ready(self, assigned: dict[int, list[int]]) -> list[int]:
@@ -241,8 +252,8 @@ def stop_workers(workers: list[Worker], state: dict) -> None:
         w.conn.close()
 
 
-def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedData, weights: torch.Tensor,
-          current: torch.Tensor, rank: int, threads: int, parent_pid: int) -> None:
+def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedData, current: torch.Tensor,
+          rank: int, threads: int, parent_pid: int) -> None:
     """A worker's life: build one trainer, then train each chunk of jobs it is sent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(threads)
@@ -250,6 +261,7 @@ def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedD
         trainer, failure = make_trainer(), None
     except Exception as e:
         trainer, failure = None, one_line(e)
+    weights = None
 
     def on_client(client_id: int) -> None:
         current[rank] = client_id
@@ -262,7 +274,9 @@ def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedD
         message = conn.recv_bytes()
         if message == STOP:
             return
-        ctx, jobs = pickle.loads(message)
+        ctx, jobs, handle = pickle.loads(message)
+        if handle is not None:
+            weights = pickle.loads(handle)
         if failure is not None:
             reply: tuple = ("error", jobs[0].client_id, f"building the trainer: {failure}")
         else:
