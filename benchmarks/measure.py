@@ -10,7 +10,9 @@ processes included) from `TreeMemory`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import statistics
 import threading
 import time
@@ -93,10 +95,14 @@ def pss_mb(pid: int) -> float:
 
 
 class TreeMemory:
-    """Samples the summed PSS of a process tree in a thread; `peak_mb` is the largest sum seen."""
+    """Samples the summed PSS of a process tree in a thread; `peak_mb` is the largest sum seen.
 
-    def __init__(self, pid: int, *, interval: float = 0.25):
-        self.pid, self.interval, self.peak_mb = pid, interval, 0.0
+    On a shared machine a runaway contender must not bring in the kernel's OOM killer (which
+    may pick someone else's process): past `limit_mb` its whole session is killed."""
+
+    def __init__(self, pid: int, *, limit_mb: float = math.inf, interval: float = 0.25):
+        self.pid, self.limit_mb, self.interval = pid, limit_mb, interval
+        self.peak_mb, self.exceeded = 0.0, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -104,6 +110,12 @@ class TreeMemory:
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak_mb = max(self.peak_mb, sum(pss_mb(p) for p in descendants(self.pid)))
+            if self.peak_mb > self.limit_mb and not self.exceeded:
+                self.exceeded = True
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self._stop.wait(self.interval)
 
     def stop(self) -> float:

@@ -104,7 +104,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         parts += ["", f"### {w}", "", workload_table(results, w)]
     parts += ["", "### W3 scale", "", w3_table(results)]
     if not meta.get("synthetic_cap"):
-        parts += ["", "The 100,000-client point needs `data.max_client_examples` (not in conf/data/synthetic.yaml "
+        parts += ["", "The 100,000-client point needs `data.max_client_examples` (not in fedrun.data.synthetic "
                   "yet): uncapped, 100,000 Synthetic(1, 1) clients hold about 38M examples (~9 GB)."]
     return "\n".join(parts) + "\n"
 

@@ -9,6 +9,7 @@ each other), and the same start stamp BENCH_T0. Results go to benchmarks/results
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from benchmarks.workloads import FEDRUN, ROOT, SHAKESPEARE, Workload, w1, w2, w3
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH_PYTHON = os.environ.get("BENCH_PYTHON", str(ROOT / ".venv-bench" / "bin" / "python"))
 TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", 1200))  # seconds per contender run
+MEMORY_LIMIT_MB = float(os.environ.get("BENCH_MEMORY_LIMIT_MB", 10000))  # per contender process tree
 
 
 def contender_command(name: str) -> list[str]:
@@ -58,7 +60,7 @@ def run_contender(name: str, workload: Workload, workdir: Path, export_path: Pat
     env = child_env(export_path)
     proc = subprocess.Popen(contender_command(name) + [str(workdir / "spec.json"), str(result_path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    memory = TreeMemory(proc.pid)
+    memory = TreeMemory(proc.pid, limit_mb=MEMORY_LIMIT_MB)
     try:
         rc = proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -74,13 +76,18 @@ def run_contender(name: str, workload: Workload, workdir: Path, export_path: Pat
             "tree_pss_mb": tree_mb, "wall_seconds": time.time() - float(env["BENCH_T0"])}
     if rc == 0 and result_path.exists():
         return base | json.loads(result_path.read_text())
+    if memory.exceeded:
+        return base | {"error": f"killed past BENCH_MEMORY_LIMIT_MB={MEMORY_LIMIT_MB:.0f} (process tree PSS)"}
     tail = (workdir / "output.log").read_text().strip().splitlines()[-3:]
     return base | {"error": f"exit {rc}: " + " | ".join(tail)}
 
 
 def has_cap() -> bool:
-    """Whether data=synthetic has the per-client cap of the population-scale work."""
-    return "max_client_examples" in (ROOT / "conf" / "data" / "synthetic.yaml").read_text()
+    """Whether data=synthetic has the per-client cap of the population-scale work (`++` in the
+    overrides then sets it whether or not conf/data/synthetic.yaml declares it yet)."""
+    from fedrun.data.synthetic import synthetic
+
+    return "max_client_examples" in inspect.signature(synthetic).parameters
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -89,7 +96,9 @@ def workloads(quick: bool) -> list[Workload]:
         chosen += w1(quick=quick)
     else:
         print(f"W1 skipped: {SHAKESPEARE} not found (the tinyshakespeare file of the project's machines)")
-    return chosen + w2(quick=quick) + w3(quick=quick, has_cap=has_cap())
+    only = os.environ.get("BENCH_ONLY", "W1,W2,W3").split(",")
+    chosen += w2(quick=quick, has_cap=has_cap()) + w3(quick=quick, has_cap=has_cap())
+    return [w for w in chosen if w.group in only]
 
 
 def machine() -> dict:

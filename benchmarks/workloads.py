@@ -54,13 +54,14 @@ def w1(*, quick: bool) -> list[Workload]:
         "sampler.clients_per_round=10", f"rounds={rounds}", "seed=0"], contenders) for m in models]
 
 
-def w2(*, quick: bool) -> list[Workload]:
+def w2(*, quick: bool, has_cap: bool) -> list[Workload]:
     """Light clients: Synthetic(1, 1), 1,000 clients, 100 a round, 1 local epoch of batch 10."""
     rounds = 3 if quick else 6
     models = ["logreg"] if quick else ["logreg", "mlp"]
     contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "flower", "pfl"])
     return [Workload(f"W2 {m}", "W2", [
-        "data=synthetic", "data.num_clients=1000", f"model={m}", "client.optimizer=sgd", f"client.lr={W2_LR}",
+        "data=synthetic", "data.num_clients=1000", *(["++data.max_client_examples=null"] if has_cap else []),
+        f"model={m}", "client.optimizer=sgd", f"client.lr={W2_LR}",
         "client.batch_size=10", "client.local_steps=null", "client.local_epochs=1",
         "sampler.clients_per_round=100", f"rounds={rounds}", "seed=0"], contenders) for m in models]
 
@@ -74,7 +75,7 @@ def w3(*, quick: bool, has_cap: bool) -> list[Workload]:
     if not quick and has_cap:
         points.append((100, 100000))
     contenders = available(["fedrun-sequential"] if quick else list(FEDRUN))
-    cap = ["data.max_client_examples=200"] if has_cap else []
+    cap = ["++data.max_client_examples=200"] if has_cap else []
     return [Workload(f"W3 k={k} N={n}", "W3", [
         "data=synthetic", f"data.num_clients={n}", *cap, "model=logreg", "client.optimizer=sgd",
         f"client.lr={W2_LR}", "client.batch_size=10", "client.local_steps=5", "client.local_epochs=null",
