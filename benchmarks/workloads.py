@@ -56,7 +56,7 @@ def w1(*, quick: bool) -> list[Workload]:
 
 def w2(*, quick: bool, has_cap: bool) -> list[Workload]:
     """Light clients: Synthetic(1, 1), 1,000 clients, 100 a round, 1 local epoch of batch 10."""
-    rounds = 3 if quick else 6
+    rounds = 3 if quick else 8
     models = ["logreg"] if quick else ["logreg", "mlp"]
     contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "flower", "pfl"])
     return [Workload(f"W2 {m}", "W2", [
