@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import re
 from functools import partial
@@ -25,19 +24,17 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedrun.client import OPTIMIZERS, ClientConfig, LocalTrainer
+from fedrun.checks import RULES, validate  # noqa: F401  (RULES: re-exported for tests)
+from fedrun.client import ClientConfig, LocalTrainer
 from fedrun.core import FedrunError
-from fedrun.attacks import KINDS as ATTACK_KINDS
+from fedrun import startup
+from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
-from fedrun.privacy.accounting import ACCOUNTANTS
-from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
-from fedrun.data.text import PARTITIONS, Tokenizer, has_tokenizer
-from fedrun.sampling import KINDS as SAMPLER_KINDS
+from fedrun.data.text import Tokenizer, has_tokenizer
 from fedrun.loop import Experiment
+from fedrun.server_model import GlobalModel
+from fedrun.strategies.client_models import ModelSpec
 from fedrun.schemas import SCHEMAS, register_schemas  # noqa: F401  (SCHEMAS: re-exported for tests)
-
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def conf_dir() -> Path:
     """conf/ beside the package (a source checkout or editable install), or $FEDRUN_CONF."""
@@ -45,165 +42,6 @@ def conf_dir() -> Path:
     if not (path / "config.yaml").is_file():
         raise FedrunError(f"FEDRUN_CONF: no config.yaml in {path}; point FEDRUN_CONF at fedrun's conf/ folder")
     return path
-
-
-# ---- range rules: (key, allowed values as words, predicate) --------------------------------
-
-def _opt(pred: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or pred(v)
-
-
-def _one_of(options: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
-    return "one of " + ", ".join(options), lambda v: v in options
-
-
-RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
-    ("device", *_one_of(DEVICES)),
-    ("objective", *_one_of(("eval_loss", "eval_ppl", "eval_acc"))),
-    ("client.optimizer", *_one_of(OPTIMIZERS)),
-    ("rounds", "an integer >= 1", lambda v: v >= 1),
-    ("eval_every", "an integer >= 1", lambda v: v >= 1),
-    ("checkpoint_every", "an integer >= 1", lambda v: v >= 1),
-    ("checkpoint_keep", "null or an integer >= 1", _opt(lambda v: v >= 1)),
-    ("data.seq_len", "an integer >= 1", lambda v: v >= 1),
-    ("data.test_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("data.min_samples", "an integer >= 1", lambda v: v >= 1),
-    ("data.num_clients", "null or an integer >= 1", _opt(lambda v: v >= 1)),
-    ("data.alpha", "a number >= 0", lambda v: v >= 0),
-    ("data.beta", "a number >= 0", lambda v: v >= 0),
-    ("data.num_features", "an integer >= 1", lambda v: v >= 1),
-    ("data.num_classes", "an integer >= 2", lambda v: v >= 2),
-    ("data.dirichlet_alpha", "a number > 0", lambda v: v > 0),
-    ("data.size_skew", "a number >= 0", lambda v: v >= 0),
-    ("model.hidden", "an integer >= 1", lambda v: v >= 1),
-    ("model.lora.r", "an integer >= 1", lambda v: v >= 1),
-    ("model.lora.alpha", "an integer >= 1", lambda v: v >= 1),
-    ("model.lora.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("data.max_client_bytes", "null or an integer >= 2", _opt(lambda v: v >= 2)),
-    ("model.n_layer", "an integer >= 1", lambda v: v >= 1),
-    ("model.n_head", "an integer >= 1", lambda v: v >= 1),
-    ("model.n_embd", "a positive multiple of model.n_head", lambda v: v >= 1),
-    ("model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("model.embed_dim", "an integer >= 1", lambda v: v >= 1),
-    ("model.hidden_size", "an integer >= 1", lambda v: v >= 1),
-    ("model.num_layers", "an integer >= 1", lambda v: v >= 1),
-    ("client.lr", "a number > 0", lambda v: v > 0),
-    ("client.momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("client.weight_decay", "a number >= 0", lambda v: v >= 0),
-    ("client.batch_size", "an integer >= 1", lambda v: v >= 1),
-    ("client.local_epochs", "null or an integer >= 1", _opt(lambda v: v >= 1)),
-    ("client.local_steps", "null or an integer >= 1", _opt(lambda v: v >= 1)),
-    ("client.local_steps_min", "null or an integer >= 1", _opt(lambda v: v >= 1)),
-    ("client.local_steps_max", "null or an integer >= 1", _opt(lambda v: v >= 1)),
-    ("sampler.kind", *_one_of(SAMPLER_KINDS)),
-    ("sampler.clients_per_round", "an integer >= 1", lambda v: v >= 1),
-    ("sampler.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("strategy.server_lr", "a number > 0", lambda v: v > 0),
-    ("strategy.momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("strategy.beta1", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("strategy.beta2", "a number in [0, 1)", lambda v: 0 <= v < 1),
-    ("strategy.tau", "a number > 0", lambda v: v > 0),
-    ("strategy.mu", "a number >= 0", lambda v: v >= 0),
-    ("strategy.trim", "a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
-    ("strategy.num_byzantine", "an integer >= 0", lambda v: v >= 0),
-    ("strategy.multi", "an integer >= 1", lambda v: v >= 1),
-    ("attack.kind", *_one_of(ATTACK_KINDS)),
-    ("privacy.clip_norm", "a number > 0", lambda v: v > 0),
-    ("privacy.noise_multiplier", "null (calibrate from privacy.target_epsilon) or a number >= 0", _opt(lambda v: v >= 0)),
-    ("privacy.target_epsilon", "null or a number > 0", _opt(lambda v: v > 0)),
-    ("privacy.delta", "null or a number in (0, 1)", _opt(lambda v: 0 < v < 1)),
-    ("privacy.accountant", *_one_of(ACCOUNTANTS)),
-    ("privacy.target_quantile", "a number in [0, 1]", lambda v: 0 <= v <= 1),
-    ("privacy.clip_lr", "a number >= 0", lambda v: v >= 0),
-    ("privacy.clip_count_stddev", "null or a number > 0", _opt(lambda v: v > 0)),
-    ("privacy.secagg_bits", "an integer in [1, 31]", lambda v: 1 <= v <= 31),
-    ("privacy.max_grad_norm", "a number > 0", lambda v: v > 0),
-    ("compression.fraction", "a number in (0, 1]", lambda v: 0 < v <= 1),
-    ("compression.bits", "an integer in [1, 16]", lambda v: 1 <= v <= 16),
-    ("audit.num_canaries", "an integer >= 1", lambda v: v >= 1),
-    ("audit.repeats", "an integer >= 1", lambda v: v >= 1),
-    ("audit.num_references", "an integer >= 1", lambda v: v >= 1),
-    ("audit.secret_digits", "an integer in [1, 18]", lambda v: 1 <= v <= 18),
-    ("privacy.secagg_threshold", "a number in (0, 1]", lambda v: 0 < v <= 1),
-    ("attack.fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1),
-]
-
-
-def validate(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise FedrunError(f"{missing[0]}: no value given; set it on the command line, e.g. {missing[0]}=...")
-    for key, allowed, ok in RULES:
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if value != "__absent__" and not ok(value):
-            raise FedrunError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
-    if "n_head" in cfg.model and cfg.model.n_embd % cfg.model.n_head:
-        raise FedrunError(f"model.n_embd: {cfg.model.n_embd} is not a multiple of model.n_head={cfg.model.n_head}")
-    _check_combinations(cfg)
-
-
-def _check_combinations(cfg: DictConfig) -> None:
-    """Rules that tie several keys together."""
-    partitions = SYNTHETIC_PARTITIONS if cfg.data._target_.endswith(".synthetic") else PARTITIONS
-    if cfg.data.partition not in partitions:
-        raise FedrunError(f"data.partition: {cfg.data.partition!r} is not allowed; allowed: one of {', '.join(partitions)}")
-    c = cfg.client
-    if (c.local_steps_min is None) != (c.local_steps_max is None):
-        raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, or neither")
-    if c.local_steps_min is not None and c.local_steps_min > c.local_steps_max:
-        raise FedrunError(f"client.local_steps_min: {c.local_steps_min} is more than client.local_steps_max={c.local_steps_max}")
-    if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
-        raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
-                          f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
-    if cfg.strategy._target_.endswith(".scaffold") and (c.optimizer != "sgd" or c.momentum):
-        raise FedrunError(f"client.optimizer: strategy=scaffold needs plain local SGD (client.optimizer=sgd, "
-                          f"client.momentum=0; got {c.optimizer}, momentum {c.momentum}): its control variates assume it")
-    _check_privacy(cfg)
-    f = cfg.strategy.get("num_byzantine")
-    if f is not None and cfg.sampler.clients_per_round < 2 * f + 3:
-        raise FedrunError(f"sampler.clients_per_round: krum with strategy.num_byzantine={f} needs at least "
-                          f"2 * {f} + 3 = {2 * f + 3} clients per round, got {cfg.sampler.clients_per_round}")
-
-
-ROBUST = (".median", ".trimmed_mean", ".krum", ".feddf")  # need the individual client updates
-
-
-def _check_privacy(cfg: DictConfig) -> None:
-    """Refuse combinations that would void the guarantee or that a mechanism cannot serve."""
-    p = cfg.privacy
-    if "clip_norm" not in p:
-        return
-    if p.noise_multiplier is None and p.target_epsilon is None:
-        raise FedrunError("privacy.noise_multiplier: null means calibrate it from privacy.target_epsilon, "
-                          "which is not set; give one of them")
-    dp = p.noise_multiplier is None or p.noise_multiplier > 0
-    what = "privacy=central_dp" if dp else "privacy.secure_agg"
-    if dp and cfg.sampler.kind != "poisson":
-        raise FedrunError(f"sampler.kind: {what} needs sampler.kind=poisson: its accountants assume each client "
-                          f"is sampled independently with rate q; got {cfg.sampler.kind}")
-    target = cfg.strategy._target_
-    if target.endswith(ROBUST):
-        raise FedrunError(f"strategy: {target.rsplit('.', 1)[-1]} cannot be combined with {what}: it needs the "
-                          "individual client updates, which DP noise and secure aggregation hide; use fedavg, "
-                          "fedavgm or an adaptive strategy")
-    if target.endswith(".scaffold"):
-        raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "
-                          "clients unclipped and un-noised")
-    compression = cfg.compression._target_.rsplit(".", 1)[-1]
-    if p.secure_agg and compression != "NoCompression":
-        raise FedrunError("compression: secure aggregation sends masked fixed-point vectors, which cannot be "
-                          "compressed afterwards; use compression=none (or secagg_bits to shrink them)")
-    if dp and compression == "StochasticQuantizer":
-        raise FedrunError("compression: quantize after clipping can push an update's norm past privacy.clip_norm, "
-                          "voiding the DP bound; use compression=topk (which only shrinks it) or none")
-    if p.stop_at_budget and p.target_epsilon is None:
-        raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
-    if p.secure_agg:
-        largest = cfg.sampler.clients_per_round + 6 * math.sqrt(cfg.sampler.clients_per_round)
-        if largest * 2**p.secagg_bits > 2**32:
-            raise FedrunError(f"privacy.secagg_bits: {p.secagg_bits} bits leave no room to sum a cohort of up to "
-                              f"{int(largest)} clients modulo 2^32; allowed: at most "
-                              f"{int(math.log2(2**32 / largest))}")
 
 
 # ---- compose ---------------------------------------------------------------------------------
@@ -263,7 +101,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def client_config(cfg: DictConfig) -> ClientConfig:
-    return ClientConfig(**cfg.client)
+    return ClientConfig(**{k: v for k, v in cfg.client.items() if k != "models"})
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -277,16 +115,32 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
+    """The run's federated data: from the on-disk cache when `data.cache` (fedrun/data/cache.py)."""
     options: dict[str, Any] = {}
     path = cfg.model.get("name_or_path")
-    if path and has_tokenizer(path) and not cfg.data._target_.endswith(".synthetic"):
-        options["tokenizer"] = Tokenizer(path)  # windows of the model's own tokens
+    tokenizer = path if path and has_tokenizer(path) and not cfg.data._target_.endswith(".synthetic") else None
     if audit is not None:
-        if cfg.data._target_.endswith(".synthetic") or options:
+        if cfg.data._target_.endswith(".synthetic") or tokenizer:
             raise FedrunError("audit: canaries are byte-level secrets planted in text; they need byte-level text "
                               "data (not data=synthetic, nor a model with its own tokenizer)")
         options["insert"] = audit.insert
-    return instantiate(cfg.data, _partial_=True)(seed=cfg.seed, **options)
+    node = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "cache"])
+
+    def make() -> FederatedData:
+        if tokenizer:  # windows of the model's own tokens; made only on a cache miss (it imports transformers)
+            options["tokenizer"] = Tokenizer(tokenizer)
+        return instantiate(node, _partial_=True)(seed=cfg.seed, **options)
+
+    startup.mark("data_start")
+    if audit is not None or not cfg.data.get("cache", True):  # canaries plant secrets: never cached
+        data = make()
+        data.provenance = {"cache": "off"}
+    else:
+        spec = OmegaConf.to_container(node)
+        key = data_cache.data_key(data=spec, seed=cfg.seed, tokenizer=tokenizer)
+        data = data_cache.load_or_build(key, make)
+    startup.mark("data_end")
+    return data
 
 
 def build(cfg: DictConfig) -> Experiment:
@@ -298,28 +152,33 @@ def build(cfg: DictConfig) -> Experiment:
     if k > data.num_clients:
         raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
                           f"of this data; allowed: 1..{data.num_clients}")
-    make_model = instantiate(cfg.model, _partial_=True)
-    if missing := set(data.model_dims) - set(inspect.signature(make_model.func).parameters):
-        raise FedrunError(f"model: {cfg.model._target_.rsplit('.', 1)[-1]} does not fit this data (it takes no "
-                          f"{', '.join(sorted(missing))}): text data needs model=tiny_gpt or lstm, "
-                          "labelled data (data=synthetic) model=logreg or mlp")
-    make_model = partial(make_model, **data.model_dims)
+    make_model = model_factory(cfg.model, data, key="model")
     num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
     # What a factory may ask for besides its own config keys.
     context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
-               "make_model": make_model,
+               "make_model": make_model, "model_specs": model_specs(cfg, data, make_model),
                "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size}
-    mechanism = with_context(instantiate(cfg.privacy, _partial_=True), context)
+    strategy = build_strategy(cfg, context)
+    # Logit exchange sends predictions, not weights: privacy clips and noises those vectors.
+    mechanism = with_context(instantiate(cfg.privacy, _partial_=True),
+                             context | {"num_params": getattr(strategy, "update_size", num_params)})
     example_dp = getattr(mechanism, "example_dp", None)
     attack = with_context(instantiate(cfg.attack, _partial_=True), context)
-    # Client-side order: an attacker tampers with its update, privacy clips it, compression packs it.
     compression = with_context(instantiate(cfg.compression, _partial_=True), context)
-    make_trainer = partial(LocalTrainer, make_model, client_config(cfg), device, example_dp)
-    strategy = with_context(instantiate(cfg.strategy, _partial_=True), context)
+    trainer_args = (client_config(cfg), device, example_dp)
+    if hasattr(strategy, "make_trainer"):  # clients that keep their own models (fed_distill)
+        make_trainer = strategy.make_trainer(*trainer_args)
+    else:
+        make_trainer = partial(LocalTrainer, make_model, *trainer_args)
     public = getattr(strategy, "public_fingerprint", None)
     if public is not None and public.get("sha256") == data.fingerprint.get("sha256"):
         raise FedrunError("strategy.public: the public corpus is the clients' own data; distillation must use "
                           "other text, e.g. data=shakespeare with the default public pystdlib")
+    # Client-side order: the client's own state is kept, an attacker tampers with its update,
+    # privacy clips it, compression packs it.
+    client_hooks = [h for h in (getattr(strategy, "client_state", None), attack, mechanism, compression) if h]
+    server_model = getattr(strategy, "server_model", None) or GlobalModel(make_model, device=device,
+                                                                          seed=cfg.seed, audit=audit)
     return Experiment(
         cfg=cfg,
         data=data,
@@ -329,12 +188,56 @@ def build(cfg: DictConfig) -> Experiment:
         mechanism=mechanism,
         # Objects go in through a partial: instantiate() would turn keyword objects into configs.
         backend=instantiate(cfg.backend, _partial_=True)(
-            make_trainer=make_trainer, data=data, client_hooks=[attack, mechanism, compression]),
+            make_trainer=make_trainer, data=data, client_hooks=client_hooks),
         device=device,
         attack=attack,
+        server_model=server_model,
         audit=audit,
         compression=compression,
     )
+
+
+def build_strategy(cfg: DictConfig, context: dict[str, Any]) -> Any:
+    """The strategy; a distillation strategy's public corpus is loaded like the clients' data."""
+    if "public" not in cfg.strategy:
+        return with_context(instantiate(cfg.strategy, _partial_=True), context)
+    public_cfg = cfg.copy()
+    public_cfg.data = cfg.strategy.public
+    node = OmegaConf.masked_copy(cfg.strategy, [k for k in cfg.strategy if k != "public"])
+    return with_context(instantiate(node, _partial_=True), context | {"public": build_data(public_cfg)})
+
+
+def model_factory(node: DictConfig, data: FederatedData, *, key: str) -> Callable[[], torch.nn.Module]:
+    """A zero-argument model constructor for this data (vocabulary, sequence length, features)."""
+    make_model = instantiate(node, _partial_=True)
+    if missing := set(data.model_dims) - set(inspect.signature(make_model.func).parameters):
+        raise FedrunError(f"{key}: {node._target_.rsplit('.', 1)[-1]} does not fit this data (it takes no "
+                          f"{', '.join(sorted(missing))}): text data needs model=tiny_gpt or lstm, "
+                          "labelled data (data=synthetic) model=logreg or mlp")
+    return partial(make_model, **data.model_dims)
+
+
+def model_specs(cfg: DictConfig, data: FederatedData, make_model: Callable[[], torch.nn.Module]) -> list[ModelSpec]:
+    """The architectures clients hold: `client.models` entries, or `model` for every client."""
+    if cfg.client.models is None:
+        return [ModelSpec(cfg.model._target_.rsplit(".", 1)[-1].lower(), make_model, 1.0)]
+    return [ModelSpec(entry.name, model_factory(model_option(entry, i), data, key=f"client.models[{i}]"),
+                      entry.fraction) for i, entry in enumerate(cfg.client.models)]
+
+
+def model_option(entry: DictConfig, index: int) -> DictConfig:
+    """conf/model/<entry.option>.yaml with the entry's other keys merged in, typed by its schema."""
+    key = f"client.models[{index}]"
+    options = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+    if entry.option not in options:
+        raise FedrunError(f"{key}.option: unknown model option {entry.option!r}; allowed: {', '.join(options)}")
+    node = OmegaConf.load(conf_dir() / "model" / f"{entry.option}.yaml")
+    node.pop("defaults", None)
+    overrides = {k: v for k, v in entry.items() if k not in ("name", "option", "fraction")}
+    try:
+        return OmegaConf.merge(OmegaConf.structured(SCHEMAS["model"][entry.option]), node, overrides)
+    except OmegaConfBaseException as e:
+        raise FedrunError(f"{key}.{_one_line(e)}") from e
 
 
 def with_context(factory: partial, context: dict[str, Any]) -> Any:

@@ -31,6 +31,8 @@ class Stream(enum.IntEnum):
     ATTACK = 6  # which clients are malicious, and their random updates
     NOISE = 7  # the server's DP noise
     SECAGG = 8  # secure aggregation's keys and masks
+    PUBLIC = 9  # which public windows the server asks for (distillation)
+    MODELS = 10  # which clients hold which architecture
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
@@ -103,6 +105,10 @@ class ClientHook(Protocol):
 class Strategy(Protocol):
     """An FL algorithm: what each client is sent, and how updates fold into the global weights."""
 
+    def begin_round(self, ctx: RoundContext) -> None:
+        """Called once the cohort is sampled, before any client_job."""
+        ...
+
     def client_job(self, client_id: int) -> ClientJob: ...
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor: ...
@@ -148,6 +154,23 @@ class Sampler(Protocol):
     def sample(self, num_examples: np.ndarray, ctx: RoundContext) -> list[int]:
         """The round's cohort, given each client's number of training examples."""
         ...
+
+
+class ServerModel(Protocol):
+    """What the loop evaluates and saves; `weights` is the state the server sends every client
+    (the global model's flat weights, or logit exchange's consensus predictions)."""
+
+    metric_columns: list[str]  # extra metrics.csv columns its evaluation fills
+
+    def initial_weights(self) -> torch.Tensor: ...
+
+    def evaluate(self, weights: torch.Tensor, test) -> dict: ...
+
+    def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict: ...
+
+    def save(self, rundir, weights: torch.Tensor, *, round_idx: int) -> None: ...
+
+    def summary(self) -> dict: ...
 
 
 class Backend(Protocol):

@@ -11,11 +11,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, Strategy, Stream, derive_seed
+from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, ServerModel, Strategy
 from fedrun.data.examples import FederatedData
-from fedrun.evaluation import evaluate
 from fedrun.privacy.audit import CanaryAudit
-from fedrun.params import flatten_parameters
 from fedrun.records import CLIENT_COLUMNS, LEDGER_COLUMNS, METRIC_COLUMNS, client_rows, parse_row, round_row, summarize
 from fedrun.rundir import RunDir
 from fedrun.sampling import drop_out
@@ -36,30 +34,23 @@ class Experiment:
     backend: Backend
     device: torch.device
     attack: ClientHook
+    server_model: ServerModel
     audit: CanaryAudit | None = None
     compression: ClientHook | None = None
-
-
-def initial_model(exp: Experiment) -> tuple[nn.Module, torch.Tensor]:
-    """The global model (seeded from the INIT stream) and its flat weight vector."""
-    torch.manual_seed(derive_seed(exp.cfg.seed, Stream.INIT))
-    model = exp.make_model().to(exp.device)
-    return model, flatten_parameters(model)
 
 
 def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | None = None,
         checkpoint: dict | None = None) -> dict:
     """Run every round (after `checkpoint`'s, when resuming), writing rows as rounds finish."""
     cfg = exp.cfg
-    model, flat = initial_model(exp)
+    server = exp.server_model
     test = exp.data.test_examples()
     num_examples = np.array([c.num_examples for c in exp.data.clients])
-    extra_columns = (["canary_exposure"] if exp.audit else []) + (["lora_agg_error"] if is_lora(model) else [])
-    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns + extra_columns)
+    metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns + server.metric_columns)
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None
     if checkpoint is None:
-        weights, history = flat.detach().clone(), [initial_row(exp, model, test)]
+        weights, history = server.initial_weights(), [initial_row(server, test)]
         metrics.append(history)
         if on_round is not None:
             on_round(history[0])
@@ -74,17 +65,17 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
             break
         ctx.cohort = exp.sampler.sample(num_examples, ctx)
         exp.mechanism.begin_round(ctx)
+        exp.strategy.begin_round(ctx)
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
         updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
         previous, weights = weights, server_step(exp, weights, updates, ctx)
-        row = round_row(round_idx, updates, weights, jobs=list(jobs.values()), dropped=len(dropped))
-        row.update(lora_error(model, previous, updates))
+        row = round_row(round_idx, updates, previous, jobs=list(jobs.values()), dropped=len(dropped))
+        row.update(server.round_metrics(previous, updates))
         evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
         row.update(exp.mechanism.round_metrics(tight=evaluating))
         if evaluating:
-            flat.copy_(weights)
-            row.update(evaluate(model, test, exp.device) | measure_audit(exp, model))
+            row.update(server.evaluate(weights, test))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
         clients.append(client_rows(round_idx, updates, dropped, exp.data))
@@ -96,20 +87,16 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         log.info("round %d: %s", round_idx, {k: v for k, v in row.items() if v is not None})
         if on_round is not None:
             on_round(row)
-    flat.copy_(weights)
-    rundir.save_model(model, {"round": str(history[-1]["round"])})
-    if is_lora(model):  # peft's layout, loadable with PeftModel.from_pretrained
-        model.save_adapter(rundir.path / "adapter")
-    audit = {"audit": exp.audit.summary(model, exp.device)} if exp.audit else {}
+    server.save(rundir, weights, round_idx=history[-1]["round"])
     return summarize(history) | {"privacy": exp.mechanism.summary(),
-                                 "stopped_at_budget": history[-1]["round"] < cfg.rounds} | audit
+                                 "stopped_at_budget": history[-1]["round"] < cfg.rounds} | server.summary()
 
 
-def initial_row(exp: Experiment, model: nn.Module, test) -> dict:
-    """Round 0: the initial model, evaluated before any training."""
+def initial_row(server: ServerModel, test) -> dict:
+    """Round 0: the initial model(s), evaluated before any training."""
     start = time.perf_counter()
     return {"round": 0, "clients": 0, "examples": 0, "bytes_up": 0, "bytes_down": 0,
-            **evaluate(model, test, exp.device), **measure_audit(exp, model), "seconds": time.perf_counter() - start}
+            **server.evaluate(server.initial_weights(), test), "seconds": time.perf_counter() - start}
 
 
 def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.Tensor, list[dict]]:
@@ -135,23 +122,6 @@ def server_step(exp: Experiment, weights: torch.Tensor, updates, ctx: RoundConte
     if not torch.isfinite(weights).all():
         raise FedrunError(f"training diverged: the global weights are not finite after round {ctx.round_idx}")
     return weights
-
-
-def is_lora(model: nn.Module) -> bool:
-    return getattr(model, "lora_enabled", False)
-
-
-def lora_error(model: nn.Module, weights: torch.Tensor, updates) -> dict:
-    """Averaging LoRA factors A and B separately is not averaging B A: log the relative gap."""
-    if not is_lora(model) or not updates or not updates[0].delta.is_floating_point():
-        return {}
-    from fedrun.models.hf import lora_aggregation_error
-
-    return {"lora_agg_error": lora_aggregation_error([weights + u.delta for u in updates], model)}
-
-
-def measure_audit(exp: Experiment, model: nn.Module) -> dict:
-    return {"canary_exposure": exp.audit.measure(model, exp.device)["canary_exposure"]} if exp.audit else {}
 
 
 def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> dict:

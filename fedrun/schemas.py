@@ -21,6 +21,7 @@ class TextDataSchema:
     partition: str = MISSING
     num_clients: Optional[int] = MISSING
     max_client_bytes: Optional[int] = MISSING
+    cache: bool = MISSING
 
 
 @dataclass
@@ -46,6 +47,8 @@ class SyntheticSchema:
     dirichlet_alpha: float = MISSING
     size_skew: float = MISSING
     test_fraction: float = MISSING
+    max_client_examples: Optional[int] = MISSING
+    cache: bool = MISSING
 
 
 @dataclass
@@ -100,6 +103,7 @@ class ClientSchema:
     local_steps: Optional[int] = MISSING
     local_steps_min: Optional[int] = MISSING
     local_steps_max: Optional[int] = MISSING
+    models: Optional[Any] = MISSING
 
 
 @dataclass
@@ -146,6 +150,21 @@ class FedDFSchema:
     distill_lr: float = MISSING
     distill_batch: int = MISSING
     eval_every: int = MISSING
+    public: Any = MISSING
+
+
+@dataclass
+class FedDistillSchema:
+    _target_: str = MISSING
+    aggregation: str = MISSING
+    era_temperature: float = MISSING
+    temperature: float = MISSING
+    public_batch: int = MISSING
+    digest_steps: int = MISSING
+    digest_batch: int = MISSING
+    digest: str = MISSING
+    topk_logits: Optional[int] = MISSING
+    eval_clients: int = MISSING
     public: Any = MISSING
 
 
@@ -277,7 +296,8 @@ SCHEMAS = {
     "sampler": {"default": SamplerSchema},
     "strategy": {"fedavg": TargetOnlySchema, "fedavgm": FedAvgMSchema, "fedopt": FedOptSchema,
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
-                 "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema, "feddf": FedDFSchema},
+                 "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema, "feddf": FedDFSchema,
+                 "fed_distill": FedDistillSchema},
     "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
     "backend": {"sequential": TargetOnlySchema, "process": ProcessBackendSchema, "ray": RayBackendSchema,
                 "vectorized": VectorizedBackendSchema},

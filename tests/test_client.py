@@ -2,14 +2,14 @@
 import torch
 
 from fedrun import config
-from fedrun.client import ClientConfig, LocalTrainer, batch_indices
+from fedrun.client import ClientConfig, batch_indices
 from fedrun.core import ClientJob, RoundContext
-from fedrun.loop import initial_model
+from fedrun.server_model import initial_model
 
 
 def test_training_a_client_never_touches_global_or_other_clients_tensors(compose_cfg):
     exp = config.build(compose_cfg("sampler.clients_per_round=2"))
-    global_model, global_flat = initial_model(exp)
+    global_model, global_flat = initial_model(exp.make_model, exp.device, exp.cfg.seed)
     weights = global_flat.detach().clone()
     global_params = [p.detach().clone() for p in global_model.parameters()]
     trainer = exp.backend.trainer
@@ -31,7 +31,7 @@ def test_training_a_client_never_touches_global_or_other_clients_tensors(compose
 
 def test_same_client_same_round_gives_the_same_update(compose_cfg):
     exp = config.build(compose_cfg())
-    _, flat = initial_model(exp)
+    _, flat = initial_model(exp.make_model, exp.device, exp.cfg.seed)
     ctx = RoundContext(round_idx=4, seed=0, num_clients=exp.data.num_clients)
     trainer = exp.backend.trainer
     a = trainer.train(ClientJob(2), exp.data.clients[2], flat, ctx)

@@ -28,6 +28,8 @@ def test_every_option_declares_a_schema_and_every_schema_is_used():
 
 SMALL = {"model=tiny_gpt": ["model.n_embd=16", "model.n_head=2"], "model=lstm": ["model.hidden_size=16"],
          "data=pystdlib": ["data.max_client_bytes=2000"], "strategy=scaffold": ["client.optimizer=sgd"],
+         "client=hetero": ["strategy=fed_distill", "strategy.public.max_client_bytes=2000"],
+         "strategy=fed_distill": ["strategy.public.max_client_bytes=2000"],
          "data=synthetic": ["model=logreg", "data.num_clients=6"], "privacy=central_dp": ["sampler.kind=poisson"],
          "strategy=krum": ["strategy.num_byzantine=1", "sampler.clients_per_round=5"]}
 

@@ -2,7 +2,6 @@
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fedrun import config, train
 from fedrun.core import FedrunError

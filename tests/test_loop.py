@@ -2,10 +2,11 @@
 import pandas as pd
 import torch
 
-from fedrun import config, loop, train
+from fedrun import config, train
 from fedrun.data.examples import concat
 from fedrun.evaluation import batch_loss
 from fedrun.rundir import load_checkpoint
+from fedrun.server_model import initial_model
 
 
 def test_one_fedavg_round_of_full_batch_gd_equals_centralised_gd_on_the_union(compose_cfg, tmp_path):
@@ -18,7 +19,7 @@ def test_one_fedavg_round_of_full_batch_gd_equals_centralised_gd_on_the_union(co
     run_dir, _ = train.train(exp)
     federated = load_checkpoint(run_dir / "checkpoints" / "round_0001.pt")["weights"]
 
-    model, flat = loop.initial_model(exp)  # the same initial weights, trained centrally
+    model, flat = initial_model(exp.make_model, exp.device, exp.cfg.seed)  # the same initial weights, trained centrally
     w0 = flat.detach().clone()
     x, y = concat([c.train for c in exp.data.clients]).inputs_targets(torch.device("cpu"))
     batch_loss(model, x, y).backward()

@@ -146,7 +146,6 @@ def test_target_epsilon_calibrates_the_noise_for_the_planned_rounds(compose_cfg,
 
 
 def test_resumed_dp_run_has_exactly_the_same_epsilon(compose_cfg, tmp_path):
-    from fedrun.rundir import RunDir
 
     whole, _ = _run(compose_cfg, tmp_path, "whole", "rounds=6", "checkpoint_every=2", "privacy.adaptive=true",
                     "privacy.clip_count_stddev=1.0")

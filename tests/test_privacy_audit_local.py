@@ -1,5 +1,4 @@
 """privacy=local_dp and audit=canaries through the round loop."""
-import json
 
 import pandas as pd
 import pytest

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from fedrun.core import ClientJob, ClientUpdate
+from fedrun.core import ClientJob, ClientUpdate, RoundContext
 
 
 class Scaffold:
@@ -22,6 +22,9 @@ class Scaffold:
         self.num_clients = num_clients
         self.control = torch.zeros(num_params, device=device)
         self.client_controls: dict[int, torch.Tensor] = {}
+
+    def begin_round(self, ctx: RoundContext) -> None:
+        pass
 
     def client_job(self, client_id: int) -> ClientJob:
         return ClientJob(client_id=client_id, control=self.control, client_control=self.client_controls.get(client_id))

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from fedrun.core import ClientJob, ClientUpdate
+from fedrun.core import ClientJob, ClientUpdate, RoundContext
 
 Aggregator = Callable[[Sequence[ClientUpdate]], torch.Tensor]
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -25,6 +25,9 @@ class ServerStrategy:
         self._param: torch.nn.Parameter | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict | None = None
+
+    def begin_round(self, ctx: RoundContext) -> None:
+        pass
 
     def client_job(self, client_id: int) -> ClientJob:
         return ClientJob(client_id=client_id, prox_mu=self.prox_mu)

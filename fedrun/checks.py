@@ -1,0 +1,232 @@
+"""Config checks that types cannot express: value ranges (RULES) and rules that tie keys together.
+
+Each failure is one line naming the key, what is wrong and what is allowed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedrun.attacks import KINDS as ATTACK_KINDS
+from fedrun.client import OPTIMIZERS
+from fedrun.core import FedrunError
+from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
+from fedrun.data.text import PARTITIONS
+from fedrun.privacy.accounting import ACCOUNTANTS
+from fedrun.sampling import KINDS as SAMPLER_KINDS
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# ---- range rules: (key, allowed values as words, predicate) --------------------------------
+
+def _opt(pred: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or pred(v)
+
+
+def _one_of(options: tuple[str, ...]) -> tuple[str, Callable[[Any], bool]]:
+    return "one of " + ", ".join(options), lambda v: v in options
+
+
+RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
+    ("device", *_one_of(DEVICES)),
+    ("objective", *_one_of(("eval_loss", "eval_ppl", "eval_acc"))),
+    ("client.optimizer", *_one_of(OPTIMIZERS)),
+    ("rounds", "an integer >= 1", lambda v: v >= 1),
+    ("eval_every", "an integer >= 1", lambda v: v >= 1),
+    ("checkpoint_every", "an integer >= 1", lambda v: v >= 1),
+    ("checkpoint_keep", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("data.seq_len", "an integer >= 1", lambda v: v >= 1),
+    ("data.test_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("data.min_samples", "an integer >= 1", lambda v: v >= 1),
+    ("data.num_clients", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("data.alpha", "a number >= 0", lambda v: v >= 0),
+    ("data.beta", "a number >= 0", lambda v: v >= 0),
+    ("data.num_features", "an integer >= 1", lambda v: v >= 1),
+    ("data.num_classes", "an integer >= 2", lambda v: v >= 2),
+    ("data.dirichlet_alpha", "a number > 0", lambda v: v > 0),
+    ("data.size_skew", "a number >= 0", lambda v: v >= 0),
+    ("model.hidden", "an integer >= 1", lambda v: v >= 1),
+    ("model.lora.r", "an integer >= 1", lambda v: v >= 1),
+    ("model.lora.alpha", "an integer >= 1", lambda v: v >= 1),
+    ("model.lora.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("data.max_client_bytes", "null or an integer >= 2", _opt(lambda v: v >= 2)),
+    ("model.n_layer", "an integer >= 1", lambda v: v >= 1),
+    ("model.n_head", "an integer >= 1", lambda v: v >= 1),
+    ("model.n_embd", "a positive multiple of model.n_head", lambda v: v >= 1),
+    ("model.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("model.embed_dim", "an integer >= 1", lambda v: v >= 1),
+    ("model.hidden_size", "an integer >= 1", lambda v: v >= 1),
+    ("model.num_layers", "an integer >= 1", lambda v: v >= 1),
+    ("client.lr", "a number > 0", lambda v: v > 0),
+    ("client.momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("client.weight_decay", "a number >= 0", lambda v: v >= 0),
+    ("client.batch_size", "an integer >= 1", lambda v: v >= 1),
+    ("client.local_epochs", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("client.local_steps", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("client.local_steps_min", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("client.local_steps_max", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("sampler.kind", *_one_of(SAMPLER_KINDS)),
+    ("sampler.clients_per_round", "an integer >= 1", lambda v: v >= 1),
+    ("sampler.dropout", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.server_lr", "a number > 0", lambda v: v > 0),
+    ("strategy.momentum", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.beta1", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.beta2", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("strategy.tau", "a number > 0", lambda v: v > 0),
+    ("strategy.mu", "a number >= 0", lambda v: v >= 0),
+    ("strategy.trim", "a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    ("strategy.num_byzantine", "an integer >= 0", lambda v: v >= 0),
+    ("strategy.multi", "an integer >= 1", lambda v: v >= 1),
+    ("attack.kind", *_one_of(ATTACK_KINDS)),
+    ("privacy.clip_norm", "a number > 0", lambda v: v > 0),
+    ("privacy.noise_multiplier", "null (calibrate from privacy.target_epsilon) or a number >= 0", _opt(lambda v: v >= 0)),
+    ("privacy.target_epsilon", "null or a number > 0", _opt(lambda v: v > 0)),
+    ("privacy.delta", "null or a number in (0, 1)", _opt(lambda v: 0 < v < 1)),
+    ("privacy.accountant", *_one_of(ACCOUNTANTS)),
+    ("privacy.target_quantile", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    ("privacy.clip_lr", "a number >= 0", lambda v: v >= 0),
+    ("privacy.clip_count_stddev", "null or a number > 0", _opt(lambda v: v > 0)),
+    ("privacy.secagg_bits", "an integer in [1, 31]", lambda v: 1 <= v <= 31),
+    ("privacy.max_grad_norm", "a number > 0", lambda v: v > 0),
+    ("compression.fraction", "a number in (0, 1]", lambda v: 0 < v <= 1),
+    ("compression.bits", "an integer in [1, 16]", lambda v: 1 <= v <= 16),
+    ("audit.num_canaries", "an integer >= 1", lambda v: v >= 1),
+    ("audit.repeats", "an integer >= 1", lambda v: v >= 1),
+    ("audit.num_references", "an integer >= 1", lambda v: v >= 1),
+    ("audit.secret_digits", "an integer in [1, 18]", lambda v: 1 <= v <= 18),
+    ("privacy.secagg_threshold", "a number in (0, 1]", lambda v: 0 < v <= 1),
+    ("attack.fraction", "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    ("strategy.aggregation", *_one_of(("mean", "era"))),
+    ("strategy.era_temperature", "a number > 0", lambda v: v > 0),
+    ("strategy.temperature", "a number > 0", lambda v: v > 0),
+    ("strategy.public_batch", "an integer >= 1", lambda v: v >= 1),
+    ("strategy.digest_steps", "an integer >= 0", lambda v: v >= 0),
+    ("strategy.digest_batch", "an integer >= 1", lambda v: v >= 1),
+    ("strategy.digest", *_one_of(("before", "after"))),
+    ("strategy.topk_logits", "null or an integer >= 1", _opt(lambda v: v >= 1)),
+    ("strategy.eval_clients", "an integer >= 1", lambda v: v >= 1),
+]
+
+
+def validate(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise FedrunError(f"{missing[0]}: no value given; set it on the command line, e.g. {missing[0]}=...")
+    for key, allowed, ok in RULES:
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and not ok(value):
+            raise FedrunError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
+    if "n_head" in cfg.model and cfg.model.n_embd % cfg.model.n_head:
+        raise FedrunError(f"model.n_embd: {cfg.model.n_embd} is not a multiple of model.n_head={cfg.model.n_head}")
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    """Rules that tie several keys together."""
+    partitions = SYNTHETIC_PARTITIONS if cfg.data._target_.endswith(".synthetic") else PARTITIONS
+    if cfg.data.partition not in partitions:
+        raise FedrunError(f"data.partition: {cfg.data.partition!r} is not allowed; allowed: one of {', '.join(partitions)}")
+    c = cfg.client
+    if (c.local_steps_min is None) != (c.local_steps_max is None):
+        raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, or neither")
+    if c.local_steps_min is not None and c.local_steps_min > c.local_steps_max:
+        raise FedrunError(f"client.local_steps_min: {c.local_steps_min} is more than client.local_steps_max={c.local_steps_max}")
+    if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
+        raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
+                          f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
+    if cfg.strategy._target_.endswith(".scaffold") and (c.optimizer != "sgd" or c.momentum):
+        raise FedrunError(f"client.optimizer: strategy=scaffold needs plain local SGD (client.optimizer=sgd, "
+                          f"client.momentum=0; got {c.optimizer}, momentum {c.momentum}): its control variates assume it")
+    _check_privacy(cfg)
+    _check_distillation(cfg)
+    f = cfg.strategy.get("num_byzantine")
+    if f is not None and cfg.sampler.clients_per_round < 2 * f + 3:
+        raise FedrunError(f"sampler.clients_per_round: krum with strategy.num_byzantine={f} needs at least "
+                          f"2 * {f} + 3 = {2 * f + 3} clients per round, got {cfg.sampler.clients_per_round}")
+
+
+ROBUST = (".median", ".trimmed_mean", ".krum", ".feddf")  # need the individual client updates
+
+
+def _check_privacy(cfg: DictConfig) -> None:
+    """Refuse combinations that would void the guarantee or that a mechanism cannot serve."""
+    p = cfg.privacy
+    if "clip_norm" not in p:
+        return
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        raise FedrunError("privacy.noise_multiplier: null means calibrate it from privacy.target_epsilon, "
+                          "which is not set; give one of them")
+    dp = p.noise_multiplier is None or p.noise_multiplier > 0
+    what = "privacy=central_dp" if dp else "privacy.secure_agg"
+    if dp and cfg.sampler.kind != "poisson":
+        raise FedrunError(f"sampler.kind: {what} needs sampler.kind=poisson: its accountants assume each client "
+                          f"is sampled independently with rate q; got {cfg.sampler.kind}")
+    target = cfg.strategy._target_
+    if target.endswith(ROBUST):
+        raise FedrunError(f"strategy: {target.rsplit('.', 1)[-1]} cannot be combined with {what}: it needs the "
+                          "individual client updates, which DP noise and secure aggregation hide; use fedavg, "
+                          "fedavgm or an adaptive strategy")
+    if target.endswith(".scaffold"):
+        raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "
+                          "clients unclipped and un-noised")
+    compression = cfg.compression._target_.rsplit(".", 1)[-1]
+    if p.secure_agg and compression != "NoCompression":
+        raise FedrunError("compression: secure aggregation sends masked fixed-point vectors, which cannot be "
+                          "compressed afterwards; use compression=none (or secagg_bits to shrink them)")
+    if dp and compression == "StochasticQuantizer":
+        raise FedrunError("compression: quantize after clipping can push an update's norm past privacy.clip_norm, "
+                          "voiding the DP bound; use compression=topk (which only shrinks it) or none")
+    if p.stop_at_budget and p.target_epsilon is None:
+        raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
+    if p.secure_agg:
+        largest = cfg.sampler.clients_per_round + 6 * math.sqrt(cfg.sampler.clients_per_round)
+        if largest * 2**p.secagg_bits > 2**32:
+            raise FedrunError(f"privacy.secagg_bits: {p.secagg_bits} bits leave no room to sum a cohort of up to "
+                              f"{int(largest)} clients modulo 2^32; allowed: at most "
+                              f"{int(math.log2(2**32 / largest))}")
+
+
+def _check_distillation(cfg: DictConfig) -> None:
+    """Logit exchange: clients keep their own models and send predictions on public text."""
+    distill = cfg.strategy._target_.endswith(".fed_distill")
+    if cfg.client.models is not None and not distill:
+        raise FedrunError("client.models: clients with different architectures need strategy=fed_distill "
+                          "(weights of different models cannot be averaged); or set client.models=null")
+    if not distill:
+        return
+    if cfg.data._target_.endswith(".synthetic") or cfg.model.get("name_or_path"):
+        raise FedrunError("strategy: fed_distill exchanges next-byte predictions on public text; it needs byte-level "
+                          "text data and models (tiny_gpt or lstm), not data=synthetic or model=hf")
+    refused = {"attack": ("NoAttack", "attacks are defined on weight updates"),
+               "compression": ("NoCompression", "use strategy.topk_logits to shrink what clients send"),
+               "audit": ("no_audit", "the canary audit measures one global model, which fed_distill has not")}
+    for group, (none, why) in refused.items():
+        if not cfg[group]._target_.endswith(none):
+            raise FedrunError(f"{group}: must be none with strategy=fed_distill: {why}")
+    if cfg.privacy.get("secure_agg") or cfg.privacy._target_.endswith("LocalPrivacy"):
+        raise FedrunError("privacy: strategy=fed_distill supports privacy=none or central_dp (noise on the mean "
+                          "of the clients' predictions)")
+    _check_model_entries(cfg.client.models)
+
+
+def _check_model_entries(entries) -> None:
+    if entries is None:
+        return
+    if not entries:
+        raise FedrunError("client.models: an empty list; give at least one entry, or null for model=")
+    for i, entry in enumerate(entries):
+        for key in ("name", "option", "fraction"):
+            if key not in entry:
+                raise FedrunError(f"client.models[{i}].{key}: missing; each entry needs name, option (a model= option) "
+                                  "and fraction, e.g. {name: small, option: tiny_gpt, fraction: 0.5, n_embd: 32}")
+        if not 0 < entry.fraction <= 1:
+            raise FedrunError(f"client.models[{i}].fraction: {entry.fraction!r} is not allowed; allowed: a number in (0, 1]")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise FedrunError(f"client.models: names must differ (they name metrics); got {', '.join(map(str, names))}")
+    total = sum(e.fraction for e in entries)
+    if abs(total - 1) > 1e-6:
+        raise FedrunError(f"client.models: the fractions sum to {total:g}; allowed: fractions that sum to 1")

@@ -1,0 +1,63 @@
+"""What the round loop evaluates, audits and saves: the server's view of the model.
+
+Weight-averaging strategies have one global model (`GlobalModel`); the loop's `weights` are its
+flat parameters. Logit-exchange distillation has none: each client keeps its own model and
+the loop's `weights` are the consensus predictions (`fedrun.strategies.fed_distill.ClientModels`).
+Both offer the same few methods, so the loop does not care which it has.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedrun.core import ClientUpdate, Stream, derive_seed
+from fedrun.data.examples import Examples
+from fedrun.evaluation import evaluate
+from fedrun.params import flatten_parameters
+from fedrun.privacy.audit import CanaryAudit
+
+
+def initial_model(make_model: Callable[[], nn.Module], device: torch.device, seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """The global model (seeded from the INIT stream) and its flat weight vector."""
+    torch.manual_seed(derive_seed(seed, Stream.INIT))
+    model = make_model().to(device)
+    return model, flatten_parameters(model)
+
+
+class GlobalModel:
+    """One model whose flat weights are the loop's `weights`; with LoRA, the adapter is saved too."""
+
+    def __init__(self, make_model: Callable[[], nn.Module], *, device: torch.device, seed: int,
+                 audit: CanaryAudit | None = None):
+        self.model, self.flat = initial_model(make_model, device, seed)
+        self.device, self.audit = device, audit
+        self.lora = getattr(self.model, "lora_enabled", False)
+        self.metric_columns = (["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora else [])
+
+    def initial_weights(self) -> torch.Tensor:
+        return self.flat.detach().clone()
+
+    def evaluate(self, weights: torch.Tensor, test: Examples) -> dict:
+        self.flat.copy_(weights)
+        audit = {"canary_exposure": self.audit.measure(self.model, self.device)["canary_exposure"]} if self.audit else {}
+        return evaluate(self.model, test, self.device) | audit
+
+    def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict:
+        """Averaging LoRA factors A and B separately is not averaging B A: log the relative gap."""
+        if not self.lora or not updates or not updates[0].delta.is_floating_point():
+            return {}
+        from fedrun.models.hf import lora_aggregation_error
+
+        return {"lora_agg_error": lora_aggregation_error([previous + u.delta for u in updates], self.model)}
+
+    def save(self, rundir, weights: torch.Tensor, *, round_idx: int) -> None:
+        self.flat.copy_(weights)
+        rundir.save_model(self.model, {"round": str(round_idx)})
+        if self.lora:  # peft's layout, loadable with PeftModel.from_pretrained
+            self.model.save_adapter(Path(rundir.path) / "adapter")
+
+    def summary(self) -> dict:
+        return {"audit": self.audit.summary(self.model, self.device)} if self.audit else {}
