@@ -1,0 +1,72 @@
+"""The benchmark floor does exactly fedrun's work: same cohorts, same batches, same final weights.
+
+This is what makes the benchmark's seconds-per-round comparison honest; nothing here is timed.
+The Flower and pfl contenders draw their batches through `benchmarks.exported`, checked here
+against fedrun's own `batch_indices`.
+"""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from benchmarks import bare, contender_floor, exported
+from benchmarks.export import export
+from benchmarks.measure import RoundClock
+from fedrun import config
+from fedrun.client import batch_indices
+from fedrun.core import Stream, torch_generator
+from fedrun.train import train
+from tests.conftest import TINY, make_play
+
+SGD = ["client.optimizer=sgd", "client.lr=0.1"]
+
+
+def fedrun_weights(overrides: list[str], tmp_path) -> dict[str, torch.Tensor]:
+    cfg = config.compose(overrides + [f"run_dir={tmp_path / 'run'}"])
+    run_dir, _ = train(config.build(cfg))
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def floor_weights(overrides: list[str]) -> tuple[dict[str, torch.Tensor], RoundClock]:
+    clock = RoundClock()
+    model, _ = contender_floor.run({"overrides": overrides, "clock": clock})
+    return dict(model.named_parameters()), clock
+
+
+def assert_same(fedrun: dict, floor: dict) -> None:
+    assert fedrun.keys() <= floor.keys()
+    for name, value in fedrun.items():
+        torch.testing.assert_close(floor[name].detach(), value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_floor_matches_fedrun_on_synthetic_epochs(tmp_path):
+    # One local epoch of batch 10: clients of different sizes, short last batches.
+    overrides = ["data=synthetic", "data.num_clients=12", "model=logreg", *SGD, "client.batch_size=10",
+                 "client.local_steps=null", "client.local_epochs=1", "sampler.clients_per_round=4", "rounds=3"]
+    floor, clock = floor_weights(overrides)
+    assert_same(fedrun_weights(overrides, tmp_path), floor)
+    assert len(clock.seconds()) == 3
+
+
+def test_floor_matches_fedrun_on_text_steps(tmp_path):
+    # More local steps than some clients have batches: batch order reshuffled per epoch.
+    play = make_play(tmp_path / "play.txt")
+    overrides = ["data=shakespeare", f"data.path={play}", *TINY, *SGD, "client.batch_size=4",
+                 "client.local_steps=6", "rounds=2"]
+    floor, _ = floor_weights(overrides)
+    assert_same(fedrun_weights(overrides, tmp_path), floor)
+
+
+def test_exported_batches_are_fedrun_batches(tmp_path):
+    overrides = ["data=synthetic", "data.num_clients=8", "model=mlp", *SGD, "client.batch_size=7",
+                 "client.local_steps=null", "client.local_epochs=2", "sampler.clients_per_round=3", "rounds=2"]
+    work = exported.load(str(export(overrides, tmp_path / "work.pt")))
+    for round_idx, (ids, seeds) in enumerate(zip(work["cohorts"], work["order_seeds"]), start=1):
+        for client, seed in zip(ids, seeds):
+            n = bare.size(work["clients"][client])
+            steps = 2 * -(-n // 7)
+            want = batch_indices(n, 7, steps, torch_generator(0, Stream.CLIENT, round_idx, client))
+            got = exported.client_batches(work, client, seed)
+            assert [b.tolist() for b in got] == [b.tolist() for b in want]
+    model = exported.make_model(work)
+    assert sum(p.numel() for p in model.parameters()) == 60 * 64 + 64 + 64 * 10 + 10
