@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -10,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import fedrun
-from fedrun import config, loop
+from fedrun import config, loop, startup
 from fedrun.core import FedrunError
 from fedrun.loggers import LOGGER_NAMES, make_loggers
 from fedrun.rundir import RunDir, is_run_dir
@@ -60,7 +61,14 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
     for logger in loggers:
         logger.log_config(OmegaConf.to_container(exp.cfg))
 
+    started: dict = {}
+
     def each_round(row: dict) -> None:
+        if not started:  # round 0 is logged just before round 1 starts; a resumed run's first row after its round
+            first_round = time.time() - (row["seconds"] if row["round"] else 0.0)
+            started.update(startup.breakdown(first_round, initial_eval=0.0 if row["round"] else row["seconds"]))
+            started["startup"]["data_cache"] = exp.data.provenance.get("cache", "off")
+            log.info("startup: %.2f s to the first round %s", started["startup_seconds"], started["startup"])
         for logger in loggers:
             logger.log_round(row)
         if on_round is not None:
@@ -70,6 +78,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         summary = loop.run(exp, rundir, on_round=each_round, checkpoint=checkpoint)
         summary |= {
             "name": exp.cfg.name,
+            **started,
             "data": exp.data.fingerprint,
             **({"public_data": exp.strategy.public_fingerprint} if hasattr(exp.strategy, "public_fingerprint") else {}),
             "parameters": sum(p.numel() for p in exp.make_model().parameters()),

@@ -16,6 +16,14 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "data.seq_len=16
         "sampler.clients_per_round=3", "rounds=2", "eval_every=1"]
 
 
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets an empty data cache of its own (beside its tmp_path), never ~/.cache/fedrun."""
+    path = tmp_path_factory.mktemp("data_cache")
+    monkeypatch.setenv("FEDRUN_CACHE", str(path))
+    return path
+
+
 @pytest.fixture
 def shakespeare_path() -> Path:
     if not SHAKESPEARE.is_file():

@@ -9,8 +9,9 @@ Models map inputs to logits whose last dimension is the class (or vocabulary) ax
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
+import numpy as np
 import torch
 
 
@@ -66,16 +67,92 @@ class ClientData:
         return len(self.train)
 
 
+class PackedClients(Sequence[ClientData]):
+    """Every client's examples packed in one `Examples` per split, client after client.
+
+    Client k is `train[train_offsets[k]:train_offsets[k + 1]]` (and likewise for test), handed
+    out as a `ClientData` of views when asked for. 100,000 clients as separate objects would
+    cost four tensors and three Python objects each (and a copy to gather the test set); packed
+    they cost two (K + 1,) offset arrays, and the test set is one tensor already.
+    Names are a list, or a prefix that client k's index completes (`synthetic_` -> `synthetic_7`).
+    A client's views share their pack's storage: pickling one pickles the whole pack.
+    """
+
+    def __init__(self, train: Examples, test: Examples, *, train_offsets: np.ndarray,
+                 test_offsets: np.ndarray, names: Sequence[str] | str):
+        self.train, self.test = train, test
+        self.train_offsets = np.asarray(train_offsets, dtype=np.int64)
+        self.test_offsets = np.asarray(test_offsets, dtype=np.int64)
+        self.names = names if isinstance(names, str) else list(names)
+        k = len(self.train_offsets) - 1
+        if (len(self.test_offsets) - 1 != k or self.train_offsets[-1] != len(train)
+                or self.test_offsets[-1] != len(test) or (not isinstance(names, str) and len(names) != k)):
+            raise ValueError("packed clients: offsets, names and examples do not agree")
+
+    def __len__(self) -> int:
+        return len(self.train_offsets) - 1
+
+    def __getitem__(self, k: int) -> ClientData:  # type: ignore[override]
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"client {k} of {len(self)}")
+        k %= len(self)
+        (a, b), (c, d) = self.train_offsets[k : k + 2].tolist(), self.test_offsets[k : k + 2].tolist()
+        return ClientData(self.name(k), self.train[a:b], self.test[c:d])
+
+    def __iter__(self) -> Iterator[ClientData]:
+        return (self[k] for k in range(len(self)))
+
+    def name(self, k: int) -> str:
+        return f"{self.names}{k}" if isinstance(self.names, str) else self.names[k]
+
+    def sizes(self, split: str = "train") -> np.ndarray:
+        """(K,) int64 examples per client in `split`."""
+        return np.diff(self.train_offsets if split == "train" else self.test_offsets)
+
+
+def pack(clients: Sequence[ClientData]) -> PackedClients:
+    """Separate clients packed into one tensor per split (same order, names and examples)."""
+    if isinstance(clients, PackedClients):
+        return clients
+    offsets = [np.concatenate([[0], np.cumsum([len(getattr(c, split)) for c in clients])]) for split in ("train", "test")]
+    return PackedClients(concat([c.train for c in clients]), concat([c.test for c in clients]),
+                         train_offsets=offsets[0], test_offsets=offsets[1], names=[c.name for c in clients])
+
+
+def pack_parts(train: Examples, train_parts: Sequence[np.ndarray], test: Examples,
+               test_parts: Sequence[np.ndarray], *, names: Sequence[str] | str) -> PackedClients:
+    """Clients that hold the examples at given indices (one index array per client and split),
+    gathered in one copy per split."""
+    def gather(examples: Examples, parts: Sequence[np.ndarray]) -> tuple[Examples, np.ndarray]:
+        order = np.concatenate(parts) if len(parts) else np.empty(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])])
+        return examples[torch.from_numpy(order.astype(np.int64))], offsets
+
+    (tr, tr_off), (te, te_off) = gather(train, train_parts), gather(test, test_parts)
+    return PackedClients(tr, te, train_offsets=tr_off, test_offsets=te_off, names=names)
+
+
 @dataclass
 class FederatedData:
-    clients: list[ClientData]
+    clients: Sequence[ClientData]  # a list, or PackedClients (what fedrun's data sources build)
     fingerprint: dict
     # Keyword arguments every model of this data needs, e.g. vocab_size and seq_len.
     model_dims: dict = field(default_factory=dict)
+    # How this data was obtained (cache hit or miss, seconds): not part of what the data is.
+    provenance: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
+    def client_sizes(self) -> np.ndarray:
+        """(K,) int64 training examples per client (what samplers weight by)."""
+        if isinstance(self.clients, PackedClients):
+            return self.clients.sizes("train")
+        return np.array([c.num_examples for c in self.clients], dtype=np.int64)
+
     def test_examples(self) -> Examples:
+        """The union of every client's test examples (packed: the test pack itself, no copy)."""
+        if isinstance(self.clients, PackedClients):
+            return self.clients.test
         return concat([c.test for c in self.clients])

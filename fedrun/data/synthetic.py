@@ -7,7 +7,9 @@ its examples are x ~ N(v_k, Sigma) with Sigma diagonal, Sigma_jj = j^-1.2, and l
 y = argmax(softmax(W_k x + b_k)). N(0, alpha) is read as the reference code does,
 `np.random.normal(0, alpha)`: alpha and beta are standard deviations, not variances.
 alpha sets how much the clients' models differ, beta how much their inputs do.
-Client sizes follow the code's power law, int(lognormal(4, 2)) + 50.
+Client sizes follow the code's power law, int(lognormal(4, 2)) + 50 (mean ~450: 100,000
+clients hold ~45M examples, ~11 GB); `max_client_examples` caps them, keeping each capped
+client's first examples, so capping never changes what the other clients hold.
 `iid=True` is the paper's Synthetic_IID, again as in its code: one W, b ~ N(0, 1) and
 v = 0 shared by all clients (alpha and beta are then unused).
 
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedrun.core import FedrunError, Stream, numpy_rng, torch_generator
+from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
-from fedrun.data.examples import ClientData, FederatedData, Labelled, concat
-from fedrun.data.text import split_by_position
+from fedrun.data.examples import FederatedData, Labelled, PackedClients, pack_parts
+from fedrun.data.text import num_test
 
 PARTITIONS = ("natural", "iid", "dirichlet", "shards")
 MIN_CLIENT_SIZE = 50  # the "+ 50" of the reference code's client sizes
@@ -47,10 +49,13 @@ class Population:
 
 
 def population(*, alpha: float, beta: float, num_clients: int, num_features: int,
-               num_classes: int, iid: bool, rng: np.random.Generator) -> Population:
-    """Draw client sizes and each client's W_k, b_k and v_k."""
+               num_classes: int, iid: bool, rng: np.random.Generator,
+               max_client_examples: int | None = None) -> Population:
+    """Draw client sizes (capped at `max_client_examples`) and each client's W_k, b_k and v_k."""
     K, C, F = num_clients, num_classes, num_features
     sizes = rng.lognormal(4, 2, K).astype(np.int64) + MIN_CLIENT_SIZE
+    if max_client_examples is not None:
+        sizes = np.minimum(sizes, max_client_examples)
     if iid:
         weights = np.broadcast_to(rng.normal(0, 1, (C, F)), (K, C, F))
         biases = np.broadcast_to(rng.normal(0, 1, C), (K, C))
@@ -63,54 +68,83 @@ def population(*, alpha: float, beta: float, num_clients: int, num_features: int
     return Population(sizes, weights, biases, means)
 
 
-def generate(pop: Population, *, generator: torch.Generator) -> list[Labelled]:
-    """Each client's examples: (n_k, F) float32 features and (n_k,) int64 labels.
+def generate(pop: Population, *, seed: int, test_fraction: float = 0.0) -> PackedClients:
+    """Each client's examples, (n_k, F) float32 features and (n_k,) int64 labels, packed:
+    its first examples in the train pack, its last `test_fraction` in the test pack.
 
-    The Gaussian noise is the bulk of the work; torch draws it about 3x faster than numpy,
-    hence a torch generator. Each client gets its own tensors (not views of one pooled
-    tensor, which would travel whole with any client sent to another process). Labels are
-    the argmax of the logits (softmax does not change it), computed in float64 from the
-    stored float32 features.
+    Client k draws from its own stream, seeded by word k of SeedSequence(seed, PARTITION,
+    FEATURES) (one call derives all K seeds; word k does not depend on K), so its examples do
+    not depend on the other clients (a cap keeps a prefix of them). The packs are filled in
+    place, without a tensor per client. torch draws the Gaussian noise (the bulk of the work)
+    about 3x faster than numpy. Labels are the argmax of the logits (softmax does not change
+    it), computed in float64 from the stored float32 features.
     """
+    sizes = pop.sizes.astype(np.int64)
+    tests = np.array([num_test(n, test_fraction) for n in sizes.tolist()], dtype=np.int64)
+    train_off = np.concatenate([[0], np.cumsum(sizes - tests)])
+    test_off = np.concatenate([[0], np.cumsum(tests)])
+    num_features = pop.means.shape[1]
+    train = Labelled(torch.empty(int(train_off[-1]), num_features), torch.empty(int(train_off[-1]), dtype=torch.int64))
+    test = Labelled(torch.empty(int(test_off[-1]), num_features), torch.empty(int(test_off[-1]), dtype=torch.int64))
     std = torch.from_numpy(pop.feature_std()).float()
-    weights, biases, means = (torch.from_numpy(np.ascontiguousarray(a)) for a in
-                              (pop.weights, pop.biases, pop.means))
-    clients = []
-    for k, size in enumerate(pop.sizes.tolist()):
-        x = torch.randn(size, len(std), generator=generator) * std + means[k].float()
-        y = torch.addmm(biases[k], x.double(), weights[k].T).argmax(1)
-        clients.append(Labelled(x, y))
-    return clients
+    weights, biases, means = (_rows(a) for a in (pop.weights, pop.biases, pop.means))
+    seeds = np.random.SeedSequence([seed, Stream.PARTITION, _FEATURES]).generate_state(len(sizes), np.uint64) >> 1
+    generator = torch.Generator()
+    # Thousands of tiny ops: one thread is several times faster than a pool that must wake for
+    # each (and leaves the labels independent of the machine's thread count).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k, (size, a, c) in enumerate(zip(sizes.tolist(), train_off.tolist(), test_off.tolist())):
+            x = torch.randn(size, num_features, generator=generator.manual_seed(int(seeds[k]))) * std + means[k].float()
+            y = torch.addmm(biases[k], x.double(), weights[k].T).argmax(1)
+            n_train = size - int(tests[k])
+            train.features[a : a + n_train], train.labels[a : a + n_train] = x[:n_train], y[:n_train]
+            test.features[c : c + size - n_train], test.labels[c : c + size - n_train] = x[n_train:], y[n_train:]
+    finally:
+        torch.set_num_threads(threads)
+    return PackedClients(train, test, train_offsets=train_off, test_offsets=test_off, names="synthetic_")
+
+
+def _rows(a: np.ndarray) -> torch.Tensor:
+    """(K, ...) per-client rows as a tensor without copying them all; Synthetic_IID's rows are
+    one read-only row broadcast to K, which stays one row."""
+    if a.strides[0] == 0:
+        return torch.from_numpy(np.array(a[0])).expand(a.shape)
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def synthetic(*, alpha: float, beta: float, num_clients: int, num_features: int, num_classes: int,
               iid: bool, partition: str, dirichlet_alpha: float, size_skew: float,
-              test_fraction: float, seed: int) -> FederatedData:
+              test_fraction: float, max_client_examples: int | None, seed: int) -> FederatedData:
     """`data=synthetic`: Synthetic(alpha, beta) over `num_clients` clients."""
     _check(partition=partition, num_clients=num_clients, dirichlet_alpha=dirichlet_alpha,
-           size_skew=size_skew, test_fraction=test_fraction)
+           size_skew=size_skew, test_fraction=test_fraction, max_client_examples=max_client_examples)
     pop = population(alpha=alpha, beta=beta, num_clients=num_clients, num_features=num_features,
-                     num_classes=num_classes, iid=iid, rng=numpy_rng(seed, Stream.PARTITION, _PARAMETERS))
-    generated = generate(pop, generator=torch_generator(seed, Stream.PARTITION, _FEATURES))
+                     num_classes=num_classes, iid=iid, max_client_examples=max_client_examples,
+                     rng=numpy_rng(seed, Stream.PARTITION, _PARAMETERS))
     if partition == "natural":
-        mine = generated
+        clients = generate(pop, seed=seed, test_fraction=test_fraction)
     else:
-        pooled = concat(generated)
+        pooled = generate(pop, seed=seed).train
+        del pop
         rng = numpy_rng(seed, Stream.PARTITION, _REPARTITION)
         parts = _repartition(pooled.labels.numpy(), partition=partition, num_clients=num_clients,
                              dirichlet_alpha=dirichlet_alpha, size_skew=size_skew, rng=rng)
-        mine = [pooled[torch.from_numpy(part)] for part in parts]
-    # The text sources' split, by position, so both kinds hold out the same share.
-    clients = [ClientData(f"synthetic_{k}", *split_by_position(m, test_fraction)) for k, m in enumerate(mine)]
+        # The text sources' split, by position, so both kinds hold out the same share.
+        cuts = [len(part) - num_test(len(part), test_fraction) for part in parts]
+        clients = pack_parts(pooled, [p[:n] for p, n in zip(parts, cuts)], pooled, [p[n:] for p, n in zip(parts, cuts)],
+                             names="synthetic_")
     fingerprint = {
         "source": "synthetic", "alpha": alpha, "beta": beta, "iid": iid,
         "num_features": num_features, "num_classes": num_classes, "partition": partition,
         "test_fraction": test_fraction,
         **({"dirichlet_alpha": dirichlet_alpha} if partition == "dirichlet" else {}),
         **({"size_skew": size_skew} if size_skew else {}),
+        **({"max_client_examples": max_client_examples} if max_client_examples is not None else {}),
         "clients": len(clients),
-        "train_examples": sum(len(c.train) for c in clients),
-        "test_examples": sum(len(c.test) for c in clients),
+        "train_examples": len(clients.train),
+        "test_examples": len(clients.test),
         "seed": seed,
     }
     return FederatedData(clients, fingerprint,
@@ -130,7 +164,7 @@ def _repartition(labels: np.ndarray, *, partition: str, num_clients: int, dirich
 
 
 def _check(*, partition: str, num_clients: int, dirichlet_alpha: float, size_skew: float,
-           test_fraction: float) -> None:
+           test_fraction: float, max_client_examples: int | None) -> None:
     if partition not in PARTITIONS:
         raise FedrunError(f"data.partition: unknown partition '{partition}'; allowed: {', '.join(PARTITIONS)}")
     if num_clients < 1:
@@ -142,3 +176,5 @@ def _check(*, partition: str, num_clients: int, dirichlet_alpha: float, size_ske
                           f"got {size_skew} with partition={partition}")
     if not 0 <= test_fraction < 1:
         raise FedrunError(f"data.test_fraction: must be in [0, 1), got {test_fraction}")
+    if max_client_examples is not None and max_client_examples < 1:
+        raise FedrunError(f"data.max_client_examples: must be null or at least 1, got {max_client_examples}")

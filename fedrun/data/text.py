@@ -19,7 +19,7 @@ import torch
 
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
-from fedrun.data.examples import ClientData, FederatedData, Windows, concat
+from fedrun.data.examples import ClientData, FederatedData, PackedClients, Windows, pack, pack_parts
 
 VOCAB_SIZE = 256
 PARTITIONS = ("natural", "iid")
@@ -40,11 +40,16 @@ def windows(text: bytes, seq_len: int, *, encode: Callable[[bytes], list[int]] |
     return tokens.unfold(0, seq_len + 1, seq_len).clone()
 
 
+def num_test(n: int, test_fraction: float) -> int:
+    """How many of n examples a client holds out: `test_fraction`, at least one when n >= 2,
+    never all of them."""
+    return 0 if test_fraction == 0 or n < 2 else min(n - 1, max(1, int(n * test_fraction)))
+
+
 def split_by_position(w: torch.Tensor, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """First windows train, last `test_fraction` test (at least one each when possible)."""
-    n = len(w)
-    n_test = 0 if test_fraction == 0 or n < 2 else min(n - 1, max(1, int(n * test_fraction)))
-    return w[: n - n_test], w[n - n_test :]
+    n_test = num_test(len(w), test_fraction)
+    return w[: len(w) - n_test], w[len(w) - n_test :]
 
 
 def read_shakespeare(path: str) -> tuple[list[tuple[str, bytes]], bytes]:
@@ -117,35 +122,33 @@ def federate(
     if not kept:
         raise FedrunError(f"data.min_samples: no client has {min_samples} windows of {seq_len + 1} bytes; lower it")
     if partition == "iid":
-        kept = _iid(kept, num_clients or len(kept), seed)
-    elif partition != "natural":
+        clients = _iid(pack(kept), num_clients or len(kept), seed)
+    elif partition == "natural":
+        clients = pack(kept)
+    else:
         raise FedrunError(f"data.partition: unknown partition '{partition}'; allowed: {', '.join(PARTITIONS)}")
     fingerprint = {
         **source,
         "partition": partition,
         "seq_len": seq_len,
-        "clients": len(kept),
-        "train_examples": sum(len(c.train) for c in kept),
-        "test_examples": sum(len(c.test) for c in kept),
+        "clients": len(clients),
+        "train_examples": len(clients.train),
+        "test_examples": len(clients.test),
         "tokens": tokenizer.name if tokenizer else "bytes",
     }
     vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
-    return FederatedData(kept, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})
+    return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})
 
 
-def _iid(clients: list[ClientData], num_clients: int, seed: int) -> list[ClientData]:
+def _iid(natural: PackedClients, num_clients: int, seed: int) -> PackedClients:
     """The same train and test windows, shuffled evenly over `num_clients` clients."""
-    train = concat([c.train for c in clients])
-    test = concat([c.test for c in clients])
+    train, test = natural.train, natural.test
     if num_clients > len(train):
         raise FedrunError(f"data.num_clients: {num_clients} is more than the {len(train)} training windows")
     rng = numpy_rng(seed, Stream.PARTITION)
     train_parts = partitioners.iid(len(train), num_clients, rng)
     test_parts = partitioners.iid(len(test), num_clients, rng)
-    return [
-        ClientData(f"iid_{i}", train[torch.from_numpy(tr)], test[torch.from_numpy(te)])
-        for i, (tr, te) in enumerate(zip(train_parts, test_parts))
-    ]
+    return pack_parts(train, train_parts, test, test_parts, names="iid_")
 
 
 class Tokenizer:

@@ -16,9 +16,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -68,6 +65,8 @@ def epsilon_of(counts: Counter, delta: float, *, accountant: str) -> float:
         warnings.simplefilter("ignore")
         if accountant == "rdp":
             return _rdp_epsilon(counts, delta)
+        from opacus.accountants import PRVAccountant  # imported when needed: opacus loads scipy (seconds)
+
         acc = PRVAccountant()
         acc.history = [(z, q, n) for (z, q), n in counts.items()]  # composition is order-free
         return float(acc.get_epsilon(delta))
@@ -76,6 +75,9 @@ def epsilon_of(counts: Counter, delta: float, *, accountant: str) -> float:
 def _rdp_epsilon(counts: Counter, delta: float) -> float:
     """opacus' RDP accountant, with the per-step RDP curve of each (z, q) computed once:
     RDP composes by addition, so n identical steps are n times one step's curve."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = sum(n * _rdp_curve(z, q) for (z, q), n in counts.items())
     eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
@@ -84,6 +86,9 @@ def _rdp_epsilon(counts: Counter, delta: float) -> float:
 
 @lru_cache(maxsize=4096)
 def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                                orders=RDPAccountant.DEFAULT_ALPHAS))
 
@@ -91,6 +96,8 @@ def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, rounds: int,
                     accountant: str) -> float:
     """The smallest noise multiplier (to opacus' tolerance) that keeps `rounds` rounds within budget."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,

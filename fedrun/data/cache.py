@@ -1,0 +1,151 @@
+"""Prepared federated data cached on disk, so a second run with the same data starts fast.
+
+An entry is keyed by a sha256 of everything that determines the data: the data config (less
+`cache`), the seed, the identity of every source it reads (a file's resolved path, size and
+mtime; a folder's files' too), the tokenizer's folder if any, FORMAT_VERSION and the source
+code of fedrun/data (so a change to how data is made never serves stale data).
+Entries live in $FEDRUN_CACHE, default ~/.cache/fedrun/data, one `<key>.pt` file each
+(`torch.save` of the packed tensors, offsets, names and fingerprint). They are written to a
+temporary file and renamed, so a reader sees a whole entry or none; they are loaded with
+`weights_only=True` and memory-mapped, so only the pages a run touches are read. An entry
+that cannot be read is rebuilt (and rewritten) with a warning, never a crash; so is one that
+cannot be written. Delete the folder to clear the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fedrun.data.examples import FederatedData, Labelled, PackedClients, Windows, pack
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the entry layout changes
+_DATA_CODE = Path(__file__).resolve().parent  # fedrun/data: its code is part of every key
+_NEVER_DATA = {"__pycache__", "site-packages", "dist-packages", ".git"}  # folders no source reads
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDRUN_CACHE") or "~/.cache/fedrun/data").expanduser()
+
+
+def data_key(*, data: dict, seed: int, tokenizer: str | None = None) -> str:
+    """sha256 (hex) of everything that determines the prepared data."""
+    recipe = {
+        "format": FORMAT_VERSION,
+        "code": _tree_digest(_DATA_CODE, suffix=".py", content=True),
+        "data": data,
+        "seed": seed,
+        "sources": sources(data),
+        "tokenizer": None if tokenizer is None else path_identity(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def path_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """What tells one version of a file or folder from another without reading it all:
+    the resolved path and size and mtime of the file (or of every file under the folder)."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.is_file():
+        stat = resolved.stat()
+        return {"path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if resolved.is_dir():
+        return {"path": str(resolved), "tree": _tree_digest(resolved)}
+    return {"path": str(resolved), "missing": True}
+
+
+def _tree_digest(root: Path, *, suffix: str = "", content: bool = False) -> str:
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _NEVER_DATA)
+        for name in sorted(f for f in filenames if f.endswith(suffix)):
+            path = Path(dirpath, name)
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0".encode())
+            digest.update(path.read_bytes() if content else str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def load_or_build(key: str, build: Callable[[], FederatedData]) -> FederatedData:
+    """The cached data for `key`, or `build()` (then cached) when there is none or it is unreadable."""
+    path = cache_dir() / f"{key}.pt"
+    start = time.perf_counter()
+    if path.exists():
+        try:
+            data = load(path)
+            data.provenance = {"cache": "hit", "entry": str(path), "seconds": time.perf_counter() - start}
+            return data
+        except Exception as e:  # any unreadable entry is rebuilt; the run must not fail for it
+            log.warning("data cache: entry %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
+    data = build()
+    try:
+        save(data, path)
+    except OSError as e:
+        log.warning("data cache: cannot write %s (%s); continuing without caching", path, e)
+    data.provenance = {"cache": "miss", "entry": str(path), "seconds": time.perf_counter() - start}
+    return data
+
+
+def save(data: FederatedData, path: Path) -> None:
+    """Write `data` to `path` atomically (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clients = pack(data.clients)
+    state = {"format": FORMAT_VERSION, "train": _examples_state(clients.train), "test": _examples_state(clients.test),
+             "train_offsets": torch.from_numpy(clients.train_offsets), "test_offsets": torch.from_numpy(clients.test_offsets),
+             "names": clients.names, "fingerprint": data.fingerprint, "model_dims": data.model_dims}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> FederatedData:
+    """An entry written by `save`; raises if it is not one (wrong format, truncated, inconsistent)."""
+    state = torch.load(path, weights_only=True, mmap=True)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"format {state.get('format')!r}, expected {FORMAT_VERSION}")
+    clients = PackedClients(_examples(state["train"]), _examples(state["test"]),
+                            train_offsets=state["train_offsets"].numpy(), test_offsets=state["test_offsets"].numpy(),
+                            names=state["names"])
+    if np.any(np.diff(clients.train_offsets) < 0) or np.any(np.diff(clients.test_offsets) < 0):
+        raise ValueError("offsets are not increasing")
+    return FederatedData(clients, state["fingerprint"], model_dims=state["model_dims"])
+
+
+def _examples_state(examples) -> dict[str, torch.Tensor]:
+    if isinstance(examples, Windows):
+        return {"tokens": examples.tokens.contiguous()}
+    return {"features": examples.features.contiguous(), "labels": examples.labels.contiguous()}
+
+
+def _examples(state: dict[str, torch.Tensor]):
+    if "tokens" in state:
+        return Windows(state["tokens"])
+    return Labelled(state["features"], state["labels"])
+
+
+def sources(data: dict) -> list[dict[str, Any]]:
+    """Identities of the files and folders a data config reads: its string values that name
+    existing paths (data.path, data.root). data=pystdlib's root=null reads this interpreter's
+    stdlib, which changes only with the Python version: that is its identity (walking it
+    would cost seconds)."""
+    found = [path_identity(v) for k, v in data.items()
+             if k != "_target_" and isinstance(v, str) and Path(v).expanduser().exists()]
+    if str(data.get("_target_", "")).endswith(".pystdlib") and data.get("root") is None:
+        found.append({"stdlib": sysconfig.get_paths()["stdlib"], "python": sys.version})
+    return found
