@@ -170,3 +170,12 @@ def test_fed_distill_runs_from_the_command_line(play, tmp_path):
                                       "data.min_samples=4", "sampler.clients_per_round=2", *PUBLIC, *HETERO])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "client_models.safetensors").is_file()
+
+
+def test_process_backend_gives_the_same_run_as_sequential(compose_cfg, tmp_path):
+    def metrics(name, *extra):
+        run_dir, _ = train.train(config.build(compose_cfg(*PUBLIC, *HETERO, "rounds=2", "sampler.clients_per_round=4",
+                                                          f"run_dir={tmp_path / name}", *extra)))
+        return pd.read_csv(run_dir / "metrics.csv").drop(columns="seconds")
+
+    pd.testing.assert_frame_equal(metrics("sequential"), metrics("process", "backend=process", "backend.workers=2"))
