@@ -29,6 +29,9 @@ def load_model(run_dir: Path, *, round: int | None = None,
     if not is_run_dir(run.path):
         raise FedrunError(f"run_dir: {run_dir} is not a run directory (no config.yaml and metrics.csv)")
     cfg = OmegaConf.load(run.path / "config.yaml")
+    if cfg.strategy._target_.endswith(".fed_distill"):
+        raise FedrunError(f"run_dir: {run_dir} is a fed_distill run: it has no global model, each client kept its "
+                          "own (client_models.safetensors, one flat vector per client)")
     model = config.instantiate(cfg.model, **model_dims(cfg))
     if round is None:
         _load_final(model, run)

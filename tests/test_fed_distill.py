@@ -170,6 +170,8 @@ def test_fed_distill_runs_from_the_command_line(play, tmp_path):
                                       "data.min_samples=4", "sampler.clients_per_round=2", *PUBLIC, *HETERO])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "client_models.safetensors").is_file()
+    result = CliRunner().invoke(app, ["generate", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "is a fed_distill run: it has no global model" in result.output
 
 
 def test_process_backend_gives_the_same_run_as_sequential(compose_cfg, tmp_path):
