@@ -2,11 +2,12 @@
 on one trainer it builds once and reuses for the whole run.
 
 Workers are forked after the experiment is built, so they inherit the client data without
-pickling it (spawn, where fork is unavailable, ships it once per worker). Each round the global
-state the server sends (the global weights, whatever their shape) is written once into a
-shared-memory tensor that every worker reads; jobs go out and updates come back a chunk of clients per message, tensors pickled as raw numpy buffers. The
-client hooks (attack, privacy, compression) hold state of the main process: they run here, in
-job order, on the updates that come back.
+pickling it (spawn, where fork is unavailable, ships it once per worker). Each round the state
+the server sends (the global weights, whatever their shape) is written once into a
+shared-memory tensor that every worker reads; jobs go out and updates come back a chunk of
+clients per message, tensors pickled as raw numpy buffers. The client hooks (attack, privacy,
+compression) hold state of the main process: they run here, in job order, on the updates that
+come back.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class ProcessBackend:
 
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData,
                  client_hooks: Sequence[ClientHook], workers: int | None):
-        self.workers = resolve_workers(workers, "process")
+        self.workers = resolve_workers(workers)
         self.make_trainer = make_trainer
         self.data = data
         self.client_hooks = client_hooks
@@ -66,7 +67,7 @@ class ProcessBackend:
             self.pool = None
 
 
-def resolve_workers(workers: int | None, backend: str) -> int:
+def resolve_workers(workers: int | None) -> int:
     """`backend.workers`: null means one per core."""
     if workers is None:
         return os.cpu_count() or 1
@@ -76,8 +77,8 @@ def resolve_workers(workers: int | None, backend: str) -> int:
 
 
 def cohort_chunks(costs: Sequence[int], count: int) -> list[list[int]]:
-    """Job indices cut into at most `count` chunks of similar total cost, costliest first, so the
-    last chunks handed out are small and workers finish together."""
+    """Job indices cut into at most `count` chunks of similar total cost (a client's examples
+    stand for its work), costliest clients first so that no large one is left for the end."""
     order = sorted(range(len(costs)), key=lambda i: -costs[i])
     count = min(count, len(order))
     per_chunk = sum(costs) / count
@@ -154,7 +155,8 @@ class WorkerPool:
             parent, child = context.Pipe()
             process = context.Process(
                 target=serve, name=f"fedrun-worker-{rank}", daemon=True,
-                kwargs=dict(conn=child, make_trainer=make_trainer, data=data, current=self.current, rank=rank, threads=threads, parent_pid=os.getpid()))
+                kwargs=dict(conn=child, make_trainer=make_trainer, data=data, current=self.current, rank=rank,
+                            threads=threads, parent_pid=os.getpid()))
             process.start()
             child.close()
             self.workers.append(Worker(process, parent))
@@ -192,7 +194,10 @@ class WorkerPool:
         # A new shared tensor goes to each worker once, as a handle to the same memory (not a copy).
         handle = None if self.versions[rank] == self.version else bytes(ForkingPickler.dumps(self.weights))
         self.versions[rank] = self.version
-        self.workers[rank].conn.send_bytes(dumps((ctx, [jobs[i] for i in chunk], handle)))
+        try:
+            self.workers[rank].conn.send_bytes(dumps((ctx, [jobs[i] for i in chunk], handle)))
+        except OSError:  # it died between rounds
+            self._died(rank)
         return chunk
 
     def _ready(self, assigned: dict[int, list[int]]) -> list[int]:

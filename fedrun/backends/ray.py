@@ -37,7 +37,7 @@ class RayBackend:
         if num_cpus_per_worker <= 0:
             raise FedrunError(f"backend.num_cpus_per_worker: {num_cpus_per_worker} is not allowed; "
                               "allowed: a number > 0")
-        self.workers = None if workers is None else resolve_workers(workers, "ray")
+        self.workers = None if workers is None else resolve_workers(workers)
         self.address = address
         self.num_cpus_per_worker = num_cpus_per_worker
         self.make_trainer = make_trainer
