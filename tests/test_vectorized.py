@@ -26,8 +26,9 @@ def synthetic_cfg(tmp_path):
     """compose_cfg's counterpart for data=synthetic (8 clients of different sizes)."""
 
     def _compose(*overrides: str):
+        model = [] if any(o.startswith("model=") for o in overrides) else ["model=logreg"]
         return config.compose([f"run_dir={tmp_path / 'run'}", "device=cpu", "data=synthetic", "data.num_clients=8",
-                               "sampler.clients_per_round=8", "rounds=2", "eval_every=1", *overrides])
+                               "sampler.clients_per_round=8", "rounds=2", "eval_every=1", *model, *overrides])
 
     return _compose
 
@@ -181,7 +182,7 @@ def test_a_model_or_trainer_it_cannot_batch_falls_back_once_with_the_reason(synt
     with caplog.at_level(logging.INFO):
         for round_idx in (1, 2):
             ctx = RoundContext(round_idx=round_idx, seed=0, num_clients=exp.data.num_clients)
-            updates = backend.train_cohort(weights, [ClientJob(c) for c in range(3)], ctx)
+            updates = backend.train_cohort(weights, [ClientJob(c) for c in range(6)], ctx)  # vmap runs from 4
             for u in updates:
                 expected = oracle.train(ClientJob(u.client_id), exp.data.clients[u.client_id], weights, ctx)
                 assert torch.equal(u.delta, expected.delta)

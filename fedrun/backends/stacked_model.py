@@ -7,6 +7,8 @@ backward passes become one set of batched tensor ops (the idea of FedJAX, Ro et 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,41 +16,74 @@ from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
 
+# Fewer rows than this train one after another on the plain model: vmap's fixed cost per call
+# (a few ms on CPU) is more than a small model's step, so batching 1-3 clients loses time.
+LOOP_BELOW = 4
+
+
 class StackedModel:
     """Per-client losses and gradients of `model` for a (K, D) stack of flat weights.
 
     Row layout is fedrun's flat vector: the trainable parameters in `model.parameters()` order
     (a tied tensor once; functional_call re-ties it). Frozen parameters and buffers are the
-    model's own. Only the forward pass is vmapped; ordinary autograd then differentiates the
-    sum of the K losses, which gives each row its own client's gradient (rows do not interact)
-    with plain batched kernels in the backward pass."""
+    model's own. Only the model's forward pass is vmapped; the loss is computed on the (K, ...)
+    logits with plain ops, and ordinary autograd differentiates the sum of the K losses, which
+    gives each row its own client's gradient (rows do not interact) with plain batched kernels."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, flat: torch.Tensor, flat_grad: torch.Tensor):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.model = model
+        self.model, self.flat, self.flat_grad = model, flat, flat_grad  # LocalTrainer's buffers
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
-        self._losses = vmap(self.client_loss)
-
-    def client_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    weight: torch.Tensor) -> torch.Tensor:
-        """One client's loss: the mean over its real examples (weight 1; padding 0) of each
-        example's mean cross-entropy, which is `batch_loss` on the real examples alone."""
-        params = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
-        logits = functional_call(self.model, params, (x,))  # (B, ..., C)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        return (ce.view(weight.shape[0], -1).mean(1) * weight).sum() / weight.sum()
+        self._forward = vmap(lambda params, x: functional_call(model, params, (x,)))
+        self._attention: bool | None = None  # does the model call attention? (known after one call)
+        self.vmapped = False  # has vmap run this model successfully?
 
     def gradients(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, D) gradients and (K,) losses for rows `stack` (K, D) on batches x (K, B, ...),
-        y (K, B, ...) with example weights (K, B)."""
+        y (K, B, ...) with example weights (K, B): 1 for a real example, 0 for padding."""
+        if len(stack) < LOOP_BELOW:
+            return self._one_by_one(stack, x, y, weight)
         rows = stack.detach().requires_grad_()
-        with torch.enable_grad(), _BatchedAttention():
-            losses = self._losses(rows, x, y, weight)
+        with torch.enable_grad():
+            losses = client_losses(self._batched(rows, x), y, weight)
         (grad,) = torch.autograd.grad(losses.sum(), rows)
         return grad, losses.detach()
+
+    def _batched(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        k = rows.shape[0]
+        params = {n: t.view(k, *s) for n, t, s in zip(self.names, rows.split(self.sizes, dim=1), self.shapes)}
+        mode = _BatchedAttention() if self._attention is not False else contextlib.nullcontext()
+        with mode:
+            logits = self._forward(params, x)
+        if self._attention is None:
+            self._attention = mode.seen
+        self.vmapped = True
+        return logits
+
+    def _one_by_one(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same gradients, row after row, on the model itself (its parameters are views of
+        `flat`, its gradients of `flat_grad`)."""
+        grads, losses = torch.empty_like(stack), torch.empty(len(stack), device=stack.device)
+        for k in range(len(stack)):
+            self.flat.copy_(stack[k])
+            self.flat_grad.zero_()
+            with torch.enable_grad():
+                loss = client_losses(self.model(x[k]).unsqueeze(0), y[k : k + 1], weight[k : k + 1])[0]
+                loss.backward()
+            grads[k], losses[k] = self.flat_grad, loss.detach()
+        return grads, losses
+
+
+def client_losses(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(K,) each client's mean over its real examples of each example's mean cross-entropy,
+    which is `batch_loss` on its real examples alone (every example has as many targets)."""
+    k, b = weight.shape
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return (ce.view(k, b, -1).mean(2) * weight).sum(1) / weight.sum(1)
 
 
 class _MergedAttention(torch.autograd.Function):
@@ -80,9 +115,12 @@ class _MergedAttention(torch.autograd.Function):
 class _BatchedAttention(TorchFunctionMode):
     """Routes the model's attention calls to `_MergedAttention` while StackedModel runs it."""
 
+    seen = False  # whether the model called attention
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and len(args) == 3 and _plain_attention(kwargs):
+            self.seen = True
             return _MergedAttention.apply(*args[:3], kwargs.get("is_causal", False), kwargs.get("scale"))
         return func(*args, **kwargs)
 

@@ -75,9 +75,10 @@ def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
             index[s, k, : len(batch)] = batch + offset
             weight[s, k, : len(batch)] = 1.0
         offset += plan.data.num_examples
-    active = [sum(len(p.batches) > s for p in plans) for s in range(num_steps)]
-    widths = [max(len(p.batches[s]) for p in plans[:a]) for s, a in enumerate(active)]
-    return PaddedSteps(index, weight, active, widths)
+    lengths = torch.tensor([len(p.batches) for p in plans])
+    active = (lengths > torch.arange(num_steps)[:, None]).sum(1)  # (S,)
+    widths = weight.sum(2).amax(1)  # (S,): a finished client's rows weigh nothing
+    return PaddedSteps(index, weight, active.tolist(), widths.long().tolist())
 
 
 def dropout_rate(model: nn.Module) -> float:
@@ -112,8 +113,7 @@ class VectorizedBackend:
         if self.fallback is not None:
             log.warning("backend=vectorized: training clients sequentially: %s", self.fallback)
         else:
-            self.stacked = StackedModel(trainer.model)
-        self.proven = False  # a batched round has succeeded: later errors are real errors
+            self.stacked = StackedModel(trainer.model, flat=trainer.flat, flat_grad=trainer.flat_grad)
 
     def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
                      ctx: RoundContext) -> list[ClientUpdate]:
@@ -121,12 +121,11 @@ class VectorizedBackend:
             try:
                 updates = self.train_batched(weights, jobs, ctx)
             except VMAP_ERRORS as e:
-                if self.proven:
+                if self.stacked.vmapped:  # it has batched this model before: a real error
                     raise
                 self.fallback = f"vmap cannot batch this model ({type(e).__name__}: {str(e).splitlines()[0]})"
                 log.warning("backend=vectorized: training clients sequentially: %s", self.fallback)
             else:
-                self.proven = True
                 return self.run_hooks(updates, ctx)
         return self.sequential.train_cohort(weights, jobs, ctx)
 
@@ -146,13 +145,12 @@ class VectorizedBackend:
         return [updates[i] for i in range(len(plans))]
 
     def run_hooks(self, updates: list[ClientUpdate], ctx: RoundContext) -> list[ClientUpdate]:
-        """The client hooks, in job order, each seeing torch's global RNG as it would after
-        that client's sequential training (LocalTrainer reseeds it per client)."""
-        out = []
-        for update in updates:
-            torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, update.client_id, 1))
-            out.append(apply_client_hooks(update, self.client_hooks, ctx))
-        return out
+        """The client hooks, in job order, as SequentialBackend runs them (they draw nothing
+        from torch's global RNG); that RNG is then left as sequential training leaves it
+        (LocalTrainer reseeds it per client), so a checkpoint's saved RNG state is the same."""
+        updates = [apply_client_hooks(update, self.client_hooks, ctx) for update in updates]
+        torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, updates[-1].client_id, 1))
+        return updates
 
     def train_group(self, plans: Sequence[ClientPlan], weights: torch.Tensor) -> list[ClientUpdate]:
         """Train the group's clients (longest first) together; their updates in the same order."""
