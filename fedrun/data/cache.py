@@ -2,8 +2,9 @@
 
 An entry is keyed by a sha256 of everything that determines the data: the data config (less
 `cache`), the seed, the identity of every source it reads (a file's resolved path, size and
-mtime; a folder's files' too), the tokenizer's folder if any, FORMAT_VERSION and the source
-code of fedrun/data (so a change to how data is made never serves stale data).
+mtime; a folder's files' too), the tokenizer's folder if any, FORMAT_VERSION, the source
+code of fedrun/data and the torch and numpy versions (whose random streams generate data), so
+a change to how data is made never serves stale data.
 Entries live in $FEDRUN_CACHE, default ~/.cache/fedrun/data, one `<key>.pt` file each
 (`torch.save` of the packed tensors, offsets, names and fingerprint). They are written to a
 temporary file and renamed, so a reader sees a whole entry or none; they are loaded with
@@ -45,6 +46,7 @@ def data_key(*, data: dict, seed: int, tokenizer: str | None = None) -> str:
     recipe = {
         "format": FORMAT_VERSION,
         "code": _tree_digest(_DATA_CODE, suffix=".py", content=True),
+        "versions": [torch.__version__, np.__version__],  # their random streams make the data
         "data": data,
         "seed": seed,
         "sources": sources(data),

@@ -32,6 +32,7 @@ PARTITIONS = ("natural", "iid", "dirichlet", "shards")
 MIN_CLIENT_SIZE = 50  # the "+ 50" of the reference code's client sizes
 # Keys of the derived random streams (all under Stream.PARTITION).
 _PARAMETERS, _FEATURES, _REPARTITION = 1, 2, 3
+_BLOCK = 64  # rows of Gaussian noise per draw (see _noise)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def generate(pop: Population, *, seed: int, test_fraction: float = 0.0) -> Packe
     torch.set_num_threads(1)
     try:
         for k, (size, a, c) in enumerate(zip(sizes.tolist(), train_off.tolist(), test_off.tolist())):
-            x = torch.randn(size, num_features, generator=generator.manual_seed(int(seeds[k]))) * std + means[k].float()
+            x = _noise(size, num_features, generator.manual_seed(int(seeds[k]))) * std + means[k].float()
             y = torch.addmm(biases[k], x.double(), weights[k].T).argmax(1)
             n_train = size - int(tests[k])
             train.features[a : a + n_train], train.labels[a : a + n_train] = x[:n_train], y[:n_train]
@@ -104,6 +105,16 @@ def generate(pop: Population, *, seed: int, test_fraction: float = 0.0) -> Packe
     finally:
         torch.set_num_threads(threads)
     return PackedClients(train, test, train_offsets=train_off, test_offsets=test_off, names="synthetic_")
+
+
+def _noise(rows: int, num_features: int, generator: torch.Generator) -> torch.Tensor:
+    """(rows, F) standard normal draws, made _BLOCK rows per call: torch fills the tail of a
+    tensor differently from its body, so one call of n rows does not begin with one call of
+    m < n rows; blocks of a fixed size do, whatever the client's size."""
+    noise = torch.empty(-(-rows // _BLOCK) * _BLOCK, num_features)
+    for start in range(0, len(noise), _BLOCK):
+        torch.randn(_BLOCK, num_features, generator=generator, out=noise[start : start + _BLOCK])
+    return noise[:rows]
 
 
 def _rows(a: np.ndarray) -> torch.Tensor:
