@@ -91,10 +91,13 @@ def targets(results: list[dict]) -> str:
         sweep = [r for r in results if r["group"] == "W3" and r["contender"] == backend
                  and r["clients_per_round"] == 100 and "error" not in r]
         base = next((r for r in sweep if r["population"] == 1000), None)
-        largest = max(sweep, key=lambda r: r["population"], default=None)
-        what = f"W3 {backend}: s/round at N={largest['population']:,} / N=1,000 (k=100)" if largest else f"W3 {backend}"
-        spread = ratio(largest, base) if largest is not base else math.nan
-        rows.append((what, "within 0.90-1.10", *check(spread, lambda v: 0.9 <= v <= 1.1)))
+        others = [r for r in sweep if r is not base]
+        # The population whose seconds per round stray furthest from N=1,000's.
+        worst = max(others, key=lambda r: abs(math.log(ratio(r, base))), default=None) if base else None
+        compared = ", ".join(f"{r['population']:,}" for r in others)
+        what = (f"W3 {backend}: s/round at N={worst['population']:,} / N=1,000 (k=100; the furthest of "
+                f"{compared})" if worst else f"W3 {backend}")
+        rows.append((what, "within 0.90-1.10", *check(ratio(worst, base), lambda v: 0.9 <= v <= 1.1)))
     lines = ["| target | wanted | measured | verdict |", "| --- | --- | ---: | --- |"]
     lines += [f"| {name} | {want} | {value} | {ok} |" for name, want, value, ok in rows]
     return "\n".join(lines)
