@@ -103,6 +103,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
 
 def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:
     """partition.csv: each client's name and its numbers of train and test examples."""
-    rows = ({"client_id": i, "name": c.name, "train_examples": len(c.train), "test_examples": len(c.test)}
-            for i, c in enumerate(exp.data.clients))
+    data = exp.data
+    rows = ({"client_id": i, "name": name, "train_examples": train, "test_examples": test} for i, (name, train, test)
+            in enumerate(zip(data.client_names(), data.client_sizes("train").tolist(), data.client_sizes("test").tolist())))
     rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples"]).append(rows)

@@ -1,5 +1,6 @@
 """Population scale: packed client data, the per-client cap, per-round work that does not grow
 with the population, and the recorded time to first round. Structure only, never seconds."""
+import csv
 import json
 import subprocess
 import sys
@@ -105,7 +106,11 @@ def test_a_rounds_client_reads_do_not_depend_on_the_population(tmp_path, monkeyp
 
 
 def test_summary_and_log_record_the_time_to_first_round(compose_cfg):
-    run_dir, summary = training.train(config.build(compose_cfg("rounds=1")))
+    exp = config.build(compose_cfg("rounds=1"))
+    run_dir, summary = training.train(exp)
+    with open(run_dir / "partition.csv") as f:  # written from the offsets, without the clients' views
+        rows = [(r["name"], int(r["train_examples"]), int(r["test_examples"])) for r in csv.DictReader(f)]
+    assert rows == [(c.name, len(c.train), len(c.test)) for c in exp.data.clients]
     written = json.loads((run_dir / "summary.json").read_text())
     parts = written["startup"]
     assert set(parts) == {"imports", "data", "build", "initial_eval", "data_cache"}
