@@ -11,15 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedrun.data.examples import Examples
+from fedrun.data.examples import Examples, Windows
 
-EVAL_BATCH = 256  # examples per forward pass
+EVAL_TOKENS = 8192  # predictions per forward pass: bounds evaluation's activation memory
+EVAL_EXAMPLES = 1024  # labelled examples per forward pass
 
 
 def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the model's logits (..., C) against targets (...)."""
     logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def eval_batch(examples: Examples) -> int:
+    """Examples per forward pass: ~EVAL_TOKENS next-token predictions for text windows."""
+    if isinstance(examples, Windows):
+        return max(1, EVAL_TOKENS // max(examples.tokens.shape[1] - 1, 1))
+    return EVAL_EXAMPLES
 
 
 @torch.inference_mode()
@@ -30,8 +38,9 @@ def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     tokens = 0
-    for start in range(0, len(examples), EVAL_BATCH):
-        x, y = examples[start : start + EVAL_BATCH].inputs_targets(device)
+    batch = eval_batch(examples)
+    for start in range(0, len(examples), batch):
+        x, y = examples[start : start + batch].inputs_targets(device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
         correct += (logits.argmax(-1) == y).sum()

@@ -72,13 +72,15 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         previous, weights = weights, server_step(exp, weights, updates, ctx)
         row = round_row(round_idx, updates, previous, jobs=list(jobs.values()), dropped=len(dropped))
         row.update(server.round_metrics(previous, updates))
+        client_table = client_rows(round_idx, updates, dropped, exp.data)
+        del updates, previous, jobs  # the cohort's tensors are not held through evaluation
         evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
         row.update(exp.mechanism.round_metrics(tight=evaluating))
         if evaluating:
             row.update(server.evaluate(weights, test))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
-        clients.append(client_rows(round_idx, updates, dropped, exp.data))
+        clients.append(client_table)
         if ledger is not None:
             ledger.append(r for r in exp.mechanism.ledger_rows() if r["round"] == round_idx)
         if round_idx % cfg.checkpoint_every == 0 or round_idx == cfg.rounds:
