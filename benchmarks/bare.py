@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EVAL_BATCH = 256
+# The same forward-pass sizes as fedrun's evaluation (fedrun/evaluation.py), so evaluation
+# costs every contender the same memory.
+EVAL_TOKENS = 8192
+EVAL_EXAMPLES = 1024
+
+
+def eval_batch(examples: dict[str, torch.Tensor]) -> int:
+    if "tokens" in examples:
+        return max(1, EVAL_TOKENS // max(examples["tokens"].shape[1] - 1, 1))
+    return EVAL_EXAMPLES
 
 
 def inputs_targets(examples: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +85,9 @@ def eval_loss(model: nn.Module, examples: dict[str, torch.Tensor]) -> float:
     """Cross-entropy averaged over every prediction of the test set."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, size(examples), EVAL_BATCH):
-        x, y = inputs_targets(take(examples, slice(start, start + EVAL_BATCH)))
+    batch = eval_batch(examples)
+    for start in range(0, size(examples), batch):
+        x, y = inputs_targets(take(examples, slice(start, start + batch)))
         total += float(loss_of(model, x, y, reduction="sum"))
         count += y.numel()
     model.train()
