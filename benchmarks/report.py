@@ -85,6 +85,11 @@ def targets(results: list[dict]) -> str:
                      *check(ratio(find(results, w, "flower"), find(results, w, "fedrun-process2")), lambda v: None)))
         rows.append((f"{w}: pfl / fedrun-sequential, s/round", ">= 1",
                      *check(ratio(find(results, w, "pfl"), seq), lambda v: v >= 1)))
+        vec = find(results, w, "fedrun-vectorized")
+        rows.append((f"{w}: Flower / fedrun-vectorized, s/round", ">= 5",
+                     *check(ratio(find(results, w, "flower"), vec), lambda v: v >= 5)))
+        rows.append((f"{w}: pfl / fedrun-vectorized, s/round", ">= 1",
+                     *check(ratio(find(results, w, "pfl"), vec), lambda v: v >= 1)))
         rows.append((f"{w}: fedrun-process2 / fedrun-sequential, s/round", "< 1",
                      *check(ratio(find(results, w, "fedrun-process2"), seq), lambda v: v < 1)))
     for backend in sorted({r["contender"] for r in results if r["group"] == "W3"}):

@@ -58,7 +58,7 @@ def w2(*, quick: bool, has_cap: bool) -> list[Workload]:
     """Light clients: Synthetic(1, 1), 1,000 clients, 100 a round, 1 local epoch of batch 10."""
     rounds = 3 if quick else 8
     models = ["logreg"] if quick else ["logreg", "mlp"]
-    contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "flower", "pfl"])
+    contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "fedrun-vectorized", "flower", "pfl"])
     return [Workload(f"W2 {m}", "W2", [
         "data=synthetic", "data.num_clients=1000", *(["++data.max_client_examples=null"] if has_cap else []),
         f"model={m}", "client.optimizer=sgd", f"client.lr={W2_LR}",
