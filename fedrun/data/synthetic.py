@@ -138,7 +138,7 @@ def synthetic(*, alpha: float, beta: float, num_clients: int, num_features: int,
         clients = generate(pop, seed=seed, test_fraction=test_fraction)
     else:
         pooled = generate(pop, seed=seed).train
-        del pop
+        del pop  # its (K, C, F) client models, before pack_parts copies the examples
         rng = numpy_rng(seed, Stream.PARTITION, _REPARTITION)
         parts = _repartition(pooled.labels.numpy(), partition=partition, num_clients=num_clients,
                              dirichlet_alpha=dirichlet_alpha, size_skew=size_skew, rng=rng)
