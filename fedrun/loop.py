@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
@@ -45,7 +44,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     cfg = exp.cfg
     server = exp.server_model
     test = exp.data.test_examples()
-    num_examples = np.array([c.num_examples for c in exp.data.clients])
+    num_examples = exp.data.client_sizes()
     metrics = rundir.table("metrics.csv", METRIC_COLUMNS + exp.mechanism.metric_columns + server.metric_columns)
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None

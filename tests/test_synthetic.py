@@ -1,10 +1,9 @@
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from fedrun.core import FedrunError, Stream, numpy_rng, torch_generator
+from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import synthetic as syn
 from fedrun.data.examples import Labelled
 from fedrun.data.stats import partition_stats
@@ -145,16 +144,8 @@ def test_partition_stats_reports_sizes_for_text_data_too():
     assert stats == {"clients": 3, "train_min": 3, "train_median": 4.0, "train_max": 10, "train_total": 17}
 
 
-def test_ten_thousand_small_clients_build_quickly():
-    start = time.perf_counter()
+def test_ten_thousand_small_clients_build_into_one_packed_tensor():
+    # Speed is measured by benchmarks/ (W3), not here: this checks the shape that makes it cheap.
     data = _data(num_clients=10_000, num_features=2)
     assert data.num_clients == 10_000
-    assert time.perf_counter() - start < 5
-
-
-@pytest.mark.slow
-def test_ten_thousand_clients_of_sixty_features_build_in_seconds():
-    start = time.perf_counter()
-    data = _data(num_clients=10_000)
-    assert data.num_clients == 10_000
-    assert time.perf_counter() - start < 15
+    assert data.client_sizes().sum() == len(data.clients.train)
