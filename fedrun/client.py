@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData
 from fedrun.evaluation import batch_loss
 from fedrun.params import flatten_parameters
@@ -99,7 +99,7 @@ class LocalTrainer:
         order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id)
         # Dropout draws from torch's global RNG: reseed it from the derived seed, so results
         # do not depend on which clients a worker trained before this one.
-        torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 1))
+        seed_global_rng(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 1), self.device)
         steps = self.cfg.num_steps(data.num_examples, order)
         correction = None if job.control is None else scaffold_correction(job)
         self.model.train()

@@ -49,6 +49,14 @@ def torch_generator(seed: int, stream: Stream, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, stream, *keys))
 
 
+def seed_global_rng(seed: int, device: torch.device) -> None:
+    """Seed the global generator that `device`'s dropout draws from. `torch.manual_seed` would
+    seed every accelerator's too, ~2 ms a call: a fifth of a light round of 100 clients."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 @dataclass
 class ClientJob:
     """What the server sends one client besides the global weights."""

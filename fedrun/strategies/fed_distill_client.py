@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrun.client import ClientConfig, ExampleDP, LocalTrainer, batch_indices
-from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData
 from fedrun.strategies.feddf import distillation_loss
 
@@ -96,7 +96,7 @@ class DistillTrainer:
         trainer.flat.copy_(own)
         trainer.optimizer.state.clear()
         order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 2)
-        torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 3))
+        seed_global_rng(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 3), self.device)
         trainer.model.train()
         for idx in batch_indices(len(x), self.digest_batch, self.digest_steps, order):
             trainer.flat_grad.zero_()
