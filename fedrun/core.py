@@ -187,3 +187,7 @@ class Backend(Protocol):
     def train_cohort(
         self, weights: torch.Tensor, jobs: Sequence[ClientJob], ctx: RoundContext
     ) -> list[ClientUpdate]: ...
+
+    def close(self) -> None:
+        """Release workers (processes, Ray actors); called when a run ends, however it ends."""
+        ...
