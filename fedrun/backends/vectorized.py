@@ -25,7 +25,7 @@ from fedrun.backends.sequential import SequentialBackend
 from fedrun.backends.stacked_model import StackedModel
 from fedrun.backends.stacked_optim import stacked_optimizer
 from fedrun.client import LocalTrainer, batch_indices, scaffold_control_delta, scaffold_correction
-from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, torch_generator
+from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData, FederatedData, concat
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ class VectorizedBackend:
         from torch's global RNG); that RNG is then left as sequential training leaves it
         (LocalTrainer reseeds it per client), so a checkpoint's saved RNG state is the same."""
         updates = [apply_client_hooks(update, self.client_hooks, ctx) for update in updates]
-        torch.manual_seed(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, updates[-1].client_id, 1))
+        seed_global_rng(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, updates[-1].client_id, 1),
+                        self.trainer.device)
         return updates
 
     def train_group(self, plans: Sequence[ClientPlan], weights: torch.Tensor) -> list[ClientUpdate]:

@@ -67,8 +67,8 @@ class FedDistill:
         self.aggregation, self.era_temperature = aggregation, era_temperature
         self.batch = min(public_batch, len(self.public))
         self.digest, self.seed = digest, seed
-        x, _ = self.public[:1].inputs_targets(torch.device("cpu"))
-        self.update_size = self.batch * x.shape[1] * models.vocab_size  # B * T * V probabilities
+        seq_len = self.public.tokens.shape[1] - 1  # windows hold T + 1 bytes
+        self.update_size = self.batch * seq_len * models.vocab_size  # B * T * V probabilities
         self._round = 0  # the round in progress
         self._consensus_round = 0  # the round whose public windows the consensus predicts (0: none yet)
 
