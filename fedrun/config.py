@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedrun.checks import RULES, validate  # noqa: F401  (RULES: re-exported for tests)
 from fedrun.client import ClientConfig, LocalTrainer
-from fedrun.core import FedrunError
+from fedrun.core import FedrunError, make_deterministic
 from fedrun import startup
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
@@ -93,9 +93,14 @@ def _one_line(e: Exception) -> str:
 
 # ---- build -----------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
+# Their workers train on the CPU: forked workers cannot use CUDA, and Ray actors ask for CPUs only.
+CPU_BACKENDS = ("ProcessBackend", "RayBackend")
+
+
+def resolve_device(name: str, backend_target: str = "") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        on_cpu = backend_target.rsplit(".", 1)[-1] in CPU_BACKENDS
+        return torch.device("cuda" if torch.cuda.is_available() and not on_cpu else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise FedrunError("device: 'cuda' was asked for but CUDA is not available; allowed here: auto, cpu")
     return torch.device(name)
@@ -146,7 +151,8 @@ def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
 
 def build(cfg: DictConfig) -> Experiment:
     fix_mmap_threshold()  # before data and models allocate anything large
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.backend.get("_target_", ""))
+    make_deterministic(device)
     audit = instantiate(cfg.audit, _partial_=True)
     audit = with_context(audit, {"seed": cfg.seed})
     data = build_data(cfg, audit=audit)

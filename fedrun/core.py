@@ -9,6 +9,7 @@ backend, and a resumed run needs no RNG state beyond the seed.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -55,6 +56,18 @@ def seed_global_rng(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
+
+
+def make_deterministic(device: torch.device) -> None:
+    """On CUDA, ask torch for deterministic kernels, so that the same seed and a resumed run
+    give the same metrics there as on the CPU (index_add_, scatter and some backward passes
+    otherwise add in whatever order their atomics land). cuBLAS needs its workspace fixed
+    before its first call for that; an op with no deterministic kernel warns instead of failing."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """Config groups compose and build; every bad input is one clear line and a non-zero exit."""
+import os
+
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedrun import config
@@ -113,3 +116,27 @@ def test_data_command_prints_partition_statistics():
 def test_model_that_does_not_fit_the_data_is_refused():
     result = _fedrun("train", "data=synthetic", "model=tiny_gpt")
     assert result.exit_code == 2 and "model: TinyGPT does not fit this data" in result.output
+
+
+@pytest.mark.parametrize("backend, expected", [("sequential", "cuda"), ("vectorized", "cuda"), ("process", "cpu"),
+                                               ("ray", "cpu")])
+def test_device_auto_picks_cuda_only_for_backends_that_train_in_the_main_process(monkeypatch, backend, expected):
+    """Forked workers cannot use CUDA and Ray actors get no GPU: auto means the CPU for them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    target = config.compose([f"backend={backend}"]).backend._target_
+    assert config.resolve_device("auto", target).type == expected
+    assert config.resolve_device("cpu", target).type == "cpu"
+
+
+def test_cuda_runs_ask_for_deterministic_kernels_and_cpu_runs_change_nothing(monkeypatch):
+    from fedrun.core import make_deterministic
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        make_deterministic(torch.device("cpu"))
+        assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        make_deterministic(torch.device("cuda"))  # sets flags only: it touches no CUDA device
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])

@@ -94,6 +94,10 @@ def unbatchable(trainer) -> str | None:
         return f"the trainer is a {type(trainer).__name__}, not a plain LocalTrainer"
     if trainer.dp_sgd is not None:
         return "example-level DP-SGD (privacy=local_dp) clips and noises each client's gradients itself"
+    # vmap has no batching rule for the fused RNN kernels on the CPU, but on CUDA it runs
+    # cuDNN's RNN under vmap without complaint and trains wrongly: decide by the module.
+    if rnn := next((m for m in trainer.model.modules() if isinstance(m, nn.RNNBase)), None):
+        return f"vmap cannot batch the fused recurrent layer {type(rnn).__name__}"
     if (rate := dropout_rate(trainer.model)) > 0:
         return f"the model has dropout {rate} > 0, whose masks each client draws from its own RNG stream"
     return None
