@@ -32,6 +32,7 @@ class Workload:
     contenders: list[str]
     warmup: int = 1
     point: dict = field(default_factory=dict)  # W3: clients per round and population
+    repeats: int = 1  # fresh runs of each contender, interleaved with the other workloads' (run.py)
 
 
 def backend_exists(contender: str) -> bool:
@@ -66,11 +67,17 @@ def w2(*, quick: bool, has_cap: bool) -> list[Workload]:
         "sampler.clients_per_round=100", f"rounds={rounds}", "seed=0"], contenders) for m in models]
 
 
+# This machine's speed drifts by up to 2x over minutes (a fresh process ran the same W3 point at
+# 0.11 or 0.27 s/round, with nothing else running): W3 compares points run minutes apart, so each
+# point runs three times, the passes interleaved, and the least disturbed run counts.
+W3_REPEATS = 3
+
+
 def w3(*, quick: bool, has_cap: bool) -> list[Workload]:
     """Scale: clients per round (10, 100, 500) at 1,000 clients; population (1,000 to 100,000)
     at 100 a round. Each client takes 5 SGD steps of batch 10, so a round's work does not
     depend on which clients (of very different sizes) are drawn, and only scale varies."""
-    rounds = 3 if quick else 4
+    rounds = 3 if quick else 12  # rounds of ~0.1 s: ten timed ones cost little and steady the median
     points = [(10, 1000), (100, 1000)] if quick else [(10, 1000), (100, 1000), (500, 1000), (100, 10000)]
     if not quick and has_cap:
         points.append((100, 100000))
@@ -80,4 +87,4 @@ def w3(*, quick: bool, has_cap: bool) -> list[Workload]:
         "data=synthetic", f"data.num_clients={n}", *cap, "model=logreg", "client.optimizer=sgd",
         f"client.lr={W2_LR}", "client.batch_size=10", "client.local_steps=5", "client.local_epochs=null",
         f"sampler.clients_per_round={k}", f"rounds={rounds}", "seed=0"], contenders,
-        point={"clients_per_round": k, "population": n}) for k, n in points]
+        point={"clients_per_round": k, "population": n}, repeats=W3_REPEATS) for k, n in points]

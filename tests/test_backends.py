@@ -306,6 +306,27 @@ def test_ray_failing_client_is_one_line_naming_it(local_ray, play_file, tmp_path
     assert_actors_released(local_ray)
 
 
+def test_tensors_reach_the_object_store_as_numpy_arrays_read_in_place():
+    """What backend=ray registers for torch.Tensor: numpy arrays (which Ray maps read-only in
+    each actor instead of copying) where numpy can hold the tensor, torch's bytes otherwise."""
+    import numpy as np
+
+    from fedrun.backends.ray import tensor_from_store, tensor_to_store
+
+    t = torch.arange(12, dtype=torch.float32).view(3, 4)
+    stored = tensor_to_store(t)
+    assert isinstance(stored, np.ndarray) and np.shares_memory(stored, t.numpy())
+    stored.flags.writeable = False  # as the object store hands it to an actor
+    back = tensor_from_store(stored)
+    assert torch.equal(back, t) and np.shares_memory(back.numpy(), stored)  # no copy on arrival
+    for special in (torch.ones(3, dtype=torch.bfloat16), torch.ones(3, requires_grad=True)):
+        stored = tensor_to_store(special)
+        assert isinstance(stored, bytes)
+        back = tensor_from_store(stored)
+        assert back.dtype == special.dtype and back.requires_grad == special.requires_grad
+        assert torch.equal(back.detach(), special.detach())
+
+
 def test_ray_without_the_extra_is_one_line(play_file, tmp_path, monkeypatch):
     import importlib.util
 

@@ -12,8 +12,10 @@ A local Ray (`backend.address: null`) listens on loopback only. (This module's n
 from __future__ import annotations
 
 import importlib.util
+import io
 import logging
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -104,6 +106,9 @@ class RayBackend:
         if workers * self.num_cpus_per_worker > cpus:
             raise FedrunError(f"backend.workers: {workers} actors x {self.num_cpus_per_worker} CPUs "
                               f"(backend.num_cpus_per_worker) need more than the {cpus:g} CPUs of the Ray cluster")
+        # Tensors go into the object store as numpy arrays, which actors on this node map
+        # read-only instead of copying: 100,000 clients' data is then held once, not once per actor.
+        ray.util.register_serializer(torch.Tensor, serializer=tensor_to_store, deserializer=tensor_from_store)
         data_ref = ray.put(self.data)  # once: each actor loads it when it starts
         actor = ray.remote(num_cpus=self.num_cpus_per_worker)(TrainerActor)
         threads = max(1, int(self.num_cpus_per_worker))
@@ -131,9 +136,32 @@ class RayBackend:
         for actor in self.actors or []:
             ray.kill(actor)
         self.actors = None
+        if ray.is_initialized():
+            ray.util.deregister_serializer(torch.Tensor)
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+
+
+def tensor_to_store(t: torch.Tensor):
+    """A CPU tensor as a numpy array (Ray stores those out of band, for zero-copy reads);
+    torch's own bytes where numpy cannot hold it (bfloat16) or autograd must survive."""
+    if t.device.type == "cpu" and not t.requires_grad:
+        try:
+            return t.numpy()
+        except TypeError:
+            pass
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    return buffer.getvalue()
+
+
+def tensor_from_store(stored) -> torch.Tensor:
+    if isinstance(stored, bytes):
+        return torch.load(io.BytesIO(stored), weights_only=False)
+    with warnings.catch_warnings():  # the store's arrays are read-only, and nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(stored)
 
 
 def local_ray_options(*, num_cpus: int) -> dict:
