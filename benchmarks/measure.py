@@ -122,3 +122,32 @@ class TreeMemory:
         self._stop.set()
         self._thread.join()
         return self.peak_mb
+
+
+class Turnstile:
+    """One thread at a time, in a fixed cycle; a finished thread leaves the cycle."""
+
+    def __init__(self, size: int):
+        self.size, self.turn, self.done = size, 0, set()
+        self.cond = threading.Condition()
+
+    def wait_for(self, i: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def pass_on(self, i: int, *, finished: bool = False) -> None:
+        with self.cond:
+            if finished:
+                self.done.add(i)
+            if len(self.done) < self.size:
+                nxt = (i + 1) % self.size
+                while nxt in self.done:
+                    nxt = (nxt + 1) % self.size
+                self.turn = nxt
+            self.cond.notify_all()
+
+    def boundary(self, i: int) -> float:
+        """Hand the turn on, wait for it to come back, and return the time it did."""
+        self.pass_on(i)
+        self.wait_for(i)
+        return time.perf_counter()

@@ -134,10 +134,25 @@ def least_disturbed(runs: list[dict]) -> dict:
     return best | ({"runs_seconds_per_round": [r.get("seconds_per_round") for r in runs]} if len(runs) > 1 else {})
 
 
-def save(results: list[dict], meta: dict) -> None:
+def save(results: list[dict], meta: dict, **extra) -> None:
     """results.json after every contender, so an interrupted run keeps what it measured."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps({"machine": meta, "results": results}, indent=2) + "\n")
+    saved = {"machine": meta, "results": results} | {k: v for k, v in extra.items() if v}
+    (RESULTS / "results.json").write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def measure_interleaved() -> dict:
+    """benchmarks.w3_interleaved, in a process of its own (with the contenders' thread settings)."""
+    print("W3, the populations' rounds interleaved in one process ...", flush=True)
+    out = RESULTS / "work" / "w3_interleaved.json"
+    code = ("import json, sys; from benchmarks.w3_interleaved import measure_all; "
+            "open(sys.argv[1], 'w').write(json.dumps(measure_all()))")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=child_env(None),
+                          timeout=TIMEOUT, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"    failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return {}
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -175,9 +190,11 @@ def main() -> None:
                 results = [x for x in results if (x["workload"], x["contender"]) != (workload.name, name)]
                 results.append(least_disturbed(runs[(workload.name, name)]))
                 save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]})
+    # W3's population sweep again, its rounds interleaved in one process (the drift cancels).
+    interleaved = measure_interleaved() if any(w.group == "W3" for w in chosen) and not quick and has_cap() else None
     meta |= {"load_average_1m": [round(x[0], 2) for x in loads]}
-    save(results, meta)
-    markdown = report.markdown(results, meta)
+    save(results, meta, w3_interleaved=interleaved)
+    markdown = report.markdown(results, meta, interleaved)
     (RESULTS / "results.md").write_text(markdown)
     report.plot_w3(results, RESULTS / "w3.png")
     print(markdown)

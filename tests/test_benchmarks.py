@@ -80,3 +80,28 @@ def test_repeated_runs_keep_the_least_disturbed_and_every_runs_figure():
     assert best["runs_seconds_per_round"] == [0.27, None, 0.11]
     assert least_disturbed([{"error": "exit 1"}]) == {"error": "exit 1"}
     assert "runs_seconds_per_round" not in least_disturbed(runs[:1])
+
+
+def test_the_turnstile_runs_one_thread_at_a_time_in_turn_until_each_finishes():
+    import threading
+
+    from benchmarks.measure import Turnstile
+
+    gate, order = Turnstile(3), []
+
+    def worker(i: int, rounds: int) -> None:
+        gate.wait_for(i)
+        for r in range(rounds):
+            order.append(i)
+            if r < rounds - 1:
+                gate.pass_on(i)
+                gate.wait_for(i)
+        gate.pass_on(i, finished=True)
+
+    threads = [threading.Thread(target=worker, args=(i, n)) for i, n in enumerate([3, 1, 2])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert order == [0, 1, 2, 0, 2, 0]
