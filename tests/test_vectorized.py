@@ -79,12 +79,17 @@ def test_tiny_gpt_adam_with_weight_decay(compose_cfg):
 
 @pytest.mark.parametrize("model, optimizer", [("logreg", ["client.optimizer=sgd", "client.lr=0.1", "client.momentum=0.5"]),
                                               ("mlp", ["client.optimizer=adam", "client.lr=0.01"])])
-def test_small_models_with_local_epochs_of_ragged_clients(synthetic_cfg, model, optimizer):
+def test_small_models_with_local_epochs_of_ragged_clients(synthetic_cfg, monkeypatch, model, optimizer):
+    alone = []  # the steps from which the longest client finished alone, on the plain model
+    finish_alone = VectorizedBackend.finish_alone
+    monkeypatch.setattr(VectorizedBackend, "finish_alone",
+                        lambda self, *args, **kwargs: alone.append(args[3]) or finish_alone(self, *args, **kwargs))
     seq, vec = _both(synthetic_cfg, f"model={model}", "client.local_steps=null", "client.local_epochs=2",
                      "client.batch_size=8", *optimizer)
     sizes = [u.num_examples for u in seq]
     assert len(set(sizes)) > 1 and any(n % 8 for n in sizes)  # different sizes, short last batches
-    assert len({u.num_steps for u in seq}) > 1
+    steps = sorted(u.num_steps for u in seq)
+    assert steps[-1] > steps[-2] and alone == [steps[-2]]  # it trained alone after the runner-up stopped
     assert_same_updates(seq, vec, rtol=1e-4 if "adam" in optimizer[0] else 1e-5)
 
 

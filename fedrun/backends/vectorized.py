@@ -22,7 +22,7 @@ from torch import nn
 
 from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.sequential import SequentialBackend
-from fedrun.backends.stacked_model import StackedModel
+from fedrun.backends.stacked_model import StackedModel, client_losses
 from fedrun.backends.stacked_optim import stacked_optimizer
 from fedrun.client import LocalTrainer, batch_indices, scaffold_control_delta, scaffold_correction
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
@@ -64,18 +64,21 @@ class PaddedSteps:
 
 
 def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
-    num_steps = max(len(p.batches) for p in plans)
-    width = max((len(b) for p in plans for b in p.batches), default=1)
-    index = torch.zeros(num_steps, len(plans), width, dtype=torch.int64)
-    weight = torch.zeros(num_steps, len(plans), width)
-    offset = 0
-    for k, plan in enumerate(plans):
-        index[:, k] = offset
-        for s, batch in enumerate(plan.batches):
-            index[s, k, : len(batch)] = batch + offset
-            weight[s, k, : len(batch)] = 1.0
-        offset += plan.data.num_examples
     lengths = torch.tensor([len(p.batches) for p in plans])
+    num_steps = int(lengths.max())
+    sizes = torch.tensor([len(b) for p in plans for b in p.batches])  # every batch, client after client
+    width = int(sizes.max()) if len(sizes) else 1
+    offsets = torch.tensor([0] + [p.data.num_examples for p in plans]).cumsum(0)[:-1]
+    # Padding points at the client's first example (weight 0); then every batch's slots at once.
+    index = offsets.view(1, -1, 1).expand(num_steps, len(plans), width).clone()
+    weight = torch.zeros(num_steps, len(plans), width)
+    client = torch.repeat_interleave(torch.arange(len(plans)), lengths)  # per batch
+    step = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    slot = torch.arange(len(sizes)).repeat_interleave(sizes)  # per example: which batch
+    position = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
+    examples = torch.cat([b for p in plans for b in p.batches]) if len(sizes) else torch.zeros(0, dtype=torch.int64)
+    index[step[slot], client[slot], position] = examples + offsets[client[slot]]
+    weight[step[slot], client[slot], position] = 1.0
     active = (lengths > torch.arange(num_steps)[:, None]).sum(1)  # (S,)
     widths = weight.sum(2).amax(1)  # (S,): a finished client's rows weigh nothing
     return PaddedSteps(index, weight, active.tolist(), widths.long().tolist())
@@ -171,6 +174,10 @@ class VectorizedBackend:
         correction = scaffold_corrections(plans, weights)
         loss_sum = torch.zeros(len(plans), device=device)
         for s, (active, width) in enumerate(zip(steps.active, steps.width)):
+            if active == 1:  # the longest client alone: often most of a round's steps (power-law sizes)
+                self.finish_alone(stack, optimizer, steps, s, x_all, y_all, weights, loss_sum,
+                                  prox_mu=prox_mu, correction=correction)
+                break
             idx = index[s, :active, :width]  # (a, B)
             grad, loss = self.stacked.gradients(stack[:active], x_all[idx], y_all[idx], weight[s, :active, :width])
             loss_sum[:active] += loss
@@ -181,6 +188,33 @@ class VectorizedBackend:
             optimizer.step(stack, grad, active=active, step=s)
         seconds = (time.perf_counter() - start) / len(plans)
         return [self.client_update(p, stack[k] - weights, float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
+
+    def finish_alone(self, stack: torch.Tensor, optimizer, steps: PaddedSteps, first: int, x_all: torch.Tensor,
+                     y_all: torch.Tensor, weights: torch.Tensor, loss_sum: torch.Tensor, *,
+                     prox_mu: torch.Tensor | None, correction: torch.Tensor | None) -> None:
+        """Row 0's steps from `first` on, on the plain model: the row lives in the trainer's flat
+        buffer meanwhile, so a step costs what a sequential one does. The same ops, in the same
+        order, as the batched loop's (`StackedModel` takes a lone row one by one anyway)."""
+        trainer = self.trainer
+        trainer.flat.copy_(stack[0])
+        row, grad = trainer.flat.view(1, -1), trainer.flat_grad.view(1, -1)
+        device = trainer.device
+        index, weight = steps.index[:, 0].to(device), steps.weight[:, 0].to(device)
+        for s in range(first, len(steps.active)):
+            width = steps.width[s]
+            idx = index[s, :width]
+            trainer.flat_grad.zero_()
+            with torch.enable_grad():
+                loss = client_losses(trainer.model(x_all[idx]).unsqueeze(0), y_all[idx].unsqueeze(0),
+                                     weight[s : s + 1, :width])
+                loss[0].backward()
+            loss_sum[:1] += loss.detach()
+            if prox_mu is not None:
+                grad.add_((row - weights) * prox_mu[:1])
+            if correction is not None:
+                grad.add_(correction[:1])
+            optimizer.step(row, grad, active=1, step=s)
+        stack[0].copy_(trainer.flat)
 
     def client_update(self, plan: ClientPlan, delta: torch.Tensor, loss_sum: float, seconds: float) -> ClientUpdate:
         """The fields `LocalTrainer.train` fills, from the batched results."""
