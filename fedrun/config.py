@@ -20,6 +20,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
                           OverrideParseException)
+from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -93,13 +94,10 @@ def _one_line(e: Exception) -> str:
 
 # ---- build -----------------------------------------------------------------------------------
 
-# Their workers train on the CPU: forked workers cannot use CUDA, and Ray actors ask for CPUs only.
-CPU_BACKENDS = ("ProcessBackend", "RayBackend")
-
-
 def resolve_device(name: str, backend_target: str = "") -> torch.device:
+    """`auto`: CUDA when present, unless the backend says its workers train on the CPU."""
     if name == "auto":
-        on_cpu = backend_target.rsplit(".", 1)[-1] in CPU_BACKENDS
+        on_cpu = bool(backend_target) and getattr(get_class(backend_target), "trains_on_cpu", False)
         return torch.device("cuda" if torch.cuda.is_available() and not on_cpu else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise FedrunError("device: 'cuda' was asked for but CUDA is not available; allowed here: auto, cpu")

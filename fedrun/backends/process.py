@@ -35,6 +35,8 @@ STOP = b"stop"
 class ProcessBackend:
     """Trains each round's clients in `workers` processes; results equal sequential training's."""
 
+    trains_on_cpu = True  # device=auto means the CPU with this backend: forked workers cannot use CUDA
+
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData,
                  client_hooks: Sequence[ClientHook], workers: int | None):
         self.workers = resolve_workers(workers)

@@ -32,6 +32,8 @@ EXTRA = "backend=ray needs the ray extra: pip install -e .[ray]"
 class RayBackend:
     """Trains each round's clients in Ray actors; results equal sequential training's."""
 
+    trains_on_cpu = True  # device=auto means the CPU with this backend: its actors ask Ray for CPUs only
+
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, client_hooks: Sequence[ClientHook],
                  workers: int | None, address: str | None, num_cpus_per_worker: float):
         if importlib.util.find_spec("ray") is None:

@@ -181,11 +181,7 @@ class VectorizedBackend:
             idx = index[s, :active, :width]  # (a, B)
             grad, loss = self.stacked.gradients(stack[:active], x_all[idx], y_all[idx], weight[s, :active, :width])
             loss_sum[:active] += loss
-            if prox_mu is not None:  # gradient of (mu/2)||w - w_global||^2
-                grad.add_((stack[:active] - weights) * prox_mu[:active])
-            if correction is not None:
-                grad.add_(correction[:active])
-            optimizer.step(stack, grad, active=active, step=s)
+            descend(optimizer, stack, grad, weights, active=active, step=s, prox_mu=prox_mu, correction=correction)
         seconds = (time.perf_counter() - start) / len(plans)
         return [self.client_update(p, stack[k] - weights, float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
 
@@ -209,11 +205,7 @@ class VectorizedBackend:
                                      weight[s : s + 1, :width])
                 loss[0].backward()
             loss_sum[:1] += loss.detach()
-            if prox_mu is not None:
-                grad.add_((row - weights) * prox_mu[:1])
-            if correction is not None:
-                grad.add_(correction[:1])
-            optimizer.step(row, grad, active=1, step=s)
+            descend(optimizer, row, grad, weights, active=1, step=s, prox_mu=prox_mu, correction=correction)
         stack[0].copy_(trainer.flat)
 
     def client_update(self, plan: ClientPlan, delta: torch.Tensor, loss_sum: float, seconds: float) -> ClientUpdate:
@@ -234,6 +226,16 @@ class VectorizedBackend:
 
     def close(self) -> None:
         """Nothing to release: the stack lives only during a round."""
+
+
+def descend(optimizer, stack: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor, *, active: int, step: int,
+            prox_mu: torch.Tensor | None, correction: torch.Tensor | None) -> None:
+    """One optimizer step of rows [:active], after adding each client's FedProx and SCAFFOLD terms."""
+    if prox_mu is not None:  # gradient of (mu/2)||w - w_global||^2
+        grad.add_((stack[:active] - weights) * prox_mu[:active])
+    if correction is not None:
+        grad.add_(correction[:active])
+    optimizer.step(stack, grad, active=active, step=step)
 
 
 def scaffold_corrections(plans: Sequence[ClientPlan], weights: torch.Tensor) -> torch.Tensor | None:
