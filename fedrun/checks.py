@@ -10,7 +10,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from fedrun.attacks import KINDS as ATTACK_KINDS
-from fedrun.client import OPTIMIZERS
+from fedrun.flat_optim import OPTIMIZERS
 from fedrun.core import FedrunError
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS

@@ -15,13 +15,11 @@ import torch
 from torch import nn
 
 from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
-from fedrun.data.examples import ClientData
+from fedrun.data.examples import ClientData, Examples
 from fedrun.evaluation import batch_loss
+from fedrun.flat_optim import descend, flat_optimizer
 from fedrun.params import flatten_parameters
 from fedrun.privacy.local_dp import DPSGDStep, poisson_batches
-
-OPTIMIZERS = ("sgd", "adam")
-
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -46,25 +44,32 @@ class ClientConfig:
         return self.local_epochs * math.ceil(num_examples / self.batch_size)
 
 
-def make_optimizer(params, cfg: ClientConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"client.optimizer: unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+def epoch_orders(num_examples: int, batch_size: int, num_steps: int,
+                 generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """For each epoch that `num_steps` mini-batches touch, the order of the examples it uses:
+    a fresh permutation, cut to the batches still to run."""
+    remaining = num_steps
+    while remaining > 0 and num_examples > 0:
+        order = torch.randperm(num_examples, generator=generator)
+        yield order[: remaining * batch_size]
+        remaining -= math.ceil(min(num_examples, remaining * batch_size) / batch_size)
 
 
 def batch_indices(num_examples: int, batch_size: int, num_steps: int,
                   generator: torch.Generator) -> Iterator[torch.Tensor]:
     """`num_steps` mini-batches, reshuffling at each epoch; the last batch of an epoch may be short."""
-    step = 0
-    while True:
-        order = torch.randperm(num_examples, generator=generator)
-        for start in range(0, num_examples, batch_size):
-            if step == num_steps:
-                return
+    for order in epoch_orders(num_examples, batch_size, num_steps, generator):
+        for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
-            step += 1
+
+
+def batches(examples: Examples, batch_size: int, num_steps: int, generator: torch.Generator) -> Iterator[Examples]:
+    """The mini-batches of `batch_indices`, as examples. Each epoch gathers its examples in
+    order once and its batches are views into that: one indexing op an epoch, not one a step."""
+    for order in epoch_orders(len(examples), batch_size, num_steps, generator):
+        epoch = examples[order]
+        for start in range(0, len(order), batch_size):
+            yield epoch[start : start + batch_size]
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class LocalTrainer:
         self.model = make_model().to(device)
         self.flat = flatten_parameters(self.model)
         self.flat_grad = attach_flat_grads(self.model, self.flat)
-        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
+        self.optimizer = flat_optimizer(self.flat.view(1, -1), cfg)
         self.cfg = cfg
         self.device = device
         self.dp_sgd = None if example_dp is None else DPSGDStep(
@@ -95,7 +100,7 @@ class LocalTrainer:
         """Train from `weights` on the client's data; return `local - weights` and stats."""
         start = time.perf_counter()
         self.flat.copy_(weights)
-        self.optimizer.state.clear()  # a fresh optimizer for each client, without re-creating it
+        self.optimizer.reset()  # a fresh optimizer for each client, without re-creating it
         order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id)
         # Dropout draws from torch's global RNG: reseed it from the derived seed, so results
         # do not depend on which clients a worker trained before this one.
@@ -104,16 +109,12 @@ class LocalTrainer:
         correction = None if job.control is None else scaffold_correction(job)
         self.model.train()
         loss_sum, losses = torch.zeros((), device=self.device), 0
-        for idx in self._batches(data.num_examples, steps, order):
-            x, y = data.train[idx].inputs_targets(self.device)
+        for s, batch in enumerate(self._batches(data.train, steps, order)):
+            x, y = batch.inputs_targets(self.device)
             loss = self._gradient(x, y, order, data.num_examples)
             if loss is not None:
                 loss_sum, losses = loss_sum + loss, losses + 1
-            if job.prox_mu:  # gradient of (mu/2)||w - w_global||^2
-                self.flat_grad.add_(self.flat.detach() - weights, alpha=job.prox_mu)
-            if correction is not None:
-                self.flat_grad.add_(correction)
-            self.optimizer.step()
+            self.step(s, weights=weights, prox_mu=job.prox_mu or None, correction=correction)
         delta = self.flat.detach() - weights
         extras = {} if job.control is None else {"control_delta": scaffold_control_delta(job, delta, steps, self.cfg.lr)}
         return ClientUpdate(
@@ -127,12 +128,20 @@ class LocalTrainer:
             extras=extras,
         )
 
-    def _batches(self, num_examples: int, steps: int, order: torch.Generator):
+    def step(self, step: int, *, weights: torch.Tensor | None = None, prox_mu: float | None = None,
+             correction: torch.Tensor | None = None) -> None:
+        """Local step number `step` from the gradient in flat_grad, with FedProx's pull towards
+        `weights` and SCAFFOLD's correction when given."""
+        descend(self.optimizer, self.flat.view(1, -1), self.flat_grad.view(1, -1), weights, active=1, step=step,
+                prox_mu=prox_mu, correction=correction)
+
+    def _batches(self, examples: Examples, steps: int, order: torch.Generator) -> Iterator[Examples]:
         if self.dp_sgd is None:
-            return batch_indices(num_examples, self.cfg.batch_size, steps, order)
+            return batches(examples, self.cfg.batch_size, steps, order)
         # DP-SGD's accountant assumes Poisson sampling of examples at rate batch_size / n.
-        rate = min(1.0, self.cfg.batch_size / num_examples)
-        return poisson_batches(num_examples, sample_rate=rate, num_steps=steps, generator=order)
+        rate = min(1.0, self.cfg.batch_size / len(examples))
+        return (examples[idx] for idx in poisson_batches(len(examples), sample_rate=rate, num_steps=steps,
+                                                        generator=order))
 
     def _gradient(self, x: torch.Tensor, y: torch.Tensor, order: torch.Generator,
                   num_examples: int) -> torch.Tensor | None:

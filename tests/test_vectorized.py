@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from fedrun import config, train
-from fedrun.backends.stacked_optim import StackedAdam, StackedSGD
 from fedrun.backends.vectorized import VectorizedBackend
 from fedrun.client import ClientConfig, LocalTrainer
 from fedrun.core import ClientJob, RoundContext
@@ -211,29 +210,3 @@ def test_a_model_or_trainer_it_cannot_batch_falls_back_once_with_the_reason(synt
 def test_max_clients_must_be_positive(synthetic_cfg):
     with pytest.raises(Exception, match="backend.max_clients: 0 is not allowed"):
         config.build(synthetic_cfg("backend=vectorized", "backend.max_clients=0"))
-
-
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_stacked_optimizers_match_torch_optim_row_by_row(kind):
-    g = torch.Generator().manual_seed(0)
-    active = [4, 4, 3, 3, 1]  # rows train 5, 4, 4 and 2 steps; a finished row must not move
-    init = torch.randn(4, 7, generator=g)
-    grads = torch.randn(len(active), 4, 7, generator=g)
-    stack = init.clone()
-    if kind == "sgd":
-        options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}
-        stacked, reference = StackedSGD(stack, **options), torch.optim.SGD
-    else:
-        options = {"lr": 0.01, "weight_decay": 0.01}
-        stacked, reference = StackedAdam(stack, **options), torch.optim.Adam
-    for s, a in enumerate(active):
-        stacked.step(stack, grads[s, :a].clone(), active=a, step=s)
-    for k in range(4):
-        p = nn.Parameter(init[k].clone())
-        optimizer = reference([p], **options)
-        for s, a in enumerate(active):
-            if k < a:
-                p.grad = grads[s, k].clone()
-                optimizer.step()
-        torch.testing.assert_close(stack[k], p.detach(), rtol=1e-6, atol=1e-7)
-        assert not torch.equal(stack[k], init[k])

@@ -1,13 +1,19 @@
 """A model's loss and gradients over a stack of clients' flat weights (K, D), in one call.
 
-`torch.func.functional_call` runs the reused model with one client's flat row cut into
-parameter views; `torch.func.vmap` batches that over the rows, so K clients' forward and
-backward passes become one set of batched tensor ops (the idea of FedJAX, Ro et al. 2021,
-"FedJAX: Federated learning simulation with JAX", on CPU with torch.func).
+`torch.func.functional_call` runs the reused model with the rows cut into stacked parameter
+views (K, *shape); two ways batch it over the rows, so K clients' forward and backward passes
+become one set of batched tensor ops (the idea of FedJAX, Ro et al. 2021, "FedJAX: Federated
+learning simulation with JAX", on CPU with torch):
+- grouped matmuls, for models made only of linear layers and elementwise ops (`groupable`):
+  each linear layer is one `baddbmm` of the K clients' inputs (K, B, in) with their weights
+  (K, out, in), and elementwise ops act on (K, B, ...) as they do on (B, ...);
+- `torch.func.vmap` over the rows, for any other model vmap can batch. It costs more per call
+  (~0.5 ms on CPU: it wraps every op), which on small models is most of a step.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +21,26 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.overrides import TorchFunctionMode
 
+# Fewer rows than this train one after another on the plain model: a batched call's fixed cost
+# is more than a small model's step, so batching 1-3 clients by vmap, or one by grouped
+# matmuls, loses time.
+LOOP_BELOW = {"vmap": 4, "grouped": 2}
 
-# Fewer rows than this train one after another on the plain model: vmap's fixed cost per call
-# (a few ms on CPU) is more than a small model's step, so batching 1-3 clients loses time.
-LOOP_BELOW = 4
+# The rows' gradient views are strided like the rows' parameter views (a column block of the
+# (K, D) buffer); autograd warns that such a `.grad` is not contiguous, then accumulates into it
+# in place all the same, which is what StackedModel wants.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+# Modules whose forward acts on the last axis or elementwise, so the same code is right on
+# (K, B, ...) inputs; a model class may declare the same of its own forward (`elementwise_forward`).
+GROUPABLE = (nn.Linear, nn.Sequential, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+             nn.ELU, nn.Softplus, nn.Dropout)
+
+
+def groupable(model: nn.Module) -> bool:
+    """Whether every module of the model is a linear layer, an elementwise op or a container
+    that only chains them, so it runs on stacked weights by grouped matmuls."""
+    return all(isinstance(m, GROUPABLE) or getattr(type(m), "elementwise_forward", False) for m in model.modules())
 
 
 class StackedModel:
@@ -26,45 +48,67 @@ class StackedModel:
 
     Row layout is fedrun's flat vector: the trainable parameters in `model.parameters()` order
     (a tied tensor once; functional_call re-ties it). Frozen parameters and buffers are the
-    model's own. Only the model's forward pass is vmapped; the loss is computed on the (K, ...)
+    model's own. Only the model's forward pass is batched; the loss is computed on the (K, ...)
     logits with plain ops, and ordinary autograd differentiates the sum of the K losses, which
-    gives each row its own client's gradient (rows do not interact) with plain batched kernels."""
+    gives each row its own client's gradient (rows do not interact) with plain batched kernels.
+    The stacked parameters are leaves whose `.grad` are views into one (K, D) buffer, so
+    backward accumulates straight into the rows' gradients, with no gather at the end."""
 
     def __init__(self, model: nn.Module, *, flat: torch.Tensor, flat_grad: torch.Tensor):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.model, self.flat, self.flat_grad = model, flat, flat_grad  # LocalTrainer's buffers
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self._forward = vmap(lambda params, x: functional_call(model, params, (x,)))
+        self.bounds = torch.tensor([0] + [p.numel() for _, p in named]).cumsum(0).tolist()
+        self.mode = "grouped" if groupable(model) else "vmap"
+        self._vmapped = vmap(lambda params, x: functional_call(model, params, (x,)))
         self._attention: bool | None = None  # does the model call attention? (known after one call)
-        self.vmapped = False  # has vmap run this model successfully?
+        self.vmapped = False  # has the model run batched successfully?
+        self._grad = torch.zeros(0, flat.numel(), device=flat.device)  # rows' gradients, grown as needed
 
     def gradients(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, D) gradients and (K,) losses for rows `stack` (K, D) on batches x (K, B, ...),
-        y (K, B, ...) with example weights (K, B): 1 for a real example, 0 for padding."""
-        if len(stack) < LOOP_BELOW:
-            return self._one_by_one(stack, x, y, weight)
-        rows = stack.detach().requires_grad_()
+        y (K, B, ...) whose examples weigh `share` (K, B): 1 / a batch's size, 0 for padding.
+        The gradients are a buffer the next call overwrites."""
+        if len(stack) < LOOP_BELOW[self.mode]:
+            return self._one_by_one(stack, x, y, share)
+        params, grad = self._leaves(stack)
         with torch.enable_grad():
-            losses = client_losses(self._batched(rows, x), y, weight)
-        (grad,) = torch.autograd.grad(losses.sum(), rows)
+            losses = client_losses(self._forward(params, x), y, share)
+            losses.sum().backward()
         return grad, losses.detach()
 
-    def _batched(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        k = rows.shape[0]
-        params = {n: t.view(k, *s) for n, t, s in zip(self.names, rows.split(self.sizes, dim=1), self.shapes)}
-        mode = _BatchedAttention() if self._attention is not False else contextlib.nullcontext()
-        with mode:
-            logits = self._forward(params, x)
-        if self._attention is None:
-            self._attention = mode.seen
+    def _leaves(self, stack: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Parameter views of the rows (K, *shape), as leaves whose gradients are views of a
+        zeroed (K, D) buffer (backward accumulates into an existing `.grad` in place)."""
+        k = len(stack)
+        if len(self._grad) < k:
+            self._grad = torch.zeros_like(stack)
+        grad = self._grad[:k]
+        grad.zero_()
+        params = {}
+        for name, shape, lo, hi in zip(self.names, self.shapes, self.bounds, self.bounds[1:]):
+            leaf = stack[:, lo:hi].detach().view(k, *shape).requires_grad_()
+            leaf.grad = grad[:, lo:hi].view(k, *shape)
+            params[name] = leaf
+        return params, grad
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "grouped":
+            with _GroupedLinear():
+                logits = functional_call(self.model, params, (x,))
+        else:
+            mode = _BatchedAttention() if self._attention is not False else contextlib.nullcontext()
+            with mode:
+                logits = self._vmapped(params, x)
+            if self._attention is None:
+                self._attention = mode.seen
         self.vmapped = True
         return logits
 
     def _one_by_one(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same gradients, row after row, on the model itself (its parameters are views of
         `flat`, its gradients of `flat_grad`)."""
         grads, losses = torch.empty_like(stack), torch.empty(len(stack), device=stack.device)
@@ -72,18 +116,35 @@ class StackedModel:
             self.flat.copy_(stack[k])
             self.flat_grad.zero_()
             with torch.enable_grad():
-                loss = client_losses(self.model(x[k]).unsqueeze(0), y[k : k + 1], weight[k : k + 1])[0]
+                loss = client_losses(self.model(x[k]).unsqueeze(0), y[k : k + 1], share[k : k + 1])[0]
                 loss.backward()
             grads[k], losses[k] = self.flat_grad, loss.detach()
         return grads, losses
 
 
-def client_losses(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+class _GroupedLinear(TorchFunctionMode):
+    """`F.linear` with stacked weights (K, out, in) as one grouped matmul of the clients'
+    inputs (K, B, in), while StackedModel runs a groupable model."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and args[1].dim() == 3:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is None:
+                return torch.bmm(x, weight.transpose(1, 2))
+            return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (K, B, out)
+        return func(*args, **kwargs)
+
+
+def client_losses(logits: torch.Tensor, y: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
     """(K,) each client's mean over its real examples of each example's mean cross-entropy,
-    which is `batch_loss` on its real examples alone (every example has as many targets)."""
-    k, b = weight.shape
+    which is `batch_loss` on its real examples alone (every example has as many targets).
+    `share` (K, B) weighs each real example 1 / its batch's size and padding 0."""
+    k, b = share.shape
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-    return (ce.view(k, b, -1).mean(2) * weight).sum(1) / weight.sum(1)
+    per_example = ce.view(k, b) if ce.numel() == k * b else ce.view(k, b, -1).mean(2)  # a label, or a sequence's
+    return (per_example * share).sum(1)
 
 
 class _MergedAttention(torch.autograd.Function):

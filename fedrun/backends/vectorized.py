@@ -2,7 +2,7 @@
 
 Each client's weights are a row of a (K, D) stack; one vmapped forward and one backward pass
 per local step give every row its own gradient (`StackedModel`), and a functional optimizer
-updates all rows in a few tensor ops (`stacked_optim`). Each client keeps its own data order
+updates all rows in a few tensor ops (`fedrun.flat_optim`). Each client keeps its own data order
 (the same generator draws as `LocalTrainer.train`), its own optimizer state and its own
 FedProx / SCAFFOLD correction, so the updates equal sequential training's to float tolerance.
 
@@ -23,10 +23,10 @@ from torch import nn
 from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.sequential import SequentialBackend
 from fedrun.backends.stacked_model import StackedModel, client_losses
-from fedrun.backends.stacked_optim import stacked_optimizer
 from fedrun.client import LocalTrainer, batch_indices, scaffold_control_delta, scaffold_correction
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData, FederatedData, concat
+from fedrun.flat_optim import descend, flat_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class PaddedSteps:
     [:active[s]], and every batch among them fits in width[s] slots."""
 
     index: torch.Tensor  # (S, K, B) int64; padding points at one of the client's own examples
-    weight: torch.Tensor  # (S, K, B) float32: 1 for a real example, 0 for padding
+    share: torch.Tensor  # (S, K, B) float32: a real example's share of its batch (1 / its size), 0 for padding
     active: list[int]  # (S,)
     width: list[int]  # (S,)
 
@@ -80,8 +80,9 @@ def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
     index[step[slot], client[slot], position] = examples + offsets[client[slot]]
     weight[step[slot], client[slot], position] = 1.0
     active = (lengths > torch.arange(num_steps)[:, None]).sum(1)  # (S,)
-    widths = weight.sum(2).amax(1)  # (S,): a finished client's rows weigh nothing
-    return PaddedSteps(index, weight, active.tolist(), widths.long().tolist())
+    sizes = weight.sum(2, keepdim=True)  # (S, K, 1): a finished client's rows weigh nothing
+    share = weight / sizes.clamp_min(1)
+    return PaddedSteps(index, share, active.tolist(), sizes.amax(1).view(-1).long().tolist())
 
 
 def dropout_rate(model: nn.Module) -> float:
@@ -166,9 +167,9 @@ class VectorizedBackend:
         device, cfg = self.trainer.device, self.trainer.cfg
         x_all, y_all = concat([p.data.train for p in plans]).inputs_targets(device)
         steps = pad_steps(plans)
-        index, weight = steps.index.to(device), steps.weight.to(device)
+        index, share = steps.index.to(device), steps.share.to(device)
         stack = weights.expand(len(plans), -1).clone()  # (K, D): row k is client k's weights
-        optimizer = stacked_optimizer(stack, cfg)
+        optimizer = flat_optimizer(stack, cfg)
         prox_mu = torch.tensor([[p.job.prox_mu] for p in plans], device=device)  # (K, 1)
         prox_mu = prox_mu if prox_mu.any() else None
         correction = scaffold_corrections(plans, weights)
@@ -179,7 +180,7 @@ class VectorizedBackend:
                                   prox_mu=prox_mu, correction=correction)
                 break
             idx = index[s, :active, :width]  # (a, B)
-            grad, loss = self.stacked.gradients(stack[:active], x_all[idx], y_all[idx], weight[s, :active, :width])
+            grad, loss = self.stacked.gradients(stack[:active], x_all[idx], y_all[idx], share[s, :active, :width])
             loss_sum[:active] += loss
             descend(optimizer, stack, grad, weights, active=active, step=s, prox_mu=prox_mu, correction=correction)
         seconds = (time.perf_counter() - start) / len(plans)
@@ -195,14 +196,14 @@ class VectorizedBackend:
         trainer.flat.copy_(stack[0])
         row, grad = trainer.flat.view(1, -1), trainer.flat_grad.view(1, -1)
         device = trainer.device
-        index, weight = steps.index[:, 0].to(device), steps.weight[:, 0].to(device)
+        index, share = steps.index[:, 0].to(device), steps.share[:, 0].to(device)
         for s in range(first, len(steps.active)):
             width = steps.width[s]
             idx = index[s, :width]
             trainer.flat_grad.zero_()
             with torch.enable_grad():
                 loss = client_losses(trainer.model(x_all[idx]).unsqueeze(0), y_all[idx].unsqueeze(0),
-                                     weight[s : s + 1, :width])
+                                     share[s : s + 1, :width])
                 loss[0].backward()
             loss_sum[:1] += loss.detach()
             descend(optimizer, row, grad, weights, active=1, step=s, prox_mu=prox_mu, correction=correction)
@@ -226,16 +227,6 @@ class VectorizedBackend:
 
     def close(self) -> None:
         """Nothing to release: the stack lives only during a round."""
-
-
-def descend(optimizer, stack: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor, *, active: int, step: int,
-            prox_mu: torch.Tensor | None, correction: torch.Tensor | None) -> None:
-    """One optimizer step of rows [:active], after adding each client's FedProx and SCAFFOLD terms."""
-    if prox_mu is not None:  # gradient of (mu/2)||w - w_global||^2
-        grad.add_((stack[:active] - weights) * prox_mu[:active])
-    if correction is not None:
-        grad.add_(correction[:active])
-    optimizer.step(stack, grad, active=active, step=step)
 
 
 def scaffold_corrections(plans: Sequence[ClientPlan], weights: torch.Tensor) -> torch.Tensor | None:

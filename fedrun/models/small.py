@@ -12,6 +12,8 @@ from torch import nn
 
 
 class LogReg(nn.Module):
+    elementwise_forward = True  # linear layers and elementwise ops: backend=vectorized may group its matmuls
+
     def __init__(self, *, num_features: int, num_classes: int):
         super().__init__()
         self.linear = nn.Linear(num_features, num_classes)
@@ -22,6 +24,8 @@ class LogReg(nn.Module):
 
 
 class MLP(nn.Module):
+    elementwise_forward = True
+
     def __init__(self, *, num_features: int, num_classes: int, hidden: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))

@@ -94,14 +94,14 @@ class DistillTrainer:
         x = job.digest_x.to(self.device)
         target = consensus.to(self.device).view(*x.shape, -1)
         trainer.flat.copy_(own)
-        trainer.optimizer.state.clear()
+        trainer.optimizer.reset()
         order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 2)
         seed_global_rng(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 3), self.device)
         trainer.model.train()
-        for idx in batch_indices(len(x), self.digest_batch, self.digest_steps, order):
+        for s, idx in enumerate(batch_indices(len(x), self.digest_batch, self.digest_steps, order)):
             trainer.flat_grad.zero_()
             distillation_loss(trainer.model(x[idx]), target[idx], self.temperature).backward()
-            trainer.optimizer.step()
+            trainer.step(s)
         return trainer.flat.detach().clone()
 
     @torch.no_grad()
