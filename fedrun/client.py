@@ -143,14 +143,18 @@ class LocalTrainer:
         return (examples[idx] for idx in poisson_batches(len(examples), sample_rate=rate, num_steps=steps,
                                                         generator=order))
 
+    def gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Fill flat_grad with the gradient of the batch's mean loss; return the loss."""
+        self.flat_grad.zero_()
+        loss = batch_loss(self.model, x, y)
+        loss.backward()
+        return loss.detach()
+
     def _gradient(self, x: torch.Tensor, y: torch.Tensor, order: torch.Generator,
                   num_examples: int) -> torch.Tensor | None:
         """Fill flat_grad with the batch's gradient; return its loss (None: an empty DP batch)."""
         if self.dp_sgd is None:
-            self.flat_grad.zero_()
-            loss = batch_loss(self.model, x, y)
-            loss.backward()
-            return loss.detach()
+            return self.gradient(x, y)
         expected = min(self.cfg.batch_size, num_examples)
         loss = self.dp_sgd.compute(x, y, flat_grad=self.flat_grad, generator=order, expected_batch_size=expected)
         return None if math.isnan(loss) else torch.tensor(loss, device=self.device)

@@ -65,6 +65,14 @@ class StackedModel:
         self._attention: bool | None = None  # does the model call attention? (known after one call)
         self.vmapped = False  # has the model run batched successfully?
         self._grad = torch.zeros(0, flat.numel(), device=flat.device)  # rows' gradients, grown as needed
+        self._cached: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None  # the last rows' leaves
+        # Where each trainable parameter sits, tied ones at every place: the grouped forward
+        # swaps the stacked leaves in there directly (functional_call's general machinery
+        # costs more than a small model's whole step).
+        first = {}
+        self._slots = [(module, attr, first.setdefault(id(p), f"{prefix}.{attr}".lstrip(".")))
+                       for prefix, module in model.named_modules(remove_duplicate=False)
+                       for attr, p in module._parameters.items() if p is not None and p.requires_grad]
 
     def gradients(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                   share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,23 +89,28 @@ class StackedModel:
 
     def _leaves(self, stack: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parameter views of the rows (K, *shape), as leaves whose gradients are views of a
-        zeroed (K, D) buffer (backward accumulates into an existing `.grad` in place)."""
+        zeroed (K, D) buffer (backward accumulates into an existing `.grad` in place). The
+        optimizer steps the rows in place, so the leaves of the same rows serve every step."""
         k = len(stack)
         if len(self._grad) < k:
             self._grad = torch.zeros_like(stack)
+            self._cached = None
         grad = self._grad[:k]
         grad.zero_()
-        params = {}
-        for name, shape, lo, hi in zip(self.names, self.shapes, self.bounds, self.bounds[1:]):
-            leaf = stack[:, lo:hi].detach().view(k, *shape).requires_grad_()
-            leaf.grad = grad[:, lo:hi].view(k, *shape)
-            params[name] = leaf
-        return params, grad
+        key = (stack.data_ptr(), k)  # the cached leaves keep their rows' storage alive
+        if self._cached is None or self._cached[0] != key:
+            params = {}
+            for name, shape, lo, hi in zip(self.names, self.shapes, self.bounds, self.bounds[1:]):
+                leaf = stack[:, lo:hi].detach().view(k, *shape).requires_grad_()
+                leaf.grad = grad[:, lo:hi].view(k, *shape)
+                params[name] = leaf
+            self._cached = key, params
+        return self._cached[1], grad
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self.mode == "grouped":
-            with _GroupedLinear():
-                logits = functional_call(self.model, params, (x,))
+            with self._swapped(params), _GroupedLinear():
+                logits = self.model(x)
         else:
             mode = _BatchedAttention() if self._attention is not False else contextlib.nullcontext()
             with mode:
@@ -106,6 +119,18 @@ class StackedModel:
                 self._attention = mode.seen
         self.vmapped = True
         return logits
+
+    @contextlib.contextmanager
+    def _swapped(self, params: dict[str, torch.Tensor]):
+        """The model with `params` in place of its trainable parameters, then its own again."""
+        own = [module._parameters[attr] for module, attr, _ in self._slots]
+        try:
+            for module, attr, name in self._slots:
+                module._parameters[attr] = params[name]
+            yield
+        finally:
+            for (module, attr, _), p in zip(self._slots, own):
+                module._parameters[attr] = p
 
     def _one_by_one(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,11 @@ from torch import nn
 
 from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.sequential import SequentialBackend
-from fedrun.backends.stacked_model import StackedModel, client_losses
+from fedrun.backends.stacked_model import StackedModel
 from fedrun.client import LocalTrainer, batch_indices, scaffold_control_delta, scaffold_correction
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData, FederatedData, concat
-from fedrun.flat_optim import descend, flat_optimizer
+from fedrun.flat_optim import FlatOptimizer, descend, flat_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -176,37 +176,32 @@ class VectorizedBackend:
         loss_sum = torch.zeros(len(plans), device=device)
         for s, (active, width) in enumerate(zip(steps.active, steps.width)):
             if active == 1:  # the longest client alone: often most of a round's steps (power-law sizes)
-                self.finish_alone(stack, optimizer, steps, s, x_all, y_all, weights, loss_sum,
-                                  prox_mu=prox_mu, correction=correction)
+                self.finish_alone(stack, optimizer, plans[0], s, weights, loss_sum, prox_mu=prox_mu,
+                                  correction=correction)
                 break
             idx = index[s, :active, :width]  # (a, B)
-            grad, loss = self.stacked.gradients(stack[:active], x_all[idx], y_all[idx], share[s, :active, :width])
+            grad, loss = self.stacked.gradients(stack[:active], gather(x_all, idx), gather(y_all, idx),
+                                                share[s, :active, :width])
             loss_sum[:active] += loss
             descend(optimizer, stack, grad, weights, active=active, step=s, prox_mu=prox_mu, correction=correction)
         seconds = (time.perf_counter() - start) / len(plans)
         return [self.client_update(p, stack[k] - weights, float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
 
-    def finish_alone(self, stack: torch.Tensor, optimizer, steps: PaddedSteps, first: int, x_all: torch.Tensor,
-                     y_all: torch.Tensor, weights: torch.Tensor, loss_sum: torch.Tensor, *,
-                     prox_mu: torch.Tensor | None, correction: torch.Tensor | None) -> None:
-        """Row 0's steps from `first` on, on the plain model: the row lives in the trainer's flat
-        buffer meanwhile, so a step costs what a sequential one does. The same ops, in the same
-        order, as the batched loop's (`StackedModel` takes a lone row one by one anyway)."""
+    def finish_alone(self, stack: torch.Tensor, optimizer: FlatOptimizer, plan: ClientPlan, first: int,
+                     weights: torch.Tensor, loss_sum: torch.Tensor, *, prox_mu: torch.Tensor | None,
+                     correction: torch.Tensor | None) -> None:
+        """Row 0's steps from `first` on, as sequential training takes them: the row lives in the
+        trainer's flat buffer meanwhile, a step's gradient is `LocalTrainer.gradient` on the
+        plain model, and the group's optimizer steps it with row 0's state."""
         trainer = self.trainer
         trainer.flat.copy_(stack[0])
         row, grad = trainer.flat.view(1, -1), trainer.flat_grad.view(1, -1)
-        device = trainer.device
-        index, share = steps.index[:, 0].to(device), steps.share[:, 0].to(device)
-        for s in range(first, len(steps.active)):
-            width = steps.width[s]
-            idx = index[s, :width]
-            trainer.flat_grad.zero_()
-            with torch.enable_grad():
-                loss = client_losses(trainer.model(x_all[idx]).unsqueeze(0), y_all[idx].unsqueeze(0),
-                                     share[s : s + 1, :width])
-                loss[0].backward()
-            loss_sum[:1] += loss.detach()
-            descend(optimizer, row, grad, weights, active=1, step=s, prox_mu=prox_mu, correction=correction)
+        train = plan.data.train
+        with torch.enable_grad():
+            for s in range(first, len(plan.batches)):
+                x, y = train[plan.batches[s]].inputs_targets(trainer.device)
+                loss_sum[0] += trainer.gradient(x, y)
+                descend(optimizer, row, grad, weights, active=1, step=s, prox_mu=prox_mu, correction=correction)
         stack[0].copy_(trainer.flat)
 
     def client_update(self, plan: ClientPlan, delta: torch.Tensor, loss_sum: float, seconds: float) -> ClientUpdate:
@@ -227,6 +222,11 @@ class VectorizedBackend:
 
     def close(self) -> None:
         """Nothing to release: the stack lives only during a round."""
+
+
+def gather(examples: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """examples[idx] for an (a, B) index: index_select costs a third of advanced indexing."""
+    return examples.index_select(0, idx.reshape(-1)).view(*idx.shape, *examples.shape[1:])
 
 
 def scaffold_corrections(plans: Sequence[ClientPlan], weights: torch.Tensor) -> torch.Tensor | None:
