@@ -83,9 +83,11 @@ class StackedModel:
             return self._one_by_one(stack, x, y, share)
         params, grad = self._leaves(stack)
         with torch.enable_grad():
-            losses = client_losses(self._forward(params, x), y, share)
-            losses.sum().backward()
-        return grad, losses.detach()
+            ce = example_losses(self._forward(params, x), y, share.numel())
+            # The sum of the clients' mean losses as one dot product: a row's gradient is its
+            # own client's, and backward has two nodes fewer than weighting and summing would.
+            torch.dot(ce, share.reshape(-1)).backward()
+        return grad, (ce.detach().view(share.shape) * share).sum(1)
 
     def _leaves(self, stack: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Parameter views of the rows (K, *shape), as leaves whose gradients are views of a
@@ -141,7 +143,7 @@ class StackedModel:
             self.flat.copy_(stack[k])
             self.flat_grad.zero_()
             with torch.enable_grad():
-                loss = client_losses(self.model(x[k]).unsqueeze(0), y[k : k + 1], share[k : k + 1])[0]
+                loss = torch.dot(example_losses(self.model(x[k]), y[k], share.shape[1]), share[k])
                 loss.backward()
             grads[k], losses[k] = self.flat_grad, loss.detach()
         return grads, losses
@@ -162,14 +164,12 @@ class _GroupedLinear(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def client_losses(logits: torch.Tensor, y: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-    """(K,) each client's mean over its real examples of each example's mean cross-entropy,
-    which is `batch_loss` on its real examples alone (every example has as many targets).
-    `share` (K, B) weighs each real example 1 / its batch's size and padding 0."""
-    k, b = share.shape
+def example_losses(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) each of n examples' cross-entropy (a sequence's: the mean over its tokens), for
+    logits (..., C) and targets (...) whose leading dims hold the examples. Weighted by
+    1 / batch size, a client's sum to `batch_loss` on its real examples."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-    per_example = ce.view(k, b) if ce.numel() == k * b else ce.view(k, b, -1).mean(2)  # a label, or a sequence's
-    return (per_example * share).sum(1)
+    return ce if ce.numel() == n else ce.view(n, -1).mean(1)
 
 
 class _MergedAttention(torch.autograd.Function):
