@@ -100,6 +100,9 @@ def targets(results: list[dict], interleaved: dict | None = None) -> str:
                      *check(ratio(find(results, w, "flower"), vec), lambda v: v >= 5)))
         rows.append((f"{w}: pfl / fedrun-vectorized, s/round", ">= 1",
                      *check(ratio(find(results, w, "pfl"), vec), lambda v: v >= 1)))
+        both = find(results, w, "fedrun-process2-vectorized")
+        rows.append((f"{w}: Flower / fedrun-process2-vectorized (both on 2 cores), s/round", ">= 5",
+                     *check(ratio(find(results, w, "flower"), both), lambda v: v >= 5)))
         rows.append((f"{w}: fedrun-process2 / fedrun-sequential, s/round", "< 1",
                      *check(ratio(find(results, w, "fedrun-process2"), seq), lambda v: v < 1)))
     for backend in sorted({r["contender"] for r in results if r["group"] == "W3"}):

@@ -18,6 +18,8 @@ FEDRUN = {
     "fedrun-sequential": ["backend=sequential"],
     "fedrun-vectorized": ["backend=vectorized"],
     "fedrun-process2": ["backend=process", "backend.workers=2"],
+    # two workers, each training its share of the round batched (backend=vectorized's training)
+    "fedrun-process2-vectorized": ["backend=process", "backend.workers=2", "backend.vectorized=true"],
     "fedrun-ray2": ["backend=ray", "backend.workers=2"],
 }
 W1_LR = {"lstm": 0.5, "tiny_gpt": 0.5}  # plain SGD, as LEAF trains its Shakespeare LSTM
@@ -59,7 +61,8 @@ def w2(*, quick: bool, has_cap: bool) -> list[Workload]:
     """Light clients: Synthetic(1, 1), 1,000 clients, 100 a round, 1 local epoch of batch 10."""
     rounds = 3 if quick else 8
     models = ["logreg"] if quick else ["logreg", "mlp"]
-    contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "fedrun-vectorized", "flower", "pfl"])
+    contenders = available(["floor", "fedrun-sequential", "fedrun-process2", "fedrun-vectorized",
+                            "fedrun-process2-vectorized", "flower", "pfl"])
     # Flower's W2 rounds moved from 1.1 to 2.0 s between two runs an hour apart: two runs each,
     # interleaved, and the least disturbed counts (as for W3).
     return [Workload(f"W2 {m}", "W2", [
@@ -84,7 +87,8 @@ def w3(*, quick: bool, has_cap: bool) -> list[Workload]:
     points = [(10, 1000), (100, 1000)] if quick else [(10, 1000), (100, 1000), (500, 1000), (100, 10000)]
     if not quick and has_cap:
         points.append((100, 100000))
-    contenders = available(["fedrun-sequential"] if quick else list(FEDRUN))
+    backends = ["fedrun-sequential", "fedrun-vectorized", "fedrun-process2", "fedrun-ray2"]
+    contenders = available(["fedrun-sequential"] if quick else backends)
     cap = ["++data.max_client_examples=200"] if has_cap else []
     return [Workload(f"W3 k={k} N={n}", "W3", [
         "data=synthetic", f"data.num_clients={n}", *cap, "model=logreg", "client.optimizer=sgd",

@@ -172,6 +172,7 @@ class FedDistillSchema:
 class ProcessBackendSchema:
     _target_: str = MISSING
     workers: Optional[int] = MISSING
+    vectorized: bool = MISSING
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from fedrun import config, train
 from fedrun.backends import process
-from fedrun.backends.process import ProcessBackend, cohort_chunks
+from fedrun.backends.process import ProcessBackend, batched_chunks, cohort_chunks
 from fedrun.backends.sequential import SequentialBackend
 from fedrun.core import ClientJob, ClientUpdate, FedrunError, RoundContext
 from fedrun.data.examples import ClientData, FederatedData, Labelled
@@ -265,6 +265,44 @@ def test_chunks_cover_each_job_once_costliest_first_with_similar_costs():
     assert order == sorted(costs, reverse=True)
     assert len(chunks) == 4 and max(sum(costs[i] for i in c) for c in chunks) <= 2 * sum(costs) / 4
     assert cohort_chunks([4, 4], 8) == [[0], [1]]  # never more chunks than jobs
+
+
+def test_batched_groups_balance_their_longest_client_plus_a_little_for_each_other():
+    # The largest client alone (it sets a group's time), the rest together: 100 against
+    # 60 + 0.2 * 90 = 78, where dealing in turn would give 100 + 0.2 * 70 = 114 and 75.
+    costs = [100, 60, 30, 20, 20, 10, 10]
+    assert batched_chunks(costs, 2) == [[0], [1, 2, 3, 4, 5, 6]]
+    chunks = batched_chunks([5, 5, 5, 5], 2)  # equal clients: equal groups
+    assert sorted(len(c) for c in chunks) == [2, 2]
+    assert batched_chunks([4], 3) == [[0]]  # no empty groups
+
+
+def test_process_workers_can_train_their_shares_batched(tmp_path):
+    """backend.vectorized=true: each worker trains its share as one batched group, with
+    sequential training's updates (to float tolerance, as backend=vectorized)."""
+    def build(*overrides):
+        return config.build(config.compose([
+            f"run_dir={tmp_path / 'run'}", "device=cpu", "data=synthetic", "data.num_clients=12", "model=mlp",
+            "client.optimizer=sgd", "client.lr=0.1", "client.momentum=0.5", "client.local_steps=null",
+            "client.local_epochs=1", "client.batch_size=8", *overrides]))
+
+    sequential, batched = build("backend=sequential").backend, build("backend=process", "backend.workers=2",
+                                                                      "backend.vectorized=true").backend
+    torch.manual_seed(0)
+    weights = sequential.trainer.flat.detach().clone()
+    jobs = [ClientJob(c) for c in (3, 0, 7, 11, 5, 8, 1, 9)]
+    ctx = RoundContext(round_idx=1, seed=0, num_clients=12, cohort=[j.client_id for j in jobs])
+    try:
+        expected, got = sequential.train_cohort(weights, jobs, ctx), batched.train_cohort(weights, jobs, ctx)
+    finally:
+        batched.close()
+    assert [u.client_id for u in got] == [j.client_id for j in jobs]
+    for u, e in zip(got, expected):
+        assert (u.num_steps, u.num_examples) == (e.num_steps, e.num_examples)
+        torch.testing.assert_close(u.delta, e.delta, rtol=1e-5, atol=1e-6)
+        assert u.train_loss == pytest.approx(e.train_loss, rel=1e-5)
+    # A batched group's clients each report the group's time over its size: one figure per worker.
+    assert len({u.seconds for u in got}) == 2
 
 
 # ---- backend=ray --------------------------------------------------------------------------------
