@@ -1,7 +1,7 @@
 """backend=vectorized: the cohort trained as one batch gives sequential training's updates.
 
-The oracle is backend=sequential (one LocalTrainer stepping torch.optim) on the same jobs,
-weights and round; the functional optimizers are checked against torch.optim directly.
+The oracle is backend=sequential (one LocalTrainer on the plain model) on the same jobs,
+weights and round; the flat optimizers are checked against torch.optim in test_flat_optim.py.
 """
 import logging
 

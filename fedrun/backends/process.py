@@ -1,5 +1,6 @@
 """`backend=process`: a pool of worker processes, each training a share of the round's clients
-on one trainer it builds once and reuses for the whole run.
+on one trainer it builds once and reuses for the whole run: one client after another, or, with
+`vectorized=true`, the whole share as one batched group (`backend=vectorized`'s training).
 
 Workers are forked after the experiment is built, so they inherit the client data without
 pickling it (spawn, where fork is unavailable, ships it once per worker). Each round the state

@@ -1,10 +1,11 @@
 """`backend=vectorized`: the round's clients train at once, as one batched computation.
 
-Each client's weights are a row of a (K, D) stack; one vmapped forward and one backward pass
-per local step give every row its own gradient (`StackedModel`), and a functional optimizer
-updates all rows in a few tensor ops (`fedrun.flat_optim`). Each client keeps its own data order
-(the same generator draws as `LocalTrainer.train`), its own optimizer state and its own
-FedProx / SCAFFOLD correction, so the updates equal sequential training's to float tolerance.
+Each client's weights are a row of a (K, D) stack; one batched forward pass (grouped matmuls or
+vmap) and one backward pass per local step give every row its own gradient (`StackedModel`),
+and a functional optimizer updates all rows in a few tensor ops (`fedrun.flat_optim`). Each
+client keeps its own data order (the same generator draws as `LocalTrainer.train`), its own
+optimizer state and its own FedProx / SCAFFOLD correction, so the updates equal sequential
+training's to float tolerance.
 
 Ragged work is padded and masked: a short batch is padded with weight-0 examples, and clients
 are ordered by their number of steps, longest first, so the clients still training at step s
