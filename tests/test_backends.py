@@ -224,6 +224,28 @@ def test_a_failing_worker_is_one_line_naming_the_client_and_leaves_no_process(tr
     assert children() <= before
 
 
+def test_a_failing_batched_share_is_one_line_naming_its_clients(play_file, tmp_path, monkeypatch):
+    def fail(self, plans, weights):  # not an error that means "vmap cannot batch this model"
+        raise MemoryError("out of cheese")
+
+    monkeypatch.setattr(process.VectorizedBackend, "train_group", fail)  # forked workers inherit it
+    before = children()
+    cfg = compose(play_file, tmp_path, "backend=process", "backend.workers=2", "backend.vectorized=true",
+                  "sampler.clients_per_round=6")
+    with pytest.raises(FedrunError, match=r"backend=process: client \d+ failed in worker [01]: MemoryError: "
+                                          r"out of cheese \(trained batched with \d+ other clients\)$"):
+        run(cfg)
+    assert children() <= before
+
+
+def test_a_batched_worker_that_falls_back_names_the_failing_client(play_file, tmp_path):
+    # RaisingTrainer is not a plain LocalTrainer: the worker trains its share one by one.
+    cfg = compose(play_file, tmp_path, "backend=process", "backend.workers=2", "backend.vectorized=true",
+                  "sampler.clients_per_round=6")
+    with pytest.raises(FedrunError, match=f"client {BAD_CLIENT} failed in worker [01]: RuntimeError: out of cheese$"):
+        run(cfg, make_trainer=RaisingTrainer)
+
+
 def test_ctrl_c_mid_round_stops_the_workers(play_file, tmp_path, monkeypatch):
     before = children()
     monkeypatch.setattr(__import__(__name__, fromlist=["x"]), "STUCK_FLAG", tmp_path / "training")

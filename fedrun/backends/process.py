@@ -142,11 +142,15 @@ class BatchedShare:
     trainer, without client hooks (they run in the main process)."""
 
     def __init__(self, trainer: Any, data: FederatedData):
+        self.data = data
         self.backend = VectorizedBackend(make_trainer=lambda: trainer, data=data, client_hooks=[], max_clients=None)
 
     def train_share(self, weights: torch.Tensor, ctx: RoundContext, jobs: Sequence[ClientJob],
                     on_client: Callable[[int], None] = lambda cid: None) -> tuple:
-        """As `train_share`; a failure names the share's first client and how many trained with it."""
+        """As `train_share`. Clients that train together fail together: the error names the
+        share's first client and how many trained with it."""
+        if self.backend.fallback is not None:  # it trains one client after another: name the one
+            return train_share(self.backend.trainer, self.data, weights, ctx, jobs, on_client)
         on_client(jobs[0].client_id)
         try:
             return "ok", self.backend.train_cohort(weights, jobs, ctx)
