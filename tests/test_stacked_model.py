@@ -1,5 +1,7 @@
 """StackedModel: K clients' losses and gradients in one batched call, against plain autograd
 on one model per client (an independent computation), by grouped matmuls and by vmap."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,7 @@ def _reference(make_model, rows, x, y, sizes):
     return torch.stack(grads), torch.stack(losses)
 
 
-@pytest.mark.parametrize("mode", ["grouped", "vmap"])
+@pytest.mark.parametrize("mode", ["grouped", "grouped-untraced", "vmap"])
 @pytest.mark.parametrize("k", [2, 5])
 def test_rows_get_their_own_clients_gradients_and_losses(mode, k):
     torch.manual_seed(0)
@@ -60,7 +62,9 @@ def test_rows_get_their_own_clients_gradients_and_losses(mode, k):
     model = make_model()
     flat = flatten_parameters(model)
     stacked = StackedModel(model, flat=flat, flat_grad=attach_flat_grads(model, flat))
-    stacked.mode = mode
+    assert stacked._traced is not None  # an MLP traces: its linear layers become grouped matmuls
+    if mode != "grouped":  # the per-op mode that runs groupable models torch.fx cannot trace, or vmap
+        stacked.mode, stacked._traced = mode.removesuffix("-untraced"), None
     rows = flat.detach() + 0.3 * torch.randn(k, flat.numel())  # every client has its own weights
     x, y = torch.randn(k, 4, 6), torch.randint(0, 3, (k, 4))
     sizes = [4, 3, 4, 1, 2][:k]  # short batches padded to 4
@@ -69,7 +73,7 @@ def test_rows_get_their_own_clients_gradients_and_losses(mode, k):
     want_grads, want_losses = _reference(make_model, rows, x, y, sizes)
     torch.testing.assert_close(grads, want_grads, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
-    assert stacked.vmapped is (k >= {"grouped": 2, "vmap": 4}[mode])  # else row by row on the plain model
+    assert stacked.vmapped is (k >= {"grouped": 2, "vmap": 4}[stacked.mode])  # else row by row on the plain model
     again, _ = stacked.gradients(rows, x, y, share)  # the buffer is zeroed, not accumulated into
     torch.testing.assert_close(again, want_grads, rtol=1e-5, atol=1e-6)
 
@@ -83,3 +87,32 @@ def test_the_backend_groups_small_classifiers_and_vmaps_the_rest(compose_cfg, tm
                               "sampler.clients_per_round=4", f"model={model}", "backend=vectorized"])
     exp = config.build(cfg)
     assert exp.backend.stacked.mode == mode
+    assert (exp.backend.stacked._traced is not None) is (mode == "grouped")
+
+
+class Frozen(nn.Module):
+    """A groupable model whose first layer is frozen: its weights are not in the stack."""
+
+    elementwise_forward = True
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.net[0].requires_grad_(False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_frozen_layer_is_run_by_the_per_op_mode_with_the_models_own_weights():
+    torch.manual_seed(0)
+    model = Frozen()
+    flat = flatten_parameters(model)
+    stacked = StackedModel(model, flat=flat, flat_grad=attach_flat_grads(model, flat))
+    assert stacked.mode == "grouped" and stacked._traced is None
+    rows = flat.detach() + 0.3 * torch.randn(3, flat.numel())
+    x, y = torch.randn(3, 4, 6), torch.randint(0, 3, (3, 4))
+    grads, losses = stacked.gradients(rows, x, y, torch.full((3, 4), 0.25))
+    want_grads, want_losses = _reference(lambda: copy.deepcopy(model), rows, x, y, [4, 4, 4])  # the same frozen layer
+    torch.testing.assert_close(grads, want_grads, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)

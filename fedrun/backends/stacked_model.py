@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Callable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
@@ -73,6 +75,7 @@ class StackedModel:
         self._slots = [(module, attr, first.setdefault(id(p), f"{prefix}.{attr}".lstrip(".")))
                        for prefix, module in model.named_modules(remove_duplicate=False)
                        for attr, p in module._parameters.items() if p is not None and p.requires_grad]
+        self._traced = grouped_forward(model, first) if self.mode == "grouped" else None
 
     def gradients(self, stack: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                   share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +113,9 @@ class StackedModel:
         return self._cached[1], grad
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "grouped":
+        if self._traced is not None:
+            logits = self._traced(x, params)
+        elif self.mode == "grouped":
             with self._swapped(params), _GroupedLinear():
                 logits = self.model(x)
         else:
@@ -162,6 +167,42 @@ class _GroupedLinear(TorchFunctionMode):
                 return torch.bmm(x, weight.transpose(1, 2))
             return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (K, B, out)
         return func(*args, **kwargs)
+
+
+def grouped_linear(x: torch.Tensor, params: dict[str, torch.Tensor], weight: str, bias: str | None) -> torch.Tensor:
+    """A linear layer of K clients: their inputs (K, B, in) by their weights (K, out, in)."""
+    if bias is None:
+        return torch.bmm(x, params[weight].transpose(1, 2))
+    return torch.baddbmm(params[bias].unsqueeze(1), x, params[weight].transpose(1, 2))  # (K, B, out)
+
+
+def grouped_forward(model: nn.Module, names: dict[int, str]) -> Callable | None:
+    """The groupable model's forward as one traced function of (x, stacked params), each linear
+    layer a `grouped_linear` call: no module swapping and no per-op mode, which on a light
+    client's step cost as much as the arithmetic. None where torch.fx cannot trace the model
+    or its forward reads a parameter itself (the mode then does the work)."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception:
+        return None
+    graph = traced.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1 or any(n.op == "get_attr" for n in graph.nodes):
+        return None
+    with graph.inserting_after(inputs[0]):
+        params = graph.placeholder("params")
+    for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(layer := traced.get_submodule(node.target), nn.Linear):
+            if any(p is not None and id(p) not in names for p in (layer.weight, layer.bias)):
+                return None  # a frozen layer: its weights are not in the stack
+            bias = None if layer.bias is None else names[id(layer.bias)]
+            with graph.inserting_before(node):
+                grouped = graph.call_function(grouped_linear, (node.args[0], params, names[id(layer.weight)], bias))
+            node.replace_all_uses_with(grouped)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    traced.recompile()
+    return traced
 
 
 def example_losses(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
