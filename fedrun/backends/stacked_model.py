@@ -6,7 +6,9 @@ become one set of batched tensor ops (the idea of FedJAX, Ro et al. 2021, "FedJA
 learning simulation with JAX", on CPU with torch):
 - grouped matmuls, for models made only of linear layers and elementwise ops (`groupable`):
   each linear layer is one `baddbmm` of the K clients' inputs (K, B, in) with their weights
-  (K, out, in), and elementwise ops act on (K, B, ...) as they do on (B, ...);
+  (K, out, in), and elementwise ops act on (K, B, ...) as they do on (B, ...). The forward is
+  traced once with torch.fx and its linear layers rewritten (`grouped_forward`); a model fx
+  cannot trace runs under a mode that rewrites each `F.linear` call instead;
 - `torch.func.vmap` over the rows, for any other model vmap can batch. It costs more per call
   (~0.5 ms on CPU: it wraps every op), which on small models is most of a step.
 """
