@@ -21,6 +21,7 @@ from fedrun.flat_optim import descend, flat_optimizer
 from fedrun.params import flatten_parameters
 from fedrun.privacy.local_dp import DPSGDStep, poisson_batches
 
+
 @dataclass(frozen=True)
 class ClientConfig:
     """The `client` config group: how each client trains locally."""
