@@ -320,10 +320,9 @@ def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedD
     torch.set_num_threads(threads)
     try:
         trainer, failure = make_trainer(), None
-        if vectorized:
-            trainer = BatchedShare(trainer, data)
+        train = BatchedShare(trainer, data).train_share if vectorized else partial(train_share, trainer, data)
     except Exception as e:
-        trainer, failure = None, one_line(e)
+        train, failure = None, one_line(e)
     weights = None
 
     def on_client(client_id: int) -> None:
@@ -343,6 +342,5 @@ def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedD
         if failure is not None:
             reply: tuple = ("error", jobs[0].client_id, f"building the trainer: {failure}")
         else:
-            train = trainer.train_share if vectorized else partial(train_share, trainer, data)
             reply = train(weights, ctx, jobs, on_client)
         conn.send_bytes(dumps(reply))

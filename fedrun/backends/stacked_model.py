@@ -70,9 +70,10 @@ class StackedModel:
         self.vmapped = False  # has the model run batched successfully?
         self._grad = torch.zeros(0, flat.numel(), device=flat.device)  # rows' gradients, grown as needed
         self._cached: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None  # the last rows' leaves
-        # Where each trainable parameter sits, tied ones at every place: the grouped forward
-        # swaps the stacked leaves in there directly (functional_call's general machinery
-        # costs more than a small model's whole step).
+        # Where each trainable parameter sits, tied ones at every place, and its one name: the
+        # traced forward looks the stacked leaves up by that name, and the untraced grouped
+        # forward swaps them in there directly (functional_call's general machinery costs more
+        # than a small model's whole step).
         first = {}
         self._slots = [(module, attr, first.setdefault(id(p), f"{prefix}.{attr}".lstrip(".")))
                        for prefix, module in model.named_modules(remove_duplicate=False)
@@ -163,19 +164,20 @@ class _GroupedLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and args[1].dim() == 3:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if bias is None:
-                return torch.bmm(x, weight.transpose(1, 2))
-            return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (K, B, out)
+            return clients_linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
         return func(*args, **kwargs)
 
 
-def grouped_linear(x: torch.Tensor, params: dict[str, torch.Tensor], weight: str, bias: str | None) -> torch.Tensor:
+def clients_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A linear layer of K clients: their inputs (K, B, in) by their weights (K, out, in)."""
     if bias is None:
-        return torch.bmm(x, params[weight].transpose(1, 2))
-    return torch.baddbmm(params[bias].unsqueeze(1), x, params[weight].transpose(1, 2))  # (K, B, out)
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (K, B, out)
+
+
+def grouped_linear(x: torch.Tensor, params: dict[str, torch.Tensor], weight: str, bias: str | None) -> torch.Tensor:
+    """`clients_linear` with the layer's stacked parameters looked up by name (the traced forward's call)."""
+    return clients_linear(x, params[weight], None if bias is None else params[bias])
 
 
 def grouped_forward(model: nn.Module, names: dict[int, str]) -> Callable | None:

@@ -81,9 +81,9 @@ def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
     index[step[slot], client[slot], position] = examples + offsets[client[slot]]
     weight[step[slot], client[slot], position] = 1.0
     active = (lengths > torch.arange(num_steps)[:, None]).sum(1)  # (S,)
-    sizes = weight.sum(2, keepdim=True)  # (S, K, 1): a finished client's rows weigh nothing
-    share = weight / sizes.clamp_min(1)
-    return PaddedSteps(index, share, active.tolist(), sizes.amax(1).view(-1).long().tolist())
+    real = weight.sum(2, keepdim=True)  # (S, K, 1) real examples per batch; a finished client's: 0
+    share = weight / real.clamp_min(1)
+    return PaddedSteps(index, share, active.tolist(), real.amax(1).view(-1).long().tolist())
 
 
 def dropout_rate(model: nn.Module) -> float:
