@@ -67,6 +67,19 @@ def interleaved_table(interleaved: dict) -> str:
     return "\n".join(lines)
 
 
+def bound_table(bound: list[dict]) -> str:
+    """benchmarks.batching_bound's measurements: one model stepping on k clients' batches at once."""
+    groups = sorted({int(k) for row in bound for k in row["gain"]})
+    lines = ["| model | threads | ms per client-step, one client | " + " | ".join(f"gain at k={k}" for k in groups)
+             + " | bound |", "| --- | ---: | ---: | " + " | ".join("---:" for _ in groups) + " | ---: |"]
+    for row in bound:
+        gains = {int(k): v for k, v in row["gain"].items()}
+        ms = {int(k): v for k, v in row["ms_per_client_step"].items()}
+        lines.append(f"| {row['model']} | {row['threads']} | {ms[1]:.1f} | "
+                     + " | ".join(f"{gains[k]:.2f}" for k in groups) + f" | {row['bound']:.2f} |")
+    return "\n".join(lines)
+
+
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "**not met**")
 
@@ -75,7 +88,7 @@ def check(value: float, ok) -> tuple[str, str]:
     return ("n/a", "n/a") if math.isnan(value) else (f"{value:.2f}", verdict(ok(value)))
 
 
-def targets(results: list[dict], interleaved: dict | None = None) -> str:
+def targets(results: list[dict], interleaved: dict | None = None, bound: list[dict] | None = None) -> str:
     """The issue's targets, each with the ratio measured in this run (W3 also with the
     populations' rounds interleaved in one process, which cancels the machine's drift)."""
     rows = []
@@ -87,6 +100,10 @@ def targets(results: list[dict], interleaved: dict | None = None) -> str:
                      *check(ratio(seq, floor, "peak_rss_mb"), lambda v: v <= 1.25)))
         rows.append((f"{w}: fedrun-vectorized / floor, client-steps/s", ">= 1.5 (one model suffices)",
                      *check(ratio(floor, vec), lambda v: v >= 1.5)))
+        for row in [b for b in bound or [] if f"W1 {b['model']}" == w]:
+            rows.append((f"{w}: ceiling of any batching, {row['threads']} thread(s) (one model on k clients' batches a "
+                         "step, best k / one client), client-steps/s", "(bounds the row above)",
+                         *check(row["bound"], lambda v: None)))
     for w in sorted({r["workload"] for r in results if r["group"] == "W2"}):
         seq = find(results, w, "fedrun-sequential")
         rows.append((f"{w}: Flower / fedrun-sequential, s/round", ">= 5",
@@ -128,14 +145,18 @@ def targets(results: list[dict], interleaved: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[dict], meta: dict, interleaved: dict | None = None) -> str:
+def markdown(results: list[dict], meta: dict, interleaved: dict | None = None,
+             bound: list[dict] | None = None) -> str:
     parts = [f"Measured {meta['date']} on {meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, "
              f"{meta['threads_per_contender']} intra-op thread(s) per contender process"
              f"{' (BENCH_QUICK: few rounds, smoke test only)' if meta['quick'] else ''}. "
              f"Load average (1 min) during the run: {min(meta['load_average_1m']):.1f} to "
-             f"{max(meta['load_average_1m']):.1f}.", "", "### Targets", "", targets(results, interleaved)]
+             f"{max(meta['load_average_1m']):.1f}.", "", "### Targets", "", targets(results, interleaved, bound)]
     for w in dict.fromkeys(r["workload"] for r in results if r["group"] != "W3"):
         parts += ["", f"### {w}", "", workload_table(results, w)]
+    if bound:
+        parts += ["", "### W1, the most that training the cohort together could gain (`python -m benchmarks.batching_bound`)",
+                  "", bound_table(bound)]
     parts += ["", "### W3 scale", "", w3_table(results)]
     if interleaved:
         parts += ["", "### W3, the populations' rounds interleaved in one process (`python -m benchmarks.w3_interleaved`)",
@@ -180,6 +201,7 @@ def plot_w3(results: list[dict], path: Path) -> None:
 if __name__ == "__main__":
     results_dir = Path(__file__).resolve().parent / "results"
     saved = json.loads((results_dir / "results.json").read_text())
-    (results_dir / "results.md").write_text(markdown(saved["results"], saved["machine"], saved.get("w3_interleaved")))
+    (results_dir / "results.md").write_text(markdown(saved["results"], saved["machine"], saved.get("w3_interleaved"),
+                                                          saved.get("batching_bound")))
     plot_w3(saved["results"], results_dir / "w3.png")
     print((results_dir / "results.md").read_text())

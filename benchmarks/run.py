@@ -155,6 +155,21 @@ def measure_interleaved() -> dict:
     return json.loads(out.read_text())
 
 
+def measure_bound() -> list[dict]:
+    """benchmarks.batching_bound, in a process of its own: what batching W1 could gain at most."""
+    print("W1, the most that training the cohort together could gain ...", flush=True)
+    out = RESULTS / "work" / "batching_bound.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    code = ("import json, sys; from benchmarks.batching_bound import measure_all; "
+            "open(sys.argv[1], 'w').write(json.dumps(measure_all()))")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=child_env(None),
+                          timeout=TIMEOUT, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"    failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return []
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     quick = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
     work = RESULTS / "work"
@@ -192,9 +207,10 @@ def main() -> None:
                 save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]})
     # W3's population sweep again, its rounds interleaved in one process (the drift cancels).
     interleaved = measure_interleaved() if any(w.group == "W3" for w in chosen) and not quick and has_cap() else None
+    bound = measure_bound() if any(w.group == "W1" for w in chosen) and not quick else None
     meta |= {"load_average_1m": [round(x[0], 2) for x in loads]}
-    save(results, meta, w3_interleaved=interleaved)
-    markdown = report.markdown(results, meta, interleaved)
+    save(results, meta, w3_interleaved=interleaved, batching_bound=bound)
+    markdown = report.markdown(results, meta, interleaved, bound)
     (RESULTS / "results.md").write_text(markdown)
     report.plot_w3(results, RESULTS / "w3.png")
     print(markdown)
