@@ -1,6 +1,7 @@
 """StackedModel: K clients' losses and gradients in one batched call, against plain autograd
 on one model per client (an independent computation), by grouped matmuls and by vmap."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -79,15 +80,19 @@ def test_rows_get_their_own_clients_gradients_and_losses(mode, k):
 
 
 @pytest.mark.parametrize("model, mode", [("logreg", "grouped"), ("mlp", "grouped"), ("tiny_gpt", "vmap")])
-def test_the_backend_groups_small_classifiers_and_vmaps_the_rest(compose_cfg, tmp_path, model, mode):
+def test_the_backend_groups_small_classifiers_and_vmaps_the_rest(compose_cfg, tmp_path, caplog, model, mode):
     if model == "tiny_gpt":
         cfg = compose_cfg("backend=vectorized", f"model={model}")
     else:
         cfg = config.compose([f"run_dir={tmp_path / 'run'}", "device=cpu", "data=synthetic", "data.num_clients=4",
                               "sampler.clients_per_round=4", f"model={model}", "backend=vectorized"])
-    exp = config.build(cfg)
+    with caplog.at_level(logging.INFO):
+        exp = config.build(cfg)
     assert exp.backend.stacked.mode == mode
     assert (exp.backend.stacked._traced is not None) is (mode == "grouped")
+    # On a CPU, vmap is usually slower than sequential training: the user is told, once.
+    told = [r for r in caplog.records if "usually slower than backend=sequential" in r.getMessage()]
+    assert len(told) == (mode == "vmap")
 
 
 class Frozen(nn.Module):

@@ -123,6 +123,13 @@ class VectorizedBackend:
             log.warning("backend=vectorized: training clients sequentially: %s", self.fallback)
         else:
             self.stacked = StackedModel(trainer.model, flat=trainer.flat, flat_grad=trainer.flat_grad)
+            if self.stacked.mode == "vmap" and trainer.device.type == "cpu":
+                # Measured, not guessed: benchmarks.batching_bound finds that on this project's CPU
+                # even one model on all the clients' batches at once gains at most 1.1-1.25x on
+                # W1's models, and vmap's bigger working sets lose more than that.
+                log.info("backend=vectorized: %s is batched with vmap; on a CPU that is usually slower than "
+                         "backend=sequential for a compute-heavy model (W1 tiny_gpt: 0.6x), and faster on a GPU",
+                         type(trainer.model).__name__)
 
     def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
                      ctx: RoundContext) -> list[ClientUpdate]:
