@@ -32,7 +32,6 @@ from fedrun import startup
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
 from fedrun.data.text import Tokenizer, has_tokenizer
-from fedrun.heap import fix_mmap_threshold
 from fedrun.loop import Experiment
 from fedrun.server_model import GlobalModel
 from fedrun.strategies.client_models import ModelSpec
@@ -148,7 +147,6 @@ def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
 
 
 def build(cfg: DictConfig) -> Experiment:
-    fix_mmap_threshold()  # before data and models allocate anything large
     device = resolve_device(cfg.device, cfg.backend.get("_target_", ""))
     make_deterministic(device)
     audit = instantiate(cfg.audit, _partial_=True)
