@@ -88,9 +88,12 @@ def check(value: float, ok) -> tuple[str, str]:
     return ("n/a", "n/a") if math.isnan(value) else (f"{value:.2f}", verdict(ok(value)))
 
 
-def targets(results: list[dict], interleaved: dict | None = None, bound: list[dict] | None = None) -> str:
+def targets(results: list[dict], extra: dict | None = None) -> str:
     """The issue's targets, each with the ratio measured in this run (W3 also with the
-    populations' rounds interleaved in one process, which cancels the machine's drift)."""
+    populations' rounds interleaved in one process, which cancels the machine's drift), and the
+    ceiling of any batching under W1's vectorized target."""
+    extra = extra or {}
+    interleaved, bound = extra.get("w3_interleaved"), extra.get("batching_bound")
     rows = []
     for w in sorted({r["workload"] for r in results if r["group"] == "W1"}):
         seq, floor = find(results, w, "fedrun-sequential"), find(results, w, "floor")
@@ -145,13 +148,16 @@ def targets(results: list[dict], interleaved: dict | None = None, bound: list[di
     return "\n".join(lines)
 
 
-def markdown(results: list[dict], meta: dict, interleaved: dict | None = None,
-             bound: list[dict] | None = None) -> str:
+def markdown(results: list[dict], meta: dict, extra: dict | None = None) -> str:
+    """results.md: the targets, then each workload's table. `extra` holds what run.py measured
+    in processes of their own: w3_interleaved and batching_bound (either may be missing)."""
+    extra = extra or {}
+    interleaved, bound = extra.get("w3_interleaved"), extra.get("batching_bound")
     parts = [f"Measured {meta['date']} on {meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, "
              f"{meta['threads_per_contender']} intra-op thread(s) per contender process"
              f"{' (BENCH_QUICK: few rounds, smoke test only)' if meta['quick'] else ''}. "
              f"Load average (1 min) during the run: {min(meta['load_average_1m']):.1f} to "
-             f"{max(meta['load_average_1m']):.1f}.", "", "### Targets", "", targets(results, interleaved, bound)]
+             f"{max(meta['load_average_1m']):.1f}.", "", "### Targets", "", targets(results, extra)]
     for w in dict.fromkeys(r["workload"] for r in results if r["group"] != "W3"):
         parts += ["", f"### {w}", "", workload_table(results, w)]
     if bound:
@@ -201,7 +207,6 @@ def plot_w3(results: list[dict], path: Path) -> None:
 if __name__ == "__main__":
     results_dir = Path(__file__).resolve().parent / "results"
     saved = json.loads((results_dir / "results.json").read_text())
-    (results_dir / "results.md").write_text(markdown(saved["results"], saved["machine"], saved.get("w3_interleaved"),
-                                                          saved.get("batching_bound")))
+    (results_dir / "results.md").write_text(markdown(saved["results"], saved["machine"], saved))
     plot_w3(saved["results"], results_dir / "w3.png")
     print((results_dir / "results.md").read_text())

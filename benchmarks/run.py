@@ -141,32 +141,19 @@ def save(results: list[dict], meta: dict, **extra) -> None:
     (RESULTS / "results.json").write_text(json.dumps(saved, indent=2) + "\n")
 
 
-def measure_interleaved() -> dict:
-    """benchmarks.w3_interleaved, in a process of its own (with the contenders' thread settings)."""
-    print("W3, the populations' rounds interleaved in one process ...", flush=True)
-    out = RESULTS / "work" / "w3_interleaved.json"
-    code = ("import json, sys; from benchmarks.w3_interleaved import measure_all; "
-            "open(sys.argv[1], 'w').write(json.dumps(measure_all()))")
-    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=child_env(None),
-                          timeout=TIMEOUT, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"    failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
-        return {}
-    return json.loads(out.read_text())
-
-
-def measure_bound() -> list[dict]:
-    """benchmarks.batching_bound, in a process of its own: what batching W1 could gain at most."""
-    print("W1, the most that training the cohort together could gain ...", flush=True)
-    out = RESULTS / "work" / "batching_bound.json"
+def measure_in_process(module: str, what: str):
+    """`benchmarks.<module>.measure_all()`, in a process of its own with the contenders'
+    thread settings; None if it failed (the other results still count)."""
+    print(f"{what} ...", flush=True)
+    out = RESULTS / "work" / f"{module}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    code = ("import json, sys; from benchmarks.batching_bound import measure_all; "
+    code = (f"import json, sys; from benchmarks.{module} import measure_all; "
             "open(sys.argv[1], 'w').write(json.dumps(measure_all()))")
     done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, env=child_env(None),
                           timeout=TIMEOUT, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"    failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
-        return []
+        return None
     return json.loads(out.read_text())
 
 
@@ -205,12 +192,17 @@ def main() -> None:
                 results = [x for x in results if (x["workload"], x["contender"]) != (workload.name, name)]
                 results.append(least_disturbed(runs[(workload.name, name)]))
                 save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]})
-    # W3's population sweep again, its rounds interleaved in one process (the drift cancels).
-    interleaved = measure_interleaved() if any(w.group == "W3" for w in chosen) and not quick and has_cap() else None
-    bound = measure_bound() if any(w.group == "W1" for w in chosen) and not quick else None
+    # W3's population sweep again, its rounds interleaved in one process (the drift cancels),
+    # and the most that training W1's cohort together could gain on this machine.
+    extra = {"w3_interleaved": measure_in_process("w3_interleaved", "W3, the populations' rounds interleaved in "
+                                                  "one process")
+             if any(w.group == "W3" for w in chosen) and not quick and has_cap() else None,
+             "batching_bound": measure_in_process("batching_bound", "W1, the most that training the cohort "
+                                                  "together could gain")
+             if any(w.group == "W1" for w in chosen) and not quick else None}
     meta |= {"load_average_1m": [round(x[0], 2) for x in loads]}
-    save(results, meta, w3_interleaved=interleaved, batching_bound=bound)
-    markdown = report.markdown(results, meta, interleaved, bound)
+    save(results, meta, **extra)
+    markdown = report.markdown(results, meta, extra)
     (RESULTS / "results.md").write_text(markdown)
     report.plot_w3(results, RESULTS / "w3.png")
     print(markdown)
