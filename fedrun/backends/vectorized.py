@@ -128,7 +128,7 @@ class VectorizedBackend:
                 # even one model on all the clients' batches at once gains at most 1.1-1.25x on
                 # W1's models, and vmap's bigger working sets lose more than that.
                 log.info("backend=vectorized: %s is batched with vmap; on a CPU that is usually slower than "
-                         "backend=sequential for a compute-heavy model (W1 tiny_gpt: 0.6x), and faster on a GPU",
+                         "backend=sequential for a compute-heavy model (W1 tiny_gpt: 0.7x), and faster on a GPU",
                          type(trainer.model).__name__)
 
     def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
