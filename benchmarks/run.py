@@ -194,12 +194,11 @@ def main() -> None:
                 save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]})
     # W3's population sweep again, its rounds interleaved in one process (the drift cancels),
     # and the most that training W1's cohort together could gain on this machine.
-    extra = {"w3_interleaved": measure_in_process("w3_interleaved", "W3, the populations' rounds interleaved in "
-                                                  "one process")
-             if any(w.group == "W3" for w in chosen) and not quick and has_cap() else None,
-             "batching_bound": measure_in_process("batching_bound", "W1, the most that training the cohort "
-                                                  "together could gain")
-             if any(w.group == "W1" for w in chosen) and not quick else None}
+    w1_ran, w3_ran = (not quick and any(w.group == g for w in chosen) for g in ("W1", "W3"))
+    extra = {"w3_interleaved": measure_in_process("w3_interleaved", "W3, the populations' rounds interleaved in one "
+                                                  "process") if w3_ran and has_cap() else None,
+             "batching_bound": measure_in_process("batching_bound", "W1, the most that training the cohort together "
+                                                  "could gain") if w1_ran else None}
     meta |= {"load_average_1m": [round(x[0], 2) for x in loads]}
     save(results, meta, **extra)
     markdown = report.markdown(results, meta, extra)

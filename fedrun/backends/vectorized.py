@@ -125,7 +125,7 @@ class VectorizedBackend:
             self.stacked = StackedModel(trainer.model, flat=trainer.flat, flat_grad=trainer.flat_grad)
             if self.stacked.mode == "vmap" and trainer.device.type == "cpu":
                 # Measured, not guessed: benchmarks.batching_bound finds that on this project's CPU
-                # even one model on all the clients' batches at once gains at most 1.1-1.25x on
+                # even one model on all the clients' batches at once gains at most ~1.25x on
                 # W1's models, and vmap's bigger working sets lose more than that.
                 log.info("backend=vectorized: %s is batched with vmap; on a CPU that is usually slower than "
                          "backend=sequential for a compute-heavy model (W1 tiny_gpt: 0.7x), and faster on a GPU",
