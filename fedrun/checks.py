@@ -15,6 +15,7 @@ from fedrun.core import FedrunError
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS
 from fedrun.privacy.accounting import ACCOUNTANTS
+from fedrun.privacy.randomness import NOISE_SOURCES
 from fedrun.sampling import KINDS as SAMPLER_KINDS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,6 +35,7 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("device", *_one_of(DEVICES)),
     ("objective", *_one_of(("eval_loss", "eval_ppl", "eval_acc"))),
     ("client.optimizer", *_one_of(OPTIMIZERS)),
+    ("seed", "an integer >= 0", lambda v: v >= 0),
     ("rounds", "an integer >= 1", lambda v: v >= 1),
     ("eval_every", "an integer >= 1", lambda v: v >= 1),
     ("checkpoint_every", "an integer >= 1", lambda v: v >= 1),
@@ -89,7 +91,10 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("privacy.target_quantile", "a number in [0, 1]", lambda v: 0 <= v <= 1),
     ("privacy.clip_lr", "a number >= 0", lambda v: v >= 0),
     ("privacy.clip_count_stddev", "null or a number > 0", _opt(lambda v: v > 0)),
-    ("privacy.secagg_bits", "an integer in [1, 31]", lambda v: 1 <= v <= 31),
+    ("privacy.secagg_bits", "null (the most the cohort allows) or an integer in [1, 32]", _opt(lambda v: 1 <= v <= 32)),
+    ("privacy.secagg_min_clients", "an integer >= 2", lambda v: v >= 2),
+    ("privacy.secagg_range", "a number > 0", lambda v: v > 0),
+    ("privacy.noise_source", *_one_of(NOISE_SOURCES)),
     ("privacy.max_grad_norm", "a number > 0", lambda v: v > 0),
     ("compression.fraction", "a number in (0, 1]", lambda v: 0 < v <= 1),
     ("compression.bits", "an integer in [1, 16]", lambda v: 1 <= v <= 16),
@@ -154,6 +159,8 @@ ROBUST = (".median", ".trimmed_mean", ".krum", ".feddf")  # need the individual 
 def _check_privacy(cfg: DictConfig) -> None:
     """Refuse combinations that would void the guarantee or that a mechanism cannot serve."""
     p = cfg.privacy
+    if p.get("secure_agg") or p._target_.endswith("SecureAggregation"):
+        _check_secure_aggregation(cfg)
     if "clip_norm" not in p:
         return
     if p.noise_multiplier is None and p.target_epsilon is None:
@@ -172,21 +179,24 @@ def _check_privacy(cfg: DictConfig) -> None:
     if target.endswith(".scaffold"):
         raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "
                           "clients unclipped and un-noised")
-    compression = cfg.compression._target_.rsplit(".", 1)[-1]
-    if p.secure_agg and compression != "NoCompression":
-        raise FedrunError("compression: secure aggregation sends masked fixed-point vectors, which cannot be "
-                          "compressed afterwards; use compression=none (or secagg_bits to shrink them)")
-    if dp and compression == "StochasticQuantizer":
-        raise FedrunError("compression: quantize after clipping can push an update's norm past privacy.clip_norm, "
-                          "voiding the DP bound; use compression=topk (which only shrinks it) or none")
     if p.stop_at_budget and p.target_epsilon is None:
         raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
-    if p.secure_agg:
-        largest = cfg.sampler.clients_per_round + 6 * math.sqrt(cfg.sampler.clients_per_round)
-        if largest * 2**p.secagg_bits > 2**32:
-            raise FedrunError(f"privacy.secagg_bits: {p.secagg_bits} bits leave no room to sum a cohort of up to "
-                              f"{int(largest)} clients modulo 2^32; allowed: at most "
-                              f"{int(math.log2(2**32 / largest))}")
+
+
+def _check_secure_aggregation(cfg: DictConfig) -> None:
+    """Secure aggregation sums masked fixed-point vectors of at least secagg_min_clients clients."""
+    p, k = cfg.privacy, cfg.sampler.clients_per_round
+    if not cfg.compression._target_.endswith("NoCompression"):
+        raise FedrunError("compression: secure aggregation sends masked fixed-point vectors, which cannot be "
+                          "compressed afterwards; use compression=none (or privacy.secagg_bits to shrink them)")
+    if cfg.sampler.kind != "poisson" and k < p.secagg_min_clients:
+        raise FedrunError(f"privacy.secagg_min_clients: {p.secagg_min_clients} is more than the "
+                          f"{k} clients of every round (sampler.clients_per_round), so every round would be skipped")
+    largest = k + 6 * math.sqrt(k) if cfg.sampler.kind == "poisson" else k
+    if p.secagg_bits is not None and largest * 2**p.secagg_bits > 2**32:
+        raise FedrunError(f"privacy.secagg_bits: {p.secagg_bits} bits leave no room to sum a cohort of up to "
+                          f"{int(largest)} clients modulo 2^32; allowed: at most "
+                          f"{int(math.log2(2**32 / largest))}, or null (the most each round's cohort allows)")
 
 
 def _check_distillation(cfg: DictConfig) -> None:

@@ -161,11 +161,13 @@ def build(cfg: DictConfig) -> Experiment:
     # What a factory may ask for besides its own config keys.
     context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
                "make_model": make_model, "model_specs": model_specs(cfg, data, make_model),
-               "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size}
+               "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size,
+               "dropout": cfg.sampler.dropout}
     strategy = build_strategy(cfg, context)
     # Logit exchange sends predictions, not weights: privacy clips and noises those vectors.
     mechanism = with_context(instantiate(cfg.privacy, _partial_=True),
-                             context | {"num_params": getattr(strategy, "update_size", num_params)})
+                             context | {"num_params": getattr(strategy, "update_size", num_params), "strategy": strategy,
+                                        "max_examples": int(data.client_sizes().max())})
     example_dp = getattr(mechanism, "example_dp", None)
     attack = with_context(instantiate(cfg.attack, _partial_=True), context)
     compression = with_context(instantiate(cfg.compression, _partial_=True), context)
@@ -179,8 +181,9 @@ def build(cfg: DictConfig) -> Experiment:
         raise FedrunError("strategy.public: the public corpus is the clients' own data; distillation must use "
                           "other text, e.g. data=shakespeare with the default public pystdlib")
     # Client-side order: the client's own state is kept, an attacker tampers with its update,
-    # privacy clips it, compression packs it.
-    client_hooks = [h for h in (getattr(strategy, "client_state", None), attack, mechanism, compression) if h]
+    # compression packs it, privacy clips (and masks) it last: DP bounds the vector actually sent,
+    # error feedback's leftovers included (clipping a sparse or min-max-quantised vector keeps its format).
+    client_hooks = [h for h in (getattr(strategy, "client_state", None), attack, compression, mechanism) if h]
     server_model = getattr(strategy, "server_model", None) or GlobalModel(make_model, device=device,
                                                                           seed=cfg.seed, audit=audit)
     return Experiment(

@@ -231,8 +231,22 @@ class CentralPrivacySchema:
     clip_lr: float = MISSING
     clip_count_stddev: Optional[float] = MISSING
     secure_agg: bool = MISSING
-    secagg_bits: int = MISSING
+    secagg_bits: Optional[int] = MISSING
     secagg_threshold: float = MISSING
+    secagg_min_clients: int = MISSING
+    log_client_stats: bool = MISSING
+    noise_source: str = MISSING
+
+
+@dataclass
+class SecureAggSchema:
+    _target_: str = MISSING
+    secagg_range: float = MISSING
+    secagg_bits: Optional[int] = MISSING
+    secagg_threshold: float = MISSING
+    secagg_min_clients: int = MISSING
+    log_client_stats: bool = MISSING
+    noise_source: str = MISSING
 
 
 @dataclass
@@ -299,7 +313,8 @@ SCHEMAS = {
                  "fedprox": FedProxSchema, "scaffold": ScaffoldSchema, "median": TargetOnlySchema,
                  "trimmed_mean": TrimmedMeanSchema, "krum": KrumSchema, "feddf": FedDFSchema,
                  "fed_distill": FedDistillSchema},
-    "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "local": LocalPrivacySchema},
+    "privacy": {"none": TargetOnlySchema, "central": CentralPrivacySchema, "secure_agg": SecureAggSchema,
+                "local": LocalPrivacySchema},
     "backend": {"sequential": TargetOnlySchema, "process": ProcessBackendSchema, "ray": RayBackendSchema,
                 "vectorized": VectorizedBackendSchema},
     "attack": {"none": TargetOnlySchema, "poisoning": PoisoningSchema},

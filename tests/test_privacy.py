@@ -20,7 +20,8 @@ DP = ["privacy=central_dp", "sampler.kind=poisson"]
 def _mechanism(**kw):
     opts = dict(clip_norm=1.0, noise_multiplier=0.0, target_epsilon=None, delta=1e-3, accountant="rdp",
                 stop_at_budget=False, adaptive=False, target_quantile=0.5, clip_lr=0.2, clip_count_stddev=None,
-                secure_agg=False, secagg_bits=16, secagg_threshold=0.5, num_clients=20, num_params=50,
+                secure_agg=False, secagg_bits=16, secagg_threshold=0.5, secagg_min_clients=3, log_client_stats=False,
+                noise_source="seed", num_clients=20, num_params=50,
                 sample_rate=0.25, rounds=10, seed=0, device=torch.device("cpu"))
     return central(**(opts | kw))
 

@@ -7,7 +7,7 @@ from fedrun.privacy.central import CentralPrivacy
 
 
 def central(*, num_clients: int, num_params: int, sample_rate: float, rounds: int, seed: int,
-            device: torch.device, **options) -> CentralPrivacy:
-    """`privacy=central_dp` and `privacy=secure_agg` (central, noise_multiplier 0)."""
+            device: torch.device, dropout: float = 0.0, **options) -> CentralPrivacy:
+    """`privacy=central_dp` (DP-FedAvg, optionally over secure aggregation)."""
     return CentralPrivacy(num_clients=num_clients, num_params=num_params, sample_rate=sample_rate, rounds=rounds,
-                          seed=seed, device=device, **options)
+                          seed=seed, dropout=dropout, device=device, **options)

@@ -8,7 +8,11 @@ denominator, so one client's presence changes the result by at most C / (q N)). 
 "Differentially Private Learning with Adaptive Clipping"), the noisy count of unclipped
 clients being charged to the same budget: the update noise is z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2.
 With `secure_agg`, the sum is computed by secure aggregation (Bonawitz et al. 2017): the
-server learns only the sum of the clipped, fixed-point updates of the round's survivors.
+server learns only the sum of the clipped, fixed-point updates of the round's survivors (the
+clip norm bounds every coordinate, so it is the fixed-point range), and with `adaptive` the
+count of unclipped clients, summed inside the same masked vector. A round whose cohort is
+below `secagg_min_clients` (or whose survivors are below the Shamir threshold) is skipped; that
+skip depends on who was sampled, so its probability is charged to delta (`secagg_skips`).
 """
 from __future__ import annotations
 
@@ -19,10 +23,12 @@ from typing import Sequence
 
 import torch
 
-from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, torch_generator
+from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise, default_delta
 from fedrun.privacy.masking import SecAggAbort
-from fedrun.privacy.secure_round import SecureSumRound
+from fedrun.privacy.randomness import stream_generator, stream_seed
+from fedrun.privacy.secagg_skips import calibration_delta, epsilon_with_skips, flip_probability
+from fedrun.privacy.secure_round import SecureSumRound, most_bits, shamir_threshold
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +39,10 @@ class CentralPrivacy:
     def __init__(self, *, clip_norm: float, noise_multiplier: float | None, target_epsilon: float | None,
                  delta: float | None, accountant: str, stop_at_budget: bool, adaptive: bool,
                  target_quantile: float, clip_lr: float, clip_count_stddev: float | None,
-                 secure_agg: bool, secagg_bits: int, secagg_threshold: float,
+                 secure_agg: bool, secagg_bits: int | None, secagg_threshold: float, secagg_min_clients: int,
+                 log_client_stats: bool, noise_source: str,
                  num_clients: int, num_params: int, sample_rate: float, rounds: int, seed: int,
-                 device: torch.device = torch.device("cpu")):
+                 dropout: float = 0.0, device: torch.device = torch.device("cpu")):
         self.clip_norm = clip_norm
         self.num_params = num_params
         self.num_clients, self.sample_rate, self.seed = num_clients, sample_rate, seed
@@ -46,8 +53,17 @@ class CentralPrivacy:
         self.adaptive, self.target_quantile, self.clip_lr = adaptive, target_quantile, clip_lr
         self.clip_count_stddev = clip_count_stddev if clip_count_stddev is not None else self.expected_clients / 20
         self.secure_agg, self.secagg_bits, self.secagg_threshold = secure_agg, secagg_bits, secagg_threshold
+        self.secagg_min_clients, self.noise_source = secagg_min_clients, noise_source
+        self.hides_client_stats = secure_agg and not log_client_stats
+        dp = noise_multiplier is None or noise_multiplier > 0
+        self.skip_gamma = flip_probability(
+            num_clients=num_clients, sample_rate=sample_rate, dropout=dropout, min_clients=secagg_min_clients,
+            threshold_fraction=secagg_threshold, bits=secagg_bits) if secure_agg and dp else 0.0
+        self._check_skip_budget(rounds)
         if noise_multiplier is None:  # calibrate: spend target_epsilon over the planned rounds
-            noise_multiplier = calibrate_noise(target_epsilon=target_epsilon, delta=self.delta,
+            delta = calibration_delta(delta=self.delta, target_epsilon=target_epsilon,
+                                      gamma_total=self.skip_gamma * rounds) if self.skip_gamma else self.delta
+            noise_multiplier = calibrate_noise(target_epsilon=target_epsilon, delta=delta,
                                                sample_rate=sample_rate, rounds=rounds, accountant=accountant)
             log.info("privacy: noise multiplier %.4f calibrated for epsilon %.3g at delta %.3g over %d rounds",
                      noise_multiplier, target_epsilon, self.delta, rounds)
@@ -58,6 +74,16 @@ class CentralPrivacy:
         self.secure_round: SecureSumRound | None = None
         self.device = device
 
+    def _check_skip_budget(self, rounds: int) -> None:
+        """Refuse a run whose skipped secure-aggregation rounds alone could spend delta."""
+        if self.skip_gamma * rounds >= self.delta / 2:
+            raise FedrunError(
+                f"privacy.secagg_min_clients: with an expected cohort of {self.expected_clients:.3g} of "
+                f"{self.num_clients} clients, one user decides whether a round reaches the minimum of "
+                f"{self.secagg_min_clients} (or the Shamir threshold) with probability {self.skip_gamma:.3g} a round; "
+                f"over {rounds} rounds that alone exceeds delta / 2 = {self.delta / 2:.3g}; raise "
+                "sampler.clients_per_round or lower privacy.secagg_min_clients (>= 2)")
+
     @property
     def is_dp(self) -> bool:
         return self.noise_multiplier > 0
@@ -65,7 +91,7 @@ class CentralPrivacy:
     @property
     def metric_columns(self) -> list[str]:
         dp = ["epsilon", "epsilon_rdp", "epsilon_prv", "noise_multiplier", "clip_norm"] if self.is_dp else ["clip_norm"]
-        return dp + (["secagg_bytes_per_client", "secagg_seconds"] if self.secure_agg else [])
+        return dp + (["secagg_skipped", "secagg_bytes_per_client", "secagg_seconds"] if self.secure_agg else [])
 
     def _update_noise_multiplier(self) -> float:
         if not (self.adaptive and self.is_dp):
@@ -80,23 +106,39 @@ class CentralPrivacy:
     # ---- client side ------------------------------------------------------------------------
 
     def begin_round(self, ctx: RoundContext) -> None:
-        """Secure aggregation's set-up (keys, shares) among the sampled clients, before training."""
-        self.secure_round = None
-        if self.secure_agg and ctx.cohort:
-            self.secure_round = SecureSumRound(list(ctx.cohort), seed=self.seed, round_idx=ctx.round_idx,
-                                               threshold_fraction=self.secagg_threshold, length=self.num_params,
-                                               clip=self.clip_norm, bits=self.secagg_bits)
+        """Secure aggregation's set-up (keys, shares) among the sampled clients, before training;
+        a cohort below privacy.secagg_min_clients (or past the fixed-point capacity) skips the round."""
+        self.secure_round, self.round_cost = None, {}
+        if not self.secure_agg:
+            return
+        n = len(ctx.cohort)
+        bits = self.secagg_bits or most_bits(max(n, 1))
+        self.round_cost = {"secagg_skipped": 1}
+        if n < self.secagg_min_clients or bits > most_bits(n):
+            log.warning("round %d: secure aggregation skipped (%d sampled; at least privacy.secagg_min_clients=%d "
+                        "and at most %d clients for %d bits); the global model is kept",
+                        ctx.round_idx, n, self.secagg_min_clients, 2 ** (32 - bits), bits)
+            return
+        self.secure_round = SecureSumRound(
+            list(ctx.cohort), round_seed=stream_seed(self.seed, Stream.SECAGG, ctx.round_idx, source=self.noise_source),
+            threshold=shamir_threshold(n, self.secagg_threshold), length=self.num_params, value_range=self.clip_norm,
+            bits=bits, counter_max=[1] if self.adaptive else [])
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         """Clip the update to the current clip norm; report (for adaptive clipping) whether it fit;
-        with secure aggregation, send only the masked fixed-point vector."""
+        with secure aggregation, send only the masked fixed-point vector, the bit inside it."""
         norm = float(torch.linalg.vector_norm(update.delta))
-        update.extras["unclipped"] = torch.tensor([float(norm <= self.clip_norm)], device=update.delta.device)
+        unclipped = int(norm <= self.clip_norm)
         if norm > self.clip_norm:
             update.delta = update.delta * (self.clip_norm / norm)
         update.bytes_up += 4 if self.adaptive else 0
-        if self.secure_round is not None:
-            update.delta = self.secure_round.client_mask(update.client_id, update.delta)
+        if not self.secure_agg:
+            update.extras["unclipped"] = torch.tensor([float(unclipped)], device=update.delta.device)
+        elif self.secure_round is None:  # a skipped round: nothing is sent
+            update.delta, update.bytes_up = torch.zeros(0, dtype=torch.uint32), 0
+        else:
+            update.delta = self.secure_round.client_mask(update.client_id, update.delta,
+                                                         [unclipped] if self.adaptive else [])
         return update
 
     # ---- server side ------------------------------------------------------------------------
@@ -105,41 +147,50 @@ class CentralPrivacy:
         """False when the next round would take epsilon past the target (privacy.stop_at_budget)."""
         if not (self.stop_at_budget and self.is_dp and self.target_epsilon is not None):
             return True
-        eps = self.ledger.epsilon(self.delta, accountant=self.accountant, extra=self._event(ctx, participants=0))
-        return eps <= self.target_epsilon
+        return self._epsilon(self.accountant, extra=self._event(ctx, participants=0)) <= self.target_epsilon
+
+    def _epsilon(self, accountant: str, extra: DPEvent | None = None) -> float:
+        """The ledger's epsilon at the run's delta, less what skipped secure-aggregation rounds take."""
+        rounds = len(self.ledger.events) + (extra is not None)
+        return epsilon_with_skips(lambda d: self.ledger.epsilon(d, accountant=accountant, extra=extra),
+                                  delta=self.delta, gamma=self.skip_gamma * rounds)
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy) -> torch.Tensor | None:
         """(sum of clipped updates + noise) / expected clients; None if secure aggregation aborted."""
         self.ledger.record(self._event(ctx, participants=len(updates)))
-        total = self._sum(updates, ctx)
-        if total is None:
+        summed = self._sum(updates, ctx)
+        if summed is None:
             return None
-        g = torch_generator(self.seed, Stream.NOISE, ctx.round_idx)
+        total, unclipped = summed
+        g = stream_generator(self.seed, Stream.NOISE, ctx.round_idx, source=self.noise_source)
         noise = torch.randn(total.shape, generator=g).to(total.device) * (self.update_noise * self.clip_norm)
         if self.adaptive:
-            self._adapt_clip_norm(updates, ctx)
+            self._adapt_clip_norm(unclipped, len(updates), ctx)
         return ((total + noise) / self.expected_clients).to(torch.float32)
 
-    def _sum(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> torch.Tensor | None:
-        if self.secure_round is None:
+    def _sum(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> tuple[torch.Tensor, int] | None:
+        """(sum of the clipped updates, how many were unclipped); None if secure aggregation skipped the round."""
+        if not self.secure_agg:
+            unclipped = sum(int(u.extras["unclipped"]) for u in updates) if self.adaptive else 0
             if not updates:  # nobody reported: the noise is still added (the round was sampled)
-                return torch.zeros(self.num_params, dtype=torch.float64, device=self.device)
-            return torch.stack([u.delta for u in updates]).double().sum(0)
+                return torch.zeros(self.num_params, dtype=torch.float64, device=self.device), 0
+            return torch.stack([u.delta for u in updates]).double().sum(0), unclipped
+        if self.secure_round is None:
+            return None
         try:  # the server side holds masked uint32 vectors only
-            total = self.secure_round.server_sum({u.client_id: u.delta for u in updates})
+            sums = self.secure_round.server_sum({u.client_id: u.delta for u in updates})
         except SecAggAbort as e:
             log.warning("round %d: secure aggregation aborted (%s); the global model is kept", ctx.round_idx, e)
             return None
         finally:
-            sr = self.secure_round
-            self.round_cost = {"secagg_bytes_per_client": sr.setup_bytes + getattr(sr, "reveal_bytes", 0.0),
-                               "secagg_seconds": sr.seconds}
-        return total.to(self.device)
+            self.round_cost = self.secure_round.cost() | {"secagg_skipped": 1}
+        self.round_cost["secagg_skipped"] = 0
+        return sums.values.to(self.device), (sums.counters[0] if self.adaptive else 0)
 
-    def _adapt_clip_norm(self, updates: Sequence[ClientUpdate], ctx: RoundContext) -> None:
+    def _adapt_clip_norm(self, unclipped: int, reported: int, ctx: RoundContext) -> None:
         """C <- C exp(-clip_lr (b - target_quantile)), b the noisy fraction of unclipped updates."""
-        g = torch_generator(self.seed, Stream.NOISE, ctx.round_idx, 1)
-        centred = sum(float(u.extras["unclipped"]) - 0.5 for u in updates)
+        g = stream_generator(self.seed, Stream.NOISE, ctx.round_idx, 1, source=self.noise_source)
+        centred = unclipped - 0.5 * reported
         noisy = (centred + float(torch.randn((), generator=g)) * self.clip_count_stddev) / self.expected_clients + 0.5
         self.clip_norm *= math.exp(-self.clip_lr * (noisy - self.target_quantile))
 
@@ -153,8 +204,8 @@ class CentralPrivacy:
         ~0.3-1 s) only where `tight` (evaluation rounds and the last)."""
         row = {"clip_norm": self.clip_norm, **self.round_cost}
         if self.is_dp:
-            rdp = self.ledger.epsilon(self.delta, accountant="rdp")
-            prv = self.ledger.epsilon(self.delta, accountant="prv") if tight else None
+            rdp = self._epsilon("rdp")
+            prv = self._epsilon("prv") if tight else None
             row |= {"epsilon": prv if self.accountant == "prv" else rdp, "epsilon_rdp": rdp, "epsilon_prv": prv,
                     "noise_multiplier": self.noise_multiplier}
         return row
@@ -167,7 +218,9 @@ class CentralPrivacy:
             out |= {"epsilon": final["epsilon"], "delta": self.delta, "accountant": self.accountant,
                     "epsilon_rdp": final["epsilon_rdp"], "epsilon_prv": final["epsilon_prv"],
                     "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-                    "rounds_accounted": len(self.ledger.events)}
+                    "rounds_accounted": len(self.ledger.events), "noise_source": self.noise_source}
+            if self.skip_gamma:
+                out["secagg_skip_delta"] = math.exp(out["epsilon"]) * self.skip_gamma * len(self.ledger.events)
         return out
 
     def state_dict(self) -> dict:

@@ -72,6 +72,10 @@ class ClientSecAgg:
         self._self_mask_seed = self._secret(b"self mask")  # b_u: shared, rebuilt if u survives
         self._roster: dict[int, PublicKeys] = {}
         self._held: dict[int, tuple[int, int]] = {}  # u -> (share of s_u^SK, share of b_u) at my point
+        # Whom I have declared a survivor (revealed b_u) or dropped (revealed s_u^SK) this round,
+        # across every request: a second request must not get the other secret of one client.
+        self._told_survivors: set[int] = set()
+        self._told_dropped: set[int] = set()
 
     def _secret(self, purpose: bytes) -> bytes:
         return client_secret(self._round_seed, self.client_id, purpose)
@@ -115,11 +119,19 @@ class ClientSecAgg:
         return torch.remainder(y, MODULUS).to(torch.uint32)
 
     def reveal_shares(self, *, survivors: frozenset[int], dropped: frozenset[int]) -> Reveal:
-        """Step 3. Refuses a request that would expose both secrets of one client."""
+        """Step 3. Refuses a request that would expose both secrets of one client, within this
+        request or together with an earlier one (Bonawitz et al.'s consistency check: a server
+        that names u a survivor once and dropped once would learn b_u and s_u^SK, hence x_u)."""
         if survivors & dropped or self.client_id not in survivors or not (survivors | dropped) <= self._held.keys():
             raise SecAggAbort(f"client {self.client_id}: inconsistent unmasking request")
+        if survivors & self._told_dropped or dropped & self._told_survivors:
+            raise SecAggAbort(f"client {self.client_id}: unmasking request contradicts an earlier one "
+                              f"(clients {sorted(survivors & self._told_dropped | dropped & self._told_survivors)}); "
+                              "refused")
         if len(survivors) < self.threshold:
             raise SecAggAbort(f"client {self.client_id}: {len(survivors)} survivors, threshold {self.threshold}")
+        self._told_survivors |= survivors
+        self._told_dropped |= dropped
         return Reveal(self.client_id, mask_key_shares={u: self._held[u][0] for u in dropped},
                       self_mask_shares={u: self._held[u][1] for u in survivors})
 

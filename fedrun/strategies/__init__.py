@@ -32,16 +32,17 @@ def _sgd(lr: float = 1.0, momentum: float = 0.0):
 
 def fedavg() -> ServerStrategy:
     """McMahan et al. 2017: w <- w + sum_i (n_i / n) delta_i."""
-    return ServerStrategy(example_weighted, _sgd())
+    return ServerStrategy(example_weighted, _sgd(), secure_sum_weighting="examples")
 
 
 def fedavgm(*, server_lr: float, momentum: float) -> ServerStrategy:
     """Hsu et al. 2019: v <- momentum v + delta; w <- w + server_lr v."""
-    return ServerStrategy(example_weighted, _sgd(server_lr, momentum))
+    return ServerStrategy(example_weighted, _sgd(server_lr, momentum), secure_sum_weighting="examples")
 
 
 def _fedopt(kind: str, *, server_lr: float, beta1: float, beta2: float, tau: float) -> ServerStrategy:
-    return ServerStrategy(example_weighted, partial(FedOpt, kind=kind, lr=server_lr, beta1=beta1, beta2=beta2, tau=tau))
+    return ServerStrategy(example_weighted, partial(FedOpt, kind=kind, lr=server_lr, beta1=beta1, beta2=beta2, tau=tau),
+                          secure_sum_weighting="examples")
 
 
 fedadam = partial(_fedopt, "adam")
@@ -51,7 +52,7 @@ fedadagrad = partial(_fedopt, "adagrad")
 
 def fedprox(*, mu: float) -> ServerStrategy:
     """Li et al. 2020: FedAvg whose clients minimise f_i(w) + (mu / 2) ||w - w_global||^2."""
-    return ServerStrategy(example_weighted, _sgd(), prox_mu=mu)
+    return ServerStrategy(example_weighted, _sgd(), prox_mu=mu, secure_sum_weighting="examples")
 
 
 def scaffold(*, server_lr: float, num_clients: int, num_params: int, device: torch.device) -> Scaffold:

@@ -18,8 +18,12 @@ OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
 class ServerStrategy:
-    def __init__(self, aggregator: Aggregator, make_optimizer: OptimizerFactory, *, prox_mu: float = 0.0):
+    def __init__(self, aggregator: Aggregator, make_optimizer: OptimizerFactory, *, prox_mu: float = 0.0,
+                 secure_sum_weighting: str | None = None):
         self.aggregator = aggregator
+        # How the aggregate weighs clients when it is a weighted mean ("examples", "uniform"), so
+        # secure aggregation can compute it from sums; None: it needs the individual updates.
+        self.secure_sum_weighting = secure_sum_weighting
         self.make_optimizer = make_optimizer
         self.prox_mu = prox_mu
         self._param: torch.nn.Parameter | None = None
