@@ -255,13 +255,13 @@ def test_under_central_dp_every_sent_vector_is_within_the_clip_norm(tmp_path, co
 
     cfg = config.compose(["device=cpu", "data=synthetic", "model=logreg", "data.num_clients=10", "sampler.kind=poisson",
                       "sampler.clients_per_round=5", "privacy=central_dp", "privacy.clip_norm=0.1",
-                      "privacy.noise_multiplier=0.5", "rounds=40", "eval_every=40", "client.optimizer=sgd",
+                      "privacy.noise_multiplier=0.5", "rounds=50", "eval_every=50", "client.optimizer=sgd",
                       "client.lr=0.5", *compression, f"run_dir={tmp_path / 'run'}"])
     exp = config.build(cfg)
     probe = _SentNorms()
     exp.backend.client_hooks.append(probe)
     train.train(exp)
-    assert len(probe.norms) >= 150
+    assert len(probe.norms) >= 200
     assert max(probe.norms) <= 0.1 * (1 + 1e-5)
     clipped = sum(n > 0.1 * (1 - 1e-4) for n in probe.norms)
     assert clipped > len(probe.norms) / 2  # the clip binds: the bound is not met by accident
