@@ -41,7 +41,8 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("checkpoint_every", "an integer >= 1", lambda v: v >= 1),
     ("checkpoint_keep", "null or an integer >= 1", _opt(lambda v: v >= 1)),
     ("data.seq_len", "an integer >= 1", lambda v: v >= 1),
-    ("data.test_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1),
+    ("data.test_fraction", "a number in (0, 1): eval_loss, eval_ppl and eval_acc are measured on the held-out "
+     "test examples", lambda v: 0 < v < 1),
     ("data.min_samples", "an integer >= 1", lambda v: v >= 1),
     ("data.num_clients", "null or an integer >= 1", _opt(lambda v: v >= 1)),
     ("data.alpha", "a number >= 0", lambda v: v >= 0),
@@ -85,7 +86,7 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("attack.kind", *_one_of(ATTACK_KINDS)),
     ("privacy.clip_norm", "a number > 0", lambda v: v > 0),
     ("privacy.noise_multiplier", "null (calibrate from privacy.target_epsilon) or a number >= 0", _opt(lambda v: v >= 0)),
-    ("privacy.target_epsilon", "null or a number > 0", _opt(lambda v: v > 0)),
+    ("privacy.target_epsilon", "null or a finite number > 0", _opt(lambda v: 0 < v < math.inf)),
     ("privacy.delta", "null or a number in (0, 1)", _opt(lambda v: 0 < v < 1)),
     ("privacy.accountant", *_one_of(ACCOUNTANTS)),
     ("privacy.target_quantile", "a number in [0, 1]", lambda v: 0 <= v <= 1),

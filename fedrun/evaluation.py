@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedrun.core import FedrunError
 from fedrun.data.examples import Examples, Windows
 
 EVAL_TOKENS = 8192  # predictions per forward pass: bounds evaluation's activation memory
@@ -32,7 +33,13 @@ def eval_batch(examples: Examples) -> int:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict[str, float]:
-    """Loss averaged over all predictions, its perplexity, and top-1 accuracy."""
+    """Loss averaged over all predictions, its perplexity, and top-1 accuracy.
+
+    An empty set is an error: averaged over nothing, the loss would read 0 and the perplexity 1.
+    """
+    if len(examples) == 0:
+        raise FedrunError("data: no test examples to evaluate on: a client holds out examples only when "
+                          "data.test_fraction > 0 and it has at least 2; fedrun's eval metrics are test metrics")
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -46,7 +53,7 @@ def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict
         correct += (logits.argmax(-1) == y).sum()
         tokens += y.numel()
     model.train(was_training)
-    loss = float(loss_sum) / max(tokens, 1)
+    loss = float(loss_sum) / tokens
     # A diverged model's perplexity is reported as inf rather than crashing the run.
     ppl = math.exp(loss) if loss < 709.0 else math.inf
-    return {"eval_loss": loss, "eval_ppl": ppl, "eval_acc": int(correct) / max(tokens, 1)}
+    return {"eval_loss": loss, "eval_ppl": ppl, "eval_acc": int(correct) / tokens}

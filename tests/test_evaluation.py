@@ -1,10 +1,14 @@
-"""Evaluation: the metrics over all predictions, whatever the forward-pass batch size."""
+"""Evaluation: the metrics over all predictions, whatever the forward-pass batch size; never over nothing."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from fedrun import evaluation
+from fedrun.cli import app
+from fedrun.core import FedrunError
 from fedrun.data.examples import Labelled, Windows
 from fedrun.models.small import LogReg
 from fedrun.models.tiny_gpt import TinyGPT
@@ -35,3 +39,24 @@ def test_labelled_metrics_and_batch_size():
     with torch.no_grad():
         logits = model(data.features)
     assert math.isclose(got["eval_loss"], float(F.cross_entropy(logits, data.labels)), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("empty", [Windows(torch.zeros((0, 17), dtype=torch.uint8)),
+                                   Labelled(torch.zeros((0, 5)), torch.zeros(0, dtype=torch.long))])
+def test_an_empty_set_is_an_error_not_loss_0_and_ppl_1(empty):
+    model = LogReg(num_features=5, num_classes=3) if isinstance(empty, Labelled) else TinyGPT(
+        vocab_size=256, seq_len=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    with pytest.raises(FedrunError, match="no test examples"):
+        evaluation.evaluate(model, empty, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("data", [[], ["data=synthetic", "model=logreg", "data.num_clients=6"]])
+def test_test_fraction_0_is_refused_in_one_line(play, tmp_path, data):
+    """fedrun's metrics are test metrics: with nothing held out there is nothing to report."""
+    text = [] if data else ["data=shakespeare", f"data.path={play}"]
+    result = CliRunner().invoke(app, ["train", *text, *data, f"run_dir={tmp_path / 'run'}", "rounds=1",
+                                      "device=cpu", "data.test_fraction=0"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: data.test_fraction: 0.0 is not allowed; allowed: a number in (0, 1)")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
