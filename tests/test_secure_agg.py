@@ -116,6 +116,21 @@ def test_fedavg_with_and_without_secure_aggregation_end_at_the_same_model(tmp_pa
     assert plain["eval_loss"].iloc[-1] < plain["eval_loss"].iloc[0] - 0.1  # it trained
 
 
+def test_scaffold_with_and_without_secure_aggregation_end_at_the_same_model(tmp_path):
+    """SCAFFOLD's mean of dy_i and sum of dc_i both come out of the masked vector; c_i stays client-side."""
+    common = [*SYNTHETIC, "rounds=4", "strategy=scaffold", "client.optimizer=sgd", "client.lr=0.1", "seed=2"]
+    states = {}
+    for privacy in ("none", "secure_agg"):
+        run_dir, _ = train.train(config.build(config.compose(
+            [*common, f"privacy={privacy}", f"run_dir={tmp_path / privacy}"])))
+        states[privacy] = (pd.read_csv(run_dir / "metrics.csv")["eval_loss"],
+                           torch.load(run_dir / "checkpoints" / "round_0004.pt", weights_only=True)["strategy"])
+    np.testing.assert_allclose(states["secure_agg"][0], states["none"][0], rtol=1e-5)
+    plain, secure = states["none"][1], states["secure_agg"][1]
+    torch.testing.assert_close(secure["control"], plain["control"], rtol=0, atol=1e-6)
+    assert secure["client_controls"].keys() == plain["client_controls"].keys() and len(plain["client_controls"]) > 6
+
+
 def test_tiny_gpt_with_and_without_secure_aggregation_end_at_the_same_model(compose_cfg, tmp_path):
     common = ["rounds=3", "sampler.clients_per_round=4", "sampler.dropout=0.25", "seed=1"]
     losses = {}

@@ -53,6 +53,8 @@ def _run(strategy, trainer, clients, rounds, w0=0.0):
     for r in range(1, rounds + 1):
         ctx = RoundContext(round_idx=r, seed=0, num_clients=len(clients))
         updates = [trainer.train(strategy.client_job(i), c, weights, ctx) for i, c in enumerate(clients)]
+        if (client_state := getattr(strategy, "client_state", None)) is not None:  # SCAFFOLD's c_i, kept client-side
+            updates = [client_state.on_client(u, ctx) for u in updates]
         weights = strategy.apply(weights, strategy.aggregate(updates))
     return float(weights)
 

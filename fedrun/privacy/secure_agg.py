@@ -9,6 +9,8 @@ sum_i w_i delta_i / w_max and W = sum_i w_i, and forms the weighted mean
 w_max / W * sum_i (w_i delta_i / w_max) = sum_i (w_i / W) delta_i, as without secure
 aggregation. Nothing is clipped: the fixed-point range is a bound on coordinates
 (`secagg_range`), and what falls outside is clamped and reported (`secagg_clamped`).
+A strategy whose server step needs more sums (SCAFFOLD's control deltas) names them in
+`secure_sum_extras`; they are summed in the same masked vector and handed to its `aggregate_sums`.
 
 Error bound. Each coordinate is rounded stochastically (unbiased) to a grid of step
 s = 2 R / (2^b - 1), moving it by less than s, so for coordinates inside [-R, R] the decoded
@@ -50,6 +52,7 @@ class SecureAggregation:
         self.value_range, self.noise_source, self.seed = secagg_range, noise_source, seed
         self.hides_client_stats = not log_client_stats
         self.weight_max = max_examples if weighting == "examples" else 1
+        self.extras: tuple[str, ...] = tuple(getattr(strategy, "secure_sum_extras", ()))
         self.num_params, self.device = num_params, device
         self.secure_round: SecureSumRound | None = None
         self.row: dict[str, float] = {}
@@ -75,8 +78,9 @@ class SecureAggregation:
             return
         self.secure_round = SecureSumRound(
             list(ctx.cohort), round_seed=stream_seed(self.seed, Stream.SECAGG, ctx.round_idx, source=self.noise_source),
-            threshold=shamir_threshold(n, self.threshold_fraction), length=self.num_params,
-            value_range=self.value_range, bits=bits, counter_max=[self.weight_max, self.num_params])
+            threshold=shamir_threshold(n, self.threshold_fraction), length=self.num_params * (1 + len(self.extras)),
+            value_range=self.value_range, bits=bits,
+            counter_max=[self.weight_max, self.num_params * (1 + len(self.extras))])
 
     def _skip(self, ctx: RoundContext, why: str) -> None:
         log.warning("round %d: secure aggregation skipped (%s); the global model is kept", ctx.round_idx, why)
@@ -86,14 +90,17 @@ class SecureAggregation:
     # ---- client side ------------------------------------------------------------------------
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
-        """Send w_i delta_i / w_max, w_i and the clamped count, masked; in a skipped round, nothing."""
+        """Send w_i delta_i / w_max (and the strategy's extra sums), w_i and the clamped count,
+        masked; in a skipped round, nothing."""
         if self.secure_round is None:
-            update.delta, update.bytes_up = torch.zeros(0, dtype=torch.uint32), 0
+            update.delta, update.bytes_up, update.extras = torch.zeros(0, dtype=torch.uint32), 0, {}
             return update
-        weight = update.num_examples if self.weight_max > 1 else 1
-        values = update.delta.double() * (weight / self.weight_max)
+        weight = min(update.num_examples, self.weight_max) if self.weight_max > 1 else 1
+        values = torch.cat([update.delta.double().cpu() * (weight / self.weight_max),
+                            *(update.extras[name].double().cpu() for name in self.extras)])
         clamped = int((values.abs() > self.value_range).sum())
         update.delta = self.secure_round.client_mask(update.client_id, values, [weight, clamped])
+        update.extras = {}  # everything the server gets is inside the masked vector
         update.bytes_up += 4 * 2  # the two counters, one uint32 each
         return update
 
@@ -113,11 +120,15 @@ class SecureAggregation:
         finally:
             self.row |= self.secure_round.cost()
         total_weight, clamped = sums.counters
-        self.row["secagg_clamped"] = clamped / (sums.survivors * self.num_params)
+        self.row["secagg_clamped"] = clamped / (sums.survivors * sums.values.numel())
         if clamped:
             log.warning("round %d: %.3g%% of the coordinates fell outside privacy.secagg_range=%g and were clamped",
                         ctx.round_idx, 100 * self.row["secagg_clamped"], self.value_range)
-        return (sums.values * (self.weight_max / total_weight)).to(torch.float32).to(self.device)
+        parts = sums.values.to(self.device).split(self.num_params)
+        mean = (parts[0] * (self.weight_max / total_weight)).to(torch.float32)
+        if not self.extras:
+            return mean
+        return strategy.aggregate_sums(mean, {name: part.to(torch.float32) for name, part in zip(self.extras, parts[1:])})
 
     def round_metrics(self, *, tight: bool) -> dict[str, float]:
         return dict(self.row)

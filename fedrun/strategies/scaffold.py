@@ -6,6 +6,10 @@ dict: it is client state, sent to nobody, and saved in checkpoints). Each local 
 corrected by c - c_i. After K local SGD steps of rate lr a client sends
 dy_i = y_i - x and dc_i = c_i+ - c_i with c_i+ = c_i - c + (x - y_i) / (K lr). The server sets
 x <- x + server_lr * mean(dy_i) and c <- c + (|S| / N) mean(dc_i).
+
+Both server updates are sums (a plain mean and a sum of control deltas), so secure aggregation
+can compute them (`aggregate_sums`); each client's c_i <- c_i + dc_i is its own state, updated
+on the client side (`client_state`, run before anything leaves the client).
 """
 from __future__ import annotations
 
@@ -17,11 +21,15 @@ from fedrun.core import ClientJob, ClientUpdate, RoundContext
 
 
 class Scaffold:
+    secure_sum_weighting = "uniform"  # the plain mean of dy_i
+    secure_sum_extras = ("control_delta",)  # summed beside it
+
     def __init__(self, *, server_lr: float, num_clients: int, num_params: int, device: torch.device):
         self.server_lr = server_lr
         self.num_clients = num_clients
         self.control = torch.zeros(num_params, device=device)
         self.client_controls: dict[int, torch.Tensor] = {}
+        self.client_state = ClientControls(self.client_controls)
 
     def begin_round(self, ctx: RoundContext) -> None:
         pass
@@ -30,12 +38,13 @@ class Scaffold:
         return ClientJob(client_id=client_id, control=self.control, client_control=self.client_controls.get(client_id))
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
-        control_deltas = [u.extras["control_delta"] for u in updates]
-        for u, dc in zip(updates, control_deltas):
-            old = self.client_controls.get(u.client_id)
-            self.client_controls[u.client_id] = dc.clone() if old is None else old + dc
-        self.control = self.control + torch.stack(control_deltas).sum(0) / self.num_clients
-        return torch.stack([u.delta for u in updates]).mean(0)
+        control_sum = torch.stack([u.extras["control_delta"] for u in updates]).sum(0)
+        return self.aggregate_sums(torch.stack([u.delta for u in updates]).mean(0), {"control_delta": control_sum})
+
+    def aggregate_sums(self, mean_delta: torch.Tensor, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """c <- c + sum(dc_i) / N; the model moves by the mean of dy_i."""
+        self.control = self.control + sums["control_delta"].to(self.control) / self.num_clients
+        return mean_delta
 
     def apply(self, weights: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return weights + self.server_lr * delta
@@ -46,4 +55,18 @@ class Scaffold:
     def load_state_dict(self, state: dict) -> None:
         device = self.control.device
         self.control = state["control"].to(device)
-        self.client_controls = {int(k): v.to(device) for k, v in state["client_controls"].items()}
+        self.client_controls.clear()  # the dict client_state updates
+        self.client_controls.update({int(k): v.to(device) for k, v in state["client_controls"].items()})
+
+
+class ClientControls:
+    """Client side: each client keeps its c_i (simulated in one dict, sent to nobody)."""
+
+    def __init__(self, controls: dict[int, torch.Tensor]):
+        self.controls = controls
+
+    def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
+        dc = update.extras["control_delta"]
+        old = self.controls.get(update.client_id)
+        self.controls[update.client_id] = dc.clone() if old is None else old + dc
+        return update
