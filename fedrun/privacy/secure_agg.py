@@ -47,7 +47,7 @@ class SecureAggregation:
         if weighting not in WEIGHTS:
             raise FedrunError(f"strategy: {type(strategy).__name__} needs the individual client updates (or keeps "
                               "per-client state on the server), which secure aggregation hides; use fedavg, fedavgm, "
-                              "fedprox or an adaptive strategy (fedadam, fedyogi, fedadagrad)")
+                              "fedprox, scaffold or an adaptive strategy (fedadam, fedyogi, fedadagrad)")
         self.bits, self.threshold_fraction, self.min_clients = secagg_bits, secagg_threshold, secagg_min_clients
         self.value_range, self.noise_source, self.seed = secagg_range, noise_source, seed
         self.hides_client_stats = not log_client_stats
