@@ -80,6 +80,7 @@ class ExampleDP:
 
     max_grad_norm: float
     noise_multiplier: float
+    noise_source: str = "seed"  # or "os": the noise is not reproducible from the run's seed
 
 
 class LocalTrainer:
@@ -94,7 +95,8 @@ class LocalTrainer:
         self.cfg = cfg
         self.device = device
         self.dp_sgd = None if example_dp is None else DPSGDStep(
-            self.model, max_grad_norm=example_dp.max_grad_norm, noise_multiplier=example_dp.noise_multiplier)
+            self.model, max_grad_norm=example_dp.max_grad_norm, noise_multiplier=example_dp.noise_multiplier,
+            noise_source=example_dp.noise_source)
 
     def train(self, job: ClientJob, data: ClientData, weights: torch.Tensor,
               ctx: RoundContext) -> ClientUpdate:

@@ -256,6 +256,7 @@ class LocalPrivacySchema:
     noise_multiplier: float = MISSING
     delta: float = MISSING
     accountant: str = MISSING
+    noise_source: str = MISSING
 
 
 @dataclass

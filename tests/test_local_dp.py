@@ -141,6 +141,21 @@ def test_noise_has_std_z_c_over_expected_batch_and_is_reproducible_from_the_gene
     assert float(noise.std()) == pytest.approx(sd, rel=4 / math.sqrt(2 * d))  # ~4 standard errors
 
 
+def test_os_noise_source_draws_fresh_noise_of_the_same_scale():
+    """privacy.noise_source=os: the run's seed no longer regenerates the noise."""
+    model, _, flat_grad = flat_model(lambda: MLP(num_features=60, num_classes=10, hidden=100))
+    x, y = torch.randn(4, 60), torch.randint(0, 10, (4,))
+    base = noise_free(model, x, y, flat_grad, clip=0.7, expected=8)
+    step = DPSGDStep(model, max_grad_norm=0.7, noise_multiplier=1.3, noise_source="os")
+    runs = []
+    for _ in range(2):
+        step.compute(x, y, flat_grad=flat_grad, generator=torch.Generator().manual_seed(5), expected_batch_size=8)
+        runs.append(flat_grad.clone())
+    assert not torch.equal(runs[0], runs[1])
+    noise = (runs[0] - base).double()
+    assert float(noise.std()) == pytest.approx(1.3 * 0.7 / 8, rel=4 / math.sqrt(2 * noise.numel()))
+
+
 def test_an_empty_batch_gets_noise_only_and_a_nan_loss():
     model, _, flat_grad = flat_model(lambda: MLP(num_features=60, num_classes=10, hidden=100))
     step = DPSGDStep(model, max_grad_norm=2.0, noise_multiplier=0.5)

@@ -21,8 +21,9 @@ class LocalPrivacy(NoPrivacy):
     metric_columns = ["epsilon", "epsilon_rdp", "epsilon_prv"]
 
     def __init__(self, *, max_grad_norm: float, noise_multiplier: float, delta: float, accountant: str,
-                 batch_size: int):
-        self.example_dp = ExampleDP(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
+                 batch_size: int, noise_source: str = "seed"):
+        self.example_dp = ExampleDP(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                                    noise_source=noise_source)
         self.delta, self.accountant, self.batch_size = delta, accountant, batch_size
         self.client_steps: dict[int, Counter] = {}
 

@@ -17,6 +17,7 @@ into the caller's flat gradient buffer.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from typing import Iterator
 
@@ -40,7 +41,7 @@ class DPSGDStep:
     """
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, noise_multiplier: float,
-                 max_physical_batch: int | None = None):
+                 max_physical_batch: int | None = None, noise_source: str = "seed"):
         if not max_grad_norm > 0:
             raise FedrunError(f"local_dp.max_grad_norm: must be > 0, got {max_grad_norm}")
         if not noise_multiplier >= 0:
@@ -50,6 +51,7 @@ class DPSGDStep:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.max_physical_batch = max_physical_batch
+        self.noise_source = noise_source  # "os": noise from os.urandom-seeded streams (fedrun.privacy.randomness)
         # (name, offset, numel) in the order of `[p for p in model.parameters() if p.requires_grad]`,
         # the order of the flat buffers; named_parameters() lists a tied tensor once, as that does.
         self.layout: list[tuple[str, int, int]] = []
@@ -68,7 +70,8 @@ class DPSGDStep:
         """Fill `flat_grad` with (sum_i clip(g_i) + N(0, (z C)^2 I)) / expected_batch_size.
 
         Returns the mean loss over the batch's examples (nan for an empty batch, which gets
-        noise only). The noise is drawn from `generator` alone, so it is reproducible.
+        noise only). The noise is drawn from `generator` alone, so it is reproducible; with
+        noise_source "os" from a stream seeded by os.urandom instead (not reproducible).
         """
         if flat_grad.numel() != self.num_params:
             raise ValueError(f"flat_grad has {flat_grad.numel()} entries; the model has "
@@ -82,6 +85,8 @@ class DPSGDStep:
             for xs, ys in zip(x.split(chunk), y.split(chunk)):
                 loss_sum += self._add_clipped_sum(xs, ys, flat_grad)
         if self.noise_multiplier > 0:
+            if self.noise_source == "os":
+                generator = torch.Generator(generator.device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
             noise = torch.randn(self.num_params, generator=generator, device=generator.device)
             flat_grad.add_(noise.to(flat_grad.device), alpha=self.noise_multiplier * self.max_grad_norm)
         flat_grad.div_(expected_batch_size)
