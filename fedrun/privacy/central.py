@@ -51,7 +51,6 @@ class CentralPrivacy:
         self.accountant = accountant
         self.target_epsilon, self.stop_at_budget = target_epsilon, stop_at_budget
         self.adaptive, self.target_quantile, self.clip_lr = adaptive, target_quantile, clip_lr
-        self.clip_count_stddev = clip_count_stddev if clip_count_stddev is not None else self.expected_clients / 20
         self.secure_agg, self.secagg_bits, self.secagg_threshold = secure_agg, secagg_bits, secagg_threshold
         self.secagg_min_clients, self.noise_source = secagg_min_clients, noise_source
         self.hides_client_stats = secure_agg and not log_client_stats
@@ -68,7 +67,9 @@ class CentralPrivacy:
             log.info("privacy: noise multiplier %.4f calibrated for epsilon %.3g at delta %.3g over %d rounds",
                      noise_multiplier, target_epsilon, self.delta, rounds)
         self.noise_multiplier = noise_multiplier
+        self.clip_count_stddev = clip_count_stddev if clip_count_stddev is not None else self._default_count_stddev()
         self.update_noise = self._update_noise_multiplier()
+        self._warn_about_delta()
         self.ledger = Ledger()
         self.round_cost: dict[str, float] = {}
         self.secure_round: SecureSumRound | None = None
@@ -93,15 +94,29 @@ class CentralPrivacy:
         dp = ["epsilon", "epsilon_rdp", "epsilon_prv", "noise_multiplier", "clip_norm"] if self.is_dp else ["clip_norm"]
         return dp + (["secagg_skipped", "secagg_bytes_per_client", "secagg_seconds"] if self.secure_agg else [])
 
+    def _default_count_stddev(self) -> float:
+        """Andrew et al.'s sigma_b = expected clients / 20; z when that leaves the updates no noise
+        budget (it must exceed z / 2), which gives them z_delta = z / sqrt(3/4)."""
+        paper = self.expected_clients / 20
+        return paper if not self.is_dp or 2 * paper > self.noise_multiplier * 1.01 else self.noise_multiplier
+
     def _update_noise_multiplier(self) -> float:
         if not (self.adaptive and self.is_dp):
             return self.noise_multiplier
         rest = self.noise_multiplier**-2 - (2 * self.clip_count_stddev) ** -2
         if rest <= 0:
             raise FedrunError(f"privacy.clip_count_stddev: {self.clip_count_stddev:.4g} is too small for noise "
-                              f"multiplier {self.noise_multiplier:.4g}; it must exceed 1 / (2 z) = "
-                              f"{1 / (2 * self.noise_multiplier):.4g}")
+                              f"multiplier z = {self.noise_multiplier:.4g}; it must exceed z / 2 = "
+                              f"{self.noise_multiplier / 2:.4g} (the count's noise takes its share of the budget)")
         return rest**-0.5
+
+    def _warn_about_delta(self) -> None:
+        """delta is the probability that the bound fails outright: say so when it is not small."""
+        limit = min(1e-3, 1 / (10 * self.num_clients))
+        if self.is_dp and self.delta > limit:
+            log.warning("privacy.delta = %.3g is above min(1e-3, 1 / (10 N)) = %.3g for N = %d clients: the bound "
+                        "may fail outright with that probability; set privacy.delta lower", self.delta, limit,
+                        self.num_clients)
 
     # ---- client side ------------------------------------------------------------------------
 
@@ -192,6 +207,7 @@ class CentralPrivacy:
         g = stream_generator(self.seed, Stream.NOISE, ctx.round_idx, 1, source=self.noise_source)
         centred = unclipped - 0.5 * reported
         noisy = (centred + float(torch.randn((), generator=g)) * self.clip_count_stddev) / self.expected_clients + 0.5
+        noisy = min(1.0, max(0.0, noisy))  # as TFF's QuantileEstimatorQuery: an estimate of a fraction
         self.clip_norm *= math.exp(-self.clip_lr * (noisy - self.target_quantile))
 
     def _event(self, ctx: RoundContext, *, participants: int) -> DPEvent:
