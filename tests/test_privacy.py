@@ -13,6 +13,7 @@ from fedrun.core import ClientUpdate, RoundContext, Stream, torch_generator
 from fedrun.privacy import central
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise
 from fedrun.strategies import fedavg
+from tests.conftest import TINY
 
 DP = ["privacy=central_dp", "sampler.kind=poisson"]
 
@@ -197,3 +198,65 @@ def test_configurations_that_void_the_guarantee_are_refused(overrides, expected)
 
     with pytest.raises(FedrunError, match=expected.replace("(", r"\(")):
         config.compose(overrides)
+
+
+# ---- epsilon is never negative; target_epsilon's range -----------------------------------------
+
+GRID = [(z, q, steps) for z in (0.7, 2.0, 8.0) for q in (0.01, 0.2, 1.0) for steps in (1, 30)]
+
+
+@pytest.mark.parametrize("delta", [1e-5, 0.1])
+def test_epsilon_is_never_negative_and_is_opacus_stepped_directly_elsewhere(delta):
+    """Where opacus' conversion is negative, delta exceeds the mechanism's total variation distance
+    (one step: q (2 Phi(1 / 2z) - 1)), so it is (0, delta)-DP and 0 is reported."""
+    from scipy.stats import norm
+
+    negative = 0
+    for z, q, steps in GRID:
+        ledger = Ledger([DPEvent(r, q, z, 1.0, 3, "x") for r in range(steps)])
+        for name, accountant in (("rdp", RDPAccountant()), ("prv", PRVAccountant())):
+            for _ in range(steps):
+                accountant.step(noise_multiplier=z, sample_rate=q)
+            direct, ours = accountant.get_epsilon(delta), ledger.epsilon(delta, accountant=name)
+            assert ours >= 0 and ours == pytest.approx(max(direct, 0.0), rel=1e-9, abs=1e-12), (z, q, steps, name)
+            if direct < 0:
+                negative += 1
+                assert steps > 1 or q * (2 * norm.cdf(1 / (2 * z)) - 1) < delta, (z, q, steps, name)
+    assert negative > 0 if delta == 0.1 else negative == 0  # the grid reaches the clamp, and only at a large delta
+
+
+def test_calibration_that_cannot_reach_the_target_is_one_line():
+    from fedrun.core import FedrunError
+
+    for accountant, least in (("rdp", "0.103"), ("prv", "0.01")):
+        with pytest.raises(FedrunError, match=rf"^privacy.target_epsilon: 1e-09 cannot be reached at delta 1e-05 over "
+                                              rf"2 rounds .* no less than about {least} at this delta\); allowed:"):
+            calibrate_noise(target_epsilon=1e-9, delta=1e-5, sample_rate=0.1, rounds=2, accountant=accountant)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("inf", "privacy.target_epsilon: inf is not allowed; allowed: null or a finite number > 0"),
+    ("1e-9", "privacy.target_epsilon: 1e-09 cannot be reached at delta 1e-05 over 2 rounds"),
+])
+def test_target_epsilon_out_of_reach_is_one_line_exit_2(play, tmp_path, value, expected):
+    from typer.testing import CliRunner
+
+    from fedrun.cli import app
+
+    result = CliRunner().invoke(app, ["train", "data=shakespeare", f"data.path={play}", "device=cpu", *TINY, *DP,
+                                      f"run_dir={tmp_path / 'run'}", "rounds=2", "privacy.noise_multiplier=null",
+                                      f"privacy.target_epsilon={value}", "privacy.delta=1e-5"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {expected}"), lines[0]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_tiny_target_epsilon_at_a_large_delta_runs_and_reports_epsilon_0(compose_cfg, tmp_path, accountant):
+    """6 clients: delta = 6^-1.1 = 0.14, which heavy noise satisfies at epsilon 0 (opacus: about -0.009)."""
+    run_dir, summary = _run(compose_cfg, tmp_path, accountant, "rounds=2", "eval_every=1", "privacy.noise_multiplier=null",
+                            "privacy.target_epsilon=1e-9", f"privacy.accountant={accountant}")
+    m = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
+    assert (m["epsilon"] == 0).all() and (m[["epsilon_rdp", "epsilon_prv"]] >= 0).all().all()
+    p = summary["privacy"]
+    assert p["epsilon"] == 0 and p["epsilon_rdp"] >= 0 and p["epsilon_prv"] >= 0
