@@ -19,6 +19,7 @@ from fedrun.core import FedrunError
 from fedrun.data.text import VOCAB_SIZE, Tokenizer, has_tokenizer
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
+from fedrun.run_config import load_run_config
 from fedrun.rundir import RunDir, is_run_dir, load_checkpoint
 
 
@@ -28,7 +29,7 @@ def load_model(run_dir: Path, *, round: int | None = None,
     run = RunDir(Path(run_dir))
     if not is_run_dir(run.path):
         raise FedrunError(f"run_dir: {run_dir} is not a run directory (no config.yaml and metrics.csv)")
-    cfg = OmegaConf.load(run.path / "config.yaml")
+    cfg = load_run_config(run.path)
     if cfg.strategy._target_.endswith(".fed_distill"):
         raise FedrunError(f"run_dir: {run_dir} is a fed_distill run: it has no global model, each client kept its "
                           "own (client_models.safetensors, one flat vector per client)")

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
 
 from fedrun.core import FedrunError
+from fedrun.run_config import MAX_CONFIG_BYTES, parse_yaml
+from fedrun.rundir import read_regular_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ RESULTS = ["path", "status", "rounds", *(f"final_{m}" for m in EVAL), *(f"best_{
            "epsilon", "bytes", "seconds", "error", "note"]
 CONFIG_PREFIX = "config."  # for a config key that has a result's name (`rounds`: planned, not reached)
 FRESH_SECONDS = 60  # a run with no status.json whose metrics.csv changed this recently is running
+MAX_JSON_BYTES = 1 << 20  # status.json and summary.json are a few KiB
+MAX_TABLE_BYTES = 1 << 30  # metrics.csv, clients.csv: a long run at population scale stays far below
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -109,8 +112,11 @@ def read_json(path: Path, notes: list[str]) -> dict | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(read_regular_bytes(path, limit=MAX_JSON_BYTES))
+    except FedrunError as e:  # a FIFO would block the report forever: only regular files are read
+        notes.append(f"{path.name} skipped ({str(e).removeprefix(f'{path}: ')})")
+        return None
+    except ValueError as e:
         notes.append(f"{path.name} unreadable ({type(e).__name__})")
         return None
     if not isinstance(data, dict):
@@ -141,9 +147,9 @@ def read_metrics(path: Path, notes: list[str] | None = None) -> pd.DataFrame:
 def read_csv_rows(path: Path, notes: list[str]) -> pd.DataFrame:
     """A CSV as strings, dropping a torn last line and lines with the wrong number of fields."""
     try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        notes.append(f"{path.name} unreadable ({e.strerror})")
+        text = read_regular_bytes(path, limit=MAX_TABLE_BYTES).decode(errors="replace")
+    except FedrunError as e:
+        notes.append(f"{path.name} unreadable ({str(e).removeprefix(f'{path}: ')})")
         return pd.DataFrame()
     lines = text.splitlines()
     if lines and not text.endswith(("\n", "\r")):
@@ -200,15 +206,15 @@ def _number(value: Any) -> float:
 # ---- config -----------------------------------------------------------------------------------
 
 def read_config(path: Path, notes: list[str]) -> dict[str, Any]:
-    """config.yaml flattened to dotted keys (`client.lr`, `strategy._target_`)."""
+    """config.yaml flattened to dotted keys (`client.lr`, `strategy._target_`), values as written.
+
+    Interpolations are not resolved: fedrun writes config.yaml resolved, and `${oc.env:...}` in
+    someone else's run would copy this machine's environment into the report.
+    """
     try:
-        cfg = OmegaConf.load(path)
-        try:
-            tree = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # an interpolation that no longer resolves: keep it as written
-            tree = OmegaConf.to_container(cfg, resolve=False)
-    except Exception as e:  # YAML errors come in many types; a bad config must not stop the report
-        notes.append(f"config.yaml unreadable ({type(e).__name__})")
+        tree = parse_yaml(read_regular_bytes(path, limit=MAX_CONFIG_BYTES))
+    except FedrunError as e:
+        notes.append(f"config.yaml unreadable: {str(e).removeprefix(f'{path}: ')}")
         return {}
     if not isinstance(tree, dict):
         notes.append("config.yaml is not a mapping")
