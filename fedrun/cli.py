@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -40,9 +43,20 @@ OVERRIDES_HELP = ("Hydra overrides: key=value or group=option, e.g. data=shakesp
 
 
 def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
-    """Run `action`; a FedrunError becomes one red line and exit code 2 (traceback with --debug)."""
+    """Run `action`; a FedrunError becomes one red line and exit code 2 (traceback with --debug).
+
+    SIGTERM stops a run as Ctrl-C does (status `interrupted`, workers stopped, the resume command
+    printed); the exit code is 128 + the signal: 130 for SIGINT, 143 for SIGTERM."""
     from fedrun.core import FedrunError
 
+    received = [signal.SIGINT]
+
+    def on_sigterm(signum: int, frame) -> None:
+        received[0] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         action()
     except FedrunError as e:
@@ -50,15 +64,20 @@ def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
             raise
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:
+        run_dir = getattr(e, "run_dir", None)
+        hint = f"; resume with: fedrun resume {shlex.quote(str(run_dir))}" if run_dir else ""
+        console.print(f"[yellow]interrupted[/]{hint}", soft_wrap=True, highlight=False)
+        raise typer.Exit(128 + received[0])
     except Exception as e:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                       soft_wrap=True, highlight=False)
         raise typer.Exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _setup_logging(verbose: bool) -> None:

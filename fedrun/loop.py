@@ -13,7 +13,8 @@ from torch import nn
 from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, ServerModel, Strategy
 from fedrun.data.examples import FederatedData
 from fedrun.privacy.audit import CanaryAudit
-from fedrun.records import CLIENT_COLUMNS, LEDGER_COLUMNS, METRIC_COLUMNS, client_rows, parse_row, round_row, summarize
+from fedrun.records import (CLIENT_COLUMNS, LEDGER_COLUMNS, METRIC_COLUMNS, client_rows, resumed_history, round_row,
+                            summarize)
 from fedrun.rundir import RunDir
 from fedrun.sampling import drop_out
 
@@ -71,7 +72,8 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         previous, weights = weights, server_step(exp, weights, updates, ctx)
         row = round_row(round_idx, updates, previous, jobs=list(jobs.values()), dropped=len(dropped))
         row.update(server.round_metrics(previous, updates))
-        client_table = client_rows(round_idx, updates, dropped, exp.data)
+        client_table = client_rows(round_idx, updates, dropped, exp.data,
+                                   hide_stats=getattr(exp.mechanism, "hides_client_stats", False))
         del updates, previous, jobs  # the cohort's tensors are not held through evaluation
         evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
         row.update(exp.mechanism.round_metrics(tight=evaluating))
@@ -101,14 +103,17 @@ def initial_row(server: ServerModel, test) -> dict:
 
 
 def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.Tensor, list[dict]]:
-    """Resume: the checkpoint's weights and states; tables cut back to its round, their rows as history."""
+    """Resume: the checkpoint's weights and states; every table cut back to its round.
+
+    The run continues from the checkpoint's round, never from the last row written: the history
+    (rows 0..round) must be whole, which is checked before any table is rewritten."""
+    history = resumed_history(metrics.intact_rows(), checkpoint["round"])
     exp.strategy.load_state_dict(checkpoint["strategy"])
     exp.mechanism.load_state_dict(checkpoint["privacy"])
     if exp.compression is not None:
         exp.compression.load_state_dict(checkpoint["compression"])
-    for table in others:
+    for table in (metrics, *others):
         table.truncate_after(checkpoint["round"])
-    history = [parse_row(r) for r in metrics.truncate_after(checkpoint["round"])]
     return checkpoint["weights"].to(exp.device), history
 
 

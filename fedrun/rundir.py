@@ -63,7 +63,7 @@ class CsvTable:
     def __init__(self, path: Path, columns: list[str]):
         self.path = path
         self.columns = columns
-        if not path.exists():
+        if not path.exists() or (path.is_file() and path.stat().st_size == 0):  # new, emptied or lost its header
             with writing(path), open(path, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
 
@@ -98,7 +98,11 @@ class CsvTable:
     def truncate_after(self, round_idx: int) -> list[dict[str, str]]:
         """Keep the intact rows of rounds up to `round_idx` (a crashed run's rounds past its checkpoint go)."""
         rows = [r for r in self.intact_rows() if int(r["round"]) <= round_idx]
+        self.replace(rows)
+        return rows
 
+    def replace(self, rows: Iterable[dict[str, Any]]) -> None:
+        """The whole table written at once: a temp file, then renamed over the old one."""
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.columns)
@@ -106,7 +110,6 @@ class CsvTable:
                 writer.writerows(rows)
 
         atomic_write(self.path, write)
-        return rows
 
 
 def _fields(line: str) -> list[str]:
@@ -133,8 +136,9 @@ class RunDir:
         run.lock()
         try:
             run._refuse_used()
-            with writing(run.checkpoints):
-                run.checkpoints.mkdir(exist_ok=True)
+            # metrics.csv (empty) first: from the moment config.yaml exists, the folder is a run that
+            # `fedrun resume` can restart, even if killed before its first row
+            atomic_write(run.path / "metrics.csv", lambda p: p.write_bytes(b""), durable=False)
             atomic_write(run.path / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg)))
             run.open_log()
         except BaseException:
@@ -148,7 +152,8 @@ class RunDir:
             finished = (self.path / "summary.json").exists()
             raise FedrunError(f"run_dir: {self.path} already holds a {'finished ' if finished else ''}run; choose "
                               f"another run_dir{'' if finished else f' or `fedrun resume {self.path}`'}")
-        found = sorted(p.name for p in self.path.iterdir() if p.name not in NEW_RUN_MAY_HOLD)
+        found = sorted(p.name for p in self.path.iterdir() if p.name not in NEW_RUN_MAY_HOLD
+                       and not (p.name == "metrics.csv" and p.is_file() and p.stat().st_size == 0))
         if found:
             raise FedrunError(f"run_dir: {self.path} is not empty ({', '.join(found[:3])}"
                               f"{', ...' if len(found) > 3 else ''}) and holds no run fedrun can resume; "
@@ -201,6 +206,8 @@ class RunDir:
 
     def save_checkpoint(self, round_idx: int, state: dict[str, Any], *, keep: int | None = None) -> Path:
         path = self.checkpoints / f"round_{round_idx:04d}.pt"
+        with writing(self.checkpoints):  # made here, not at creation: a run killed early has no empty folder
+            self.checkpoints.mkdir(exist_ok=True)
         atomic_write(path, lambda p: torch.save(state, p))
         digest = _sha256(path)
         atomic_write(path.with_suffix(".sha256"), lambda p: p.write_text(digest + "\n"))

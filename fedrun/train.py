@@ -1,30 +1,41 @@
 """Runs from start to end: train a built experiment, or resume one from its run directory."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import OmegaConf
 
 import fedrun
-from fedrun import config, loop, startup
+from fedrun import config, loop, run_config, startup
 from fedrun.core import FedrunError
 from fedrun.loggers import LOGGER_NAMES, make_loggers
-from fedrun.rundir import RunDir, is_run_dir
+from fedrun.records import ROUND_TABLES
+from fedrun.rundir import RunDir, atomic_write, is_run_dir
 
 log = logging.getLogger(__name__)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; it is recorded as `interrupted` and can be resumed."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"interrupted: {run_dir}")
+        self.run_dir = run_dir
+
+
 def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
     """Run a built experiment to the end; return its run directory and the summary written there."""
-    rundir = RunDir.create(exp.cfg.run_dir, exp.cfg)
-    log.info("run directory: %s", rundir.path)
-    log.info("data: %s", exp.data.fingerprint)
-    write_partition(rundir, exp)
+    rundir = RunDir.create(exp.cfg.run_dir, exp.cfg)  # locked until the run ends
+    with _closed_on_error(rundir):
+        log.info("run directory: %s", rundir.path)
+        log.info("data: %s", exp.data.fingerprint)
+        write_partition(rundir, exp)
     return rundir.path, _run_to_end(exp, rundir, on_round=on_round, checkpoint=None)
 
 
@@ -35,7 +46,7 @@ def load_for_resume(path: str | Path) -> tuple[loop.Experiment, RunDir, dict | N
         raise FedrunError(f"run_dir: {path} is not a run directory (no config.yaml and metrics.csv)")
     if (rundir.path / "summary.json").exists():
         raise FedrunError(f"run_dir: {path} has already finished (summary.json exists)")
-    cfg = OmegaConf.load(rundir.path / "config.yaml")
+    cfg = run_config.load_run_config(rundir.path)  # untrusted input: only components fedrun ships
     cfg.run_dir = str(rundir.path)
     exp = config.build(cfg)
     return exp, rundir, rundir.latest_checkpoint()
@@ -44,15 +55,31 @@ def load_for_resume(path: str | Path) -> tuple[loop.Experiment, RunDir, dict | N
 def resume(exp: loop.Experiment, rundir: RunDir, checkpoint: dict | None, *,
            on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
     """Continue a stopped run; its tables end exactly as an uninterrupted run's would."""
-    rundir.open_log()
-    if checkpoint is None:  # stopped before its first checkpoint: start over in place
-        log.warning("no intact checkpoint in %s: restarting from round 0", rundir.path)
-        for name in ("metrics.csv", "clients.csv"):
-            (rundir.path / name).unlink(missing_ok=True)
-    else:
-        log.info("resuming %s from round %d", rundir.path, checkpoint["round"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
+    rundir.lock()  # a run still training (or another resume) holds it: refused before anything changes
+    with _closed_on_error(rundir):
+        if (rundir.path / "summary.json").exists():  # it finished while this process was loading it
+            raise FedrunError(f"run_dir: {rundir.path} has already finished (summary.json exists)")
+        rundir.open_log()
+        if checkpoint is None:  # stopped before its first checkpoint: start over in place
+            log.warning("no intact checkpoint in %s: restarting from round 0", rundir.path)
+            for name in ROUND_TABLES:  # emptied, not removed: killed now, it is still a run to resume
+                if (rundir.path / name).exists():
+                    atomic_write(rundir.path / name, lambda p: p.write_bytes(b""))
+            write_partition(rundir, exp)  # whole again, whenever the first run was killed
+        else:
+            log.info("resuming %s from round %d", rundir.path, checkpoint["round"])
+            torch.set_rng_state(checkpoint["rng"]["torch"])
     return rundir.path, _run_to_end(exp, rundir, on_round=on_round, checkpoint=checkpoint)
+
+
+@contextlib.contextmanager
+def _closed_on_error(rundir: RunDir) -> Iterator[None]:
+    """Release the run directory (its lock and log) when a run fails before `_run_to_end` owns it."""
+    try:
+        yield
+    except BaseException:
+        rundir.close()
+        raise
 
 
 def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -> dict:
@@ -62,8 +89,10 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         logger.log_config(OmegaConf.to_container(exp.cfg))
 
     started: dict = {}
+    done = {"round": checkpoint["round"] if checkpoint else 0}  # the last round whose row is written
 
     def each_round(row: dict) -> None:
+        done["round"] = row["round"]
         if not started:  # round 0 is logged just before round 1 starts; a resumed run's first row after its round
             first_round = time.time() - (row["seconds"] if row["round"] else 0.0)
             started.update(startup.breakdown(first_round, initial_eval=0.0 if row["round"] else row["seconds"]))
@@ -91,8 +120,11 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         for logger in loggers:
             logger.log_summary(summary)
         return summary
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI raises it too): resumable, not failed
+        _record_end(rundir, "interrupted", round_idx=done["round"])
+        raise RunInterrupted(rundir.path) from e
     except BaseException as e:
-        rundir.set_status("failed", round_idx=-1, error=f"{type(e).__name__}: {e}")
+        _record_end(rundir, "failed", round_idx=done["round"], error=f"{type(e).__name__}: {e}")
         raise
     finally:
         exp.backend.close()  # worker processes and Ray actors end with the run, also on Ctrl-C
@@ -101,9 +133,16 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         rundir.close()
 
 
+def _record_end(rundir: RunDir, state: str, *, round_idx: int, error: str | None = None) -> None:
+    try:
+        rundir.set_status(state, round_idx=round_idx, error=error)
+    except FedrunError as e:  # a full disk may refuse status.json too; the run's own error matters more
+        log.error("%s", e)
+
+
 def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:
-    """partition.csv: each client's name and its numbers of train and test examples."""
+    """partition.csv: each client's name and its numbers of train and test examples (written at once)."""
     data = exp.data
     rows = ({"client_id": i, "name": name, "train_examples": train, "test_examples": test} for i, (name, train, test)
             in enumerate(zip(data.client_names(), data.client_sizes("train").tolist(), data.client_sizes("test").tolist())))
-    rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples"]).append(rows)
+    rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples"]).replace(rows)

@@ -1,5 +1,10 @@
-"""Resume: a run killed with SIGKILL and resumed ends with the same tables as one never stopped."""
+"""Resume: a run killed (SIGKILL, SIGTERM, Ctrl-C) and resumed ends with the same tables as one never
+stopped; a resume continues from its checkpoint, refuses what it cannot resume exactly, and never
+runs beside another process writing the same run directory."""
+import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,19 +12,42 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedrun import config, train
 from fedrun.cli import app
-from tests.conftest import ROOT, TINY
+from fedrun.rundir import is_run_dir
+from tests.conftest import ROOT, TINY, make_play
 
 FEDRUN = str(Path(sys.executable).with_name("fedrun"))
 
 
-def _args(play, run_dir, *extra):
-    return ["train", "data=shakespeare", f"data.path={play}", f"run_dir={run_dir}", *TINY, "rounds=12",
+def _args(play, run_dir, *, rounds=12):
+    return ["train", "data=shakespeare", f"data.path={play}", f"run_dir={run_dir}", *TINY, f"rounds={rounds}",
             "eval_every=1", "checkpoint_every=3", "model.n_embd=32", "client.local_steps=20",
-            "sampler.dropout=0.2", "strategy=fedadam", *extra]
+            "sampler.dropout=0.2", "strategy=fedadam"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """(play, run_dir, seconds): one uninterrupted run, shared by the tests that compare against it."""
+    tmp = tmp_path_factory.mktemp("whole")
+    play, run_dir = make_play(tmp / "play.txt"), tmp / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDRUN_CACHE", str(tmp / "cache"))
+        start = time.perf_counter()
+        result = subprocess.run([FEDRUN, *_args(play, run_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return play, run_dir, time.perf_counter() - start
+
+
+def _copy_stopped(whole_dir: Path, to: Path) -> Path:
+    """The finished run as if it had stopped after its last row (a crashed run's files are a prefix)."""
+    shutil.copytree(whole_dir, to)
+    (to / "summary.json").unlink()
+    return to
 
 
 def _tables(run_dir):
@@ -31,50 +59,182 @@ def _assert_same_tables(a, b):
         pd.testing.assert_frame_equal(x, y, check_exact=True)
 
 
-def test_sigkill_mid_run_then_resume_gives_identical_metrics(play, tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert CliRunner().invoke(app, _args(play, whole)).exit_code == 0
-    proc = subprocess.Popen([FEDRUN, *_args(play, killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill between the checkpoints of rounds 6 and 9
-        metrics = killed / "metrics.csv"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 + 8:
-            break
+def _start(args) -> subprocess.Popen:
+    return subprocess.Popen([FEDRUN, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended first: {proc.stderr.read()}"
+        assert time.time() < deadline, "timed out"
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    result = CliRunner().invoke(app, ["resume", str(killed)])
-    assert result.exit_code == 0, result.output
-    _assert_same_tables(whole, killed)
+
+
+def _rows(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.csv"
+    return len(metrics.read_text().splitlines()) - 1 if metrics.exists() else 0
+
+
+def _running(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+# ---- killed and resumed ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kills", [3, pytest.param(20, marks=pytest.mark.slow)])
+def test_sigkill_at_random_moments_then_resume_gives_identical_tables(whole, tmp_path, kills):
+    """Each process (the train, then every resume) is killed at a random moment of its life: in
+    start-up, mid-round, mid-write of a row, a table cut or a checkpoint. The first kill is mid-run."""
+    play, whole_dir, seconds = whole
+    killed, rng = tmp_path / "killed", random.Random(kills)
+    landed = 0
+    for i in range(kills):
+        proc = _start(["resume", str(killed)] if is_run_dir(killed) else _args(play, killed))
+        if i == 0:  # between the checkpoints of rounds 6 and 9
+            _wait_for(lambda: _rows(killed) >= 8, proc)
+        else:
+            time.sleep(rng.uniform(0, seconds))
+        proc.kill()
+        landed += proc.wait() == -signal.SIGKILL and not (killed / "summary.json").exists()
+        proc.stderr.close()
+    assert landed >= 1, "no kill landed before the run finished"
+    result = subprocess.run([FEDRUN, "resume", str(killed)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    _assert_same_tables(whole_dir, killed)
     assert (killed / "summary.json").exists()
+    print(f"{kills} kills, {landed} before the run finished")
 
 
-def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(play, tmp_path, caplog):
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    for run_dir in (whole, broken):
-        assert CliRunner().invoke(app, _args(play, run_dir)).exit_code == 0
-    (broken / "summary.json").unlink()  # pretend it stopped after writing its last checkpoint
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_record_interrupted_and_print_the_resume_command(whole, tmp_path, sig):
+    play, whole_dir, _ = whole
+    stopped = tmp_path / "stopped"
+    proc = _start(_args(play, stopped))
+    _wait_for(lambda: _rows(stopped) >= 5, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert [line for line in stderr.splitlines() if "interrupted" in line] == [
+        f"interrupted; resume with: fedrun resume {stopped}"]
+    status = json.loads((stopped / "status.json").read_text())
+    assert status["state"] == "interrupted" and 3 <= status["round"] <= _rows(stopped) - 1, status
+    assert "error" not in status
+    result = CliRunner().invoke(app, ["resume", str(stopped)])
+    assert result.exit_code == 0, result.output
+    _assert_same_tables(whole_dir, stopped)
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(whole, tmp_path, caplog):
+    _, whole_dir, _ = whole
+    broken = _copy_stopped(whole_dir, tmp_path / "broken")
     last = broken / "checkpoints" / "round_0012.pt"
     last.write_bytes(last.read_bytes()[:-100] + b"x" * 100)
     exp, rundir, checkpoint = train.load_for_resume(broken)
     assert checkpoint["round"] == 9
     assert "round_0012.pt is torn or corrupt" in caplog.text
     train.resume(exp, rundir, checkpoint)
-    _assert_same_tables(whole, broken)
+    _assert_same_tables(whole_dir, broken)
 
 
-def test_resume_before_any_checkpoint_starts_over(play, tmp_path):
-    whole, early = tmp_path / "whole", tmp_path / "early"
-    assert CliRunner().invoke(app, _args(play, whole)).exit_code == 0
-    assert CliRunner().invoke(app, _args(play, early)).exit_code == 0
-    (early / "summary.json").unlink()
+def test_resume_before_any_checkpoint_starts_over(whole, tmp_path):
+    _, whole_dir, _ = whole
+    early = _copy_stopped(whole_dir, tmp_path / "early")
     for p in (early / "checkpoints").iterdir():
         p.unlink()
     assert CliRunner().invoke(app, ["resume", str(early)]).exit_code == 0
-    _assert_same_tables(whole, early)
+    _assert_same_tables(whole_dir, early)
 
+
+# ---- resume continues from the checkpoint ---------------------------------------------------
+
+def _metrics_lines(run_dir: Path) -> list[bytes]:
+    return (run_dir / "metrics.csv").read_bytes().splitlines(keepends=True)
+
+
+def _cut_metrics(run_dir: Path, last_round: int, tail: bytes = b"") -> None:
+    """Keep metrics.csv's rows up to `last_round`, then `tail`."""
+    (run_dir / "metrics.csv").write_bytes(b"".join(_metrics_lines(run_dir)[:last_round + 2]) + tail)
+
+
+def test_resume_refuses_when_rows_up_to_the_checkpoint_are_lost(whole, tmp_path):
+    """Rows are appended without fsync, checkpoints are fsynced: a power cut can keep checkpoint 12
+    and lose rows 11 and 12. Continuing from row 10 with round 12's weights would be wrong."""
+    _, whole_dir, _ = whole
+    lost = _copy_stopped(whole_dir, tmp_path / "lost")
+    _cut_metrics(lost, 10)
+    before = {p.name: p.read_bytes() for p in lost.glob("*.csv")}
+    result = CliRunner().invoke(app, ["resume", str(lost)])
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        "error: metrics.csv: the rows of rounds 11-12 are missing up to the checkpoint of round 12 (lost in a "
+        "crash); the run cannot resume exactly; start it again with `fedrun train`"]
+    assert {p.name: p.read_bytes() for p in lost.glob("*.csv")} == before  # nothing rewritten
+
+
+@pytest.mark.parametrize("damage", ["torn_as_round_1", "whole_row_without_newline", "malformed_rows"])
+def test_resume_drops_torn_and_malformed_rows_and_continues_from_the_checkpoint(whole, tmp_path, damage):
+    """Resume from checkpoint 9 (12's is lost) with rows 10 and a piece of 11 on disk, damaged so."""
+    _, whole_dir, _ = whole
+    torn = _copy_stopped(whole_dir, tmp_path / "torn")
+    for p in (torn / "checkpoints").glob("round_0012.*"):
+        p.unlink()
+    row_11 = _metrics_lines(torn)[12]
+    _cut_metrics(torn, 10)
+    if damage == "torn_as_round_1":  # "11,3,..." torn after its first byte: parses as round 1
+        _cut_metrics(torn, 10, row_11[:1])
+    elif damage == "whole_row_without_newline":  # every field there, the newline not yet
+        _cut_metrics(torn, 10, row_11.rstrip(b"\r\n"))
+    else:
+        lines = _metrics_lines(torn)
+        lines[4:4] = [b"3,garbage\r\n", b"x" + lines[4][1:], b"\r\n"]
+        (torn / "metrics.csv").write_bytes(b"".join(lines))
+        with open(torn / "clients.csv", "ab") as f:
+            f.write(b"5,zz\r\n11,0,12")
+    result = CliRunner().invoke(app, ["resume", str(torn)])
+    assert result.exit_code == 0, result.output
+    _assert_same_tables(whole_dir, torn)
+    for path in sorted((whole_dir / "checkpoints").glob("*.pt")):  # no checkpoint overwritten with other weights
+        assert torch.equal(torch.load(path, weights_only=True)["weights"],
+                           torch.load(torn / "checkpoints" / path.name, weights_only=True)["weights"])
+
+
+# ---- one process per run directory ----------------------------------------------------------
+
+def test_a_second_train_or_resume_of_a_training_run_is_refused(whole, tmp_path):
+    play, _, _ = whole
+    busy = tmp_path / "busy"
+    proc = _start(_args(play, busy, rounds=20))
+    _wait_for(lambda: _running(busy), proc)
+    for args in (["resume", str(busy)], _args(play, busy)):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+            f"error: run_dir: {busy} is in use by another fedrun process (pid {proc.pid}); wait for it to end, "
+            f"or stop it and `fedrun resume {busy}`"]
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    proc.stderr.close()
+    assert pd.read_csv(busy / "metrics.csv")["round"].tolist() == list(range(21))
+
+
+def test_two_trains_racing_on_a_new_run_dir_one_runs_the_other_is_refused(whole, tmp_path):
+    play, whole_dir, _ = whole
+    shared = tmp_path / "shared"
+    procs = [_start(_args(play, shared)) for _ in range(2)]
+    codes = [p.wait(timeout=300) for p in procs]
+    errors = [p.stderr.read() for p in procs]
+    for p in procs:
+        p.stderr.close()
+    assert sorted(codes) == [0, 2], errors
+    loser = [line for line in errors[codes.index(2)].splitlines() if line.startswith("error:")]
+    assert len(loser) == 1 and loser[0].startswith(f"error: run_dir: {shared} "), errors
+    _assert_same_tables(whole_dir, shared)
+
+
+# ---- small cases ----------------------------------------------------------------------------
 
 def test_checkpoint_keep_limits_checkpoints_on_disk(compose_cfg):
     run_dir, _ = train.train(config.build(compose_cfg("rounds=5", "checkpoint_every=1", "checkpoint_keep=2")))
@@ -91,8 +251,6 @@ def test_resuming_a_finished_run_or_a_non_run_is_a_clear_error(compose_cfg, tmp_
 
 
 def test_status_file_tracks_the_run(compose_cfg):
-    import json
-
     run_dir, _ = train.train(config.build(compose_cfg("rounds=2")))
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["round"] == 2 and status["pid"] == os.getpid()
