@@ -19,15 +19,17 @@ import pytest
 from rich.console import Console
 
 from fedrun.core import FedrunError
-from fedrun.report import collect_runs, distinguishing_keys, group_runs, render_table, report, write_report
+from fedrun.report import (collect_runs, distinguishing_keys, group_runs, render_apart, render_table, report,
+                           set_apart, write_report)
+from fedrun.report.groups import STATUSES
 
 METRIC_HEADER = "round,clients,examples,train_loss,eval_loss,eval_ppl,eval_acc,bytes_up,bytes_down,seconds"
 STRATEGIES = ("fedavg", "fedadam")
 LRS = (0.1, 0.01)
 
 
-def config_yaml(*, strategy: str = "fedavg", lr: float = 0.1, seed: int = 0, run_dir: str = "x") -> str:
-    return (f"name: {strategy}\nrounds: 4\nseed: {seed}\nrun_dir: {run_dir}\n"
+def config_yaml(*, strategy: str = "fedavg", lr: float = 0.1, seed: int = 0, run_dir: str = "x", rounds: int = 4) -> str:
+    return (f"name: {strategy}\nrounds: {rounds}\nseed: {seed}\nrun_dir: {run_dir}\n"
             f"client:\n  lr: {lr}\n  batch_size: 16\nstrategy:\n  _target_: fedrun.strategies.{strategy}\n")
 
 
@@ -272,11 +274,67 @@ def test_render_table_shows_mean_std_and_statuses(grid, tmp_path):
     make_run(sweep / "crashed", summary=False, status={"state": "running", "pid": dead_pid()}, strategy="fedavg",
              lr=0.1, seed=2)
     runs = collect_runs([sweep])
-    table = render_table(group_runs(runs, distinguishing_keys(runs)))
+    keys = distinguishing_keys(runs)
+    table = render_table(group_runs(runs, keys), set_apart(runs, keys))
     text = rendered(table)
-    assert table.row_count == 4 and "±" in text and "1 crashed" in text and "status" in text
-    finished = collect_runs([sweep]).query("status == 'finished'")
-    assert "status" not in rendered(render_table(group_runs(finished, distinguishing_keys(finished))))
+    assert table.row_count == 4 and "±" in text and "status" not in text  # finished runs only
+    assert "8 runs in 4 groups (8 finished)" in text and "not in the means: 1 crashed (listed apart)" in text
+    everything = render_table(group_runs(runs, keys, statuses=STATUSES))  # asked for: every run in the means
+    assert "2 finished, 1 crashed" in rendered(everything) and "status" in rendered(everything)
+
+
+def test_a_crashed_run_is_not_averaged_with_a_finished_run_of_its_config(tmp_path):
+    rng = np.random.default_rng(7)
+    done, cut = fabricated_rows(rng, rounds=6), fabricated_rows(rng, rounds=2)
+    make_run(tmp_path / "runs" / "done", rows=done, rounds=6, seed=0)
+    make_run(tmp_path / "runs" / "cut", rows=cut, rounds=6, seed=1, summary=False,
+             status={"state": "running", "pid": dead_pid(), "round": 2, "updated": time.time()})
+    runs = collect_runs([tmp_path / "runs"])
+    groups = group_runs(runs, distinguishing_keys(runs), METRICS)
+    assert list(groups["n"]) == [1] and groups["finished"].iloc[0] == 1
+    for m, value in expected_results(done).items():  # the finished run's own results, not a mean with the crash
+        assert groups[f"{m}_mean"].iloc[0] == pytest.approx(value, rel=1e-12), m
+    apart = set_apart(runs, distinguishing_keys(runs))
+    assert apart[["status", "rounds", "planned"]].values.tolist() == [["crashed", 2, 6]]
+    assert apart["path"].iloc[0].endswith("cut")
+
+    shown, files = report([tmp_path / "runs"], out=tmp_path / "out")
+    text = " ".join(rendered(shown).split())  # the caption wraps at the table's width
+    assert "1 runs in 1 groups (1 finished)" in text and "not in the means: 1 crashed" in text
+    assert "not finished: not in the means above" in text and "2 of 6" in text
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Not finished" in md and "| crashed | 2 of 6 |" in md
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Not finished</h2>" in page and page.count("<details") == 2
+    assert pd.read_csv(tmp_path / "out" / "report.csv")["n"].tolist() == [1]
+
+
+def test_every_unfinished_status_is_set_apart_with_its_key_values(grid):
+    sweep, _ = grid
+    runs = collect_runs([sweep]).reset_index(drop=True)
+    others = ["running", "interrupted", "crashed", "failed"]
+    runs.loc[:3, "status"] = others  # the first four runs by path: the fedadam runs, lr 0.01 and 0.1
+    keys = distinguishing_keys(runs)
+    groups = group_runs(runs, keys)
+    assert groups["n"].sum() == 4 and list(groups["strategy"]) == ["fedavg", "fedavg"]
+    apart = set_apart(runs, keys)
+    assert sorted(apart["status"]) == sorted(others) and set(apart["strategy"]) == {"fedadam"}
+    assert list(apart["client.lr"]) == ["0.01", "0.01", "0.1", "0.1"]
+    assert render_apart(apart).row_count == 4
+    caption = rendered(render_table(groups, apart))
+    assert all(f"1 {s}" in caption for s in others)
+
+
+def test_only_unfinished_runs_give_an_empty_group_table_and_the_runs_apart(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path / "runs" / f"r{seed}", seed=seed, summary=False,
+                 status={"state": "failed", "pid": 1, "error": "ValueError: loss is nan"})
+    shown, files = report([tmp_path / "runs"], out=tmp_path / "out")
+    text = " ".join(rendered(shown).split())
+    assert "fedrun report: no finished run; not finished" in text
+    assert text.count("ValueError: loss is nan") == 2 and (tmp_path / "out" / "report.html") in files
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "0 runs in 0 groups; mean ± std over seeds; not in the means: 2 failed (listed apart)" in md
 
 
 class Links(HTMLParser):
@@ -310,7 +368,7 @@ def test_write_report_is_self_contained_and_shows_errors(grid, tmp_path):
     assert "RuntimeError: &lt;out of memory&gt; &amp; more" in page
     assert page.count("<details") == len(runs)
     csv = pd.read_csv(tmp_path / "out" / "report.csv")
-    assert len(csv) == 4 and csv["n"].sum() == 9
+    assert len(csv) == 4 and csv["n"].sum() == 8  # the failed run is listed apart, not counted in a group
     assert "RuntimeError" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 

@@ -1,5 +1,9 @@
 """From runs to groups: the config keys that tell runs apart, filters, and seed groups.
 
+Only finished runs are grouped (by default): a run that crashed at round 2 of 6 averaged with
+one that finished would be a mean of two different things. The others (running, interrupted,
+crashed, failed) are set apart, one row each with their status and the last round they reached.
+
 Presentation of a config key: its dotted name (`client.lr`), except that `X._target_` is shown
 as `X` with the last component of the target as its value (`strategy` = `fedadam` for
 `fedrun.strategies.fedadam`; the full target where two would otherwise look alike), and
@@ -19,7 +23,8 @@ from fedrun.core import FedrunError
 from fedrun.report.runs import CONFIG_PREFIX, RESULTS
 
 IGNORED = {"run_dir", "name", "seed"}  # differ between runs of one setting; never distinguish groups
-STATUSES = ("finished", "running", "crashed", "failed")
+FINISHED = "finished"
+STATUSES = (FINISHED, "running", "interrupted", "crashed", "failed")
 METRICS = [r for r in RESULTS if r not in ("path", "status", "error", "note")]
 DEFAULT_METRICS = ["final_eval_ppl", "final_eval_acc", "best_eval_ppl", "epsilon", "rounds", "seconds", "bytes"]
 TARGET = "._target_"
@@ -116,8 +121,10 @@ def matches(value: Any, want: str) -> bool:
 # ---- grouping ---------------------------------------------------------------------------------
 
 def group_runs(runs: pd.DataFrame, keys: list[str], metrics: list[str] | None = None, *,
-               sort: str | None = None, where: Iterable[str] = ()) -> pd.DataFrame:
-    """One row per setting (runs equal in `keys`, i.e. differing by seed only).
+               sort: str | None = None, where: Iterable[str] = (),
+               statuses: Iterable[str] = (FINISHED,)) -> pd.DataFrame:
+    """One row per setting (runs equal in `keys`, i.e. differing by seed only), of the runs whose
+    status is in `statuses` (finished ones by default; see `set_apart` for the others).
 
     Columns: each key as shown, `n`, a count per status, `<metric>_mean` and `<metric>_std`
     (sample std, ddof=1: NaN for one run) for each metric, and `runs` (the member paths).
@@ -125,6 +132,7 @@ def group_runs(runs: pd.DataFrame, keys: list[str], metrics: list[str] | None = 
     ascending except for accuracies. Runs are filtered by `where` first (see `filter_runs`).
     """
     runs = filter_runs(runs, where)
+    runs = runs[runs["status"].isin(list(statuses))]
     metrics = list(DEFAULT_METRICS if metrics is None else metrics)
     sort_by = resolve_metric(sort) if sort else None
     if sort_by and sort_by not in metrics:
@@ -140,6 +148,19 @@ def group_runs(runs: pd.DataFrame, keys: list[str], metrics: list[str] | None = 
         rows.sort(key=lambda row: sort_key(row[f"{sort_by}_mean"], descending="acc" in sort_by))
     columns = [*names, "n", *STATUSES, *(f"{m}_{s}" for m in metrics for s in ("mean", "std")), "runs"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def set_apart(runs: pd.DataFrame, keys: list[str], *, statuses: Iterable[str] = (FINISHED,)) -> pd.DataFrame:
+    """The runs `group_runs` leaves out (status not in `statuses`), one row each, in key order:
+    each key as shown, `status`, `rounds` (the last round in metrics.csv), `planned`, `path`, `error`."""
+    runs = runs[~runs["status"].isin(list(statuses))]
+    names = [display_name(k) for k in keys]
+    planned = runs.get(CONFIG_PREFIX + "rounds", pd.Series(math.nan, index=runs.index))
+    table = pd.DataFrame({**{n: display_values(k, runs[k]) for n, k in zip(names, keys)}, "status": runs["status"],
+                          "rounds": runs["rounds"], "planned": planned, "path": runs["path"], "error": runs["error"]},
+                         columns=[*names, "status", "rounds", "planned", "path", "error"])
+    order = sorted(table.index, key=lambda i: [*(natural(table.at[i, n]) for n in names), table.at[i, "path"]])
+    return table.loc[order].reset_index(drop=True)
 
 
 def group_row(members: pd.DataFrame, label: dict[str, str], metrics: list[str]) -> dict[str, Any]:

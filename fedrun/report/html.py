@@ -1,8 +1,8 @@
 """report.html: one self-contained page (inline CSS, PNGs as data: URIs, no scripts, no links).
 
-Besides the group table and plots, each run has a collapsible section: its partition
-(examples per client), how often each client took part, bytes per round, the epsilon curve
-where the run has one, and the error of a failed run.
+Besides the group table, the runs set apart (not finished) and the plots, each run has a
+collapsible section: its partition (examples per client), how often each client took part,
+bytes per round, the epsilon curve where the run has one, and the error of a failed run.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrun.report import plots
 from fedrun.report.runs import read_csv_rows, read_metrics
-from fedrun.report.table import RUN_HEADER, caption, cells, run_rows
+from fedrun.report.table import RUN_HEADER, apart_cells, caption, cells, run_rows
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -26,7 +26,7 @@ details { border: 1px solid #ddd; margin: 0.4em 0; padding: 0.3em 0.8em; }
 summary { cursor: pointer; font-family: monospace; }
 pre.error { background: #fff0f0; border-left: 4px solid #c00; padding: 0.5em; white-space: pre-wrap; }
 .note { color: #a60; } img { max-width: 100%; }
-.status-failed, .status-crashed { color: #c00; } .status-running { color: #06c; }
+.status-failed, .status-crashed { color: #c00; } .status-running { color: #06c; } .status-interrupted { color: #a60; }
 """
 
 
@@ -45,14 +45,19 @@ def html_table(header: list[str], rows: list[list[str]], *, text: Iterable[int] 
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def page(runs: pd.DataFrame, groups: pd.DataFrame, labels: dict[str, str], images: dict[str, bytes]) -> str:
+def page(runs: pd.DataFrame, groups: pd.DataFrame, apart: pd.DataFrame, labels: dict[str, str],
+         images: dict[str, bytes]) -> str:
     header, rows = cells(groups)
     text = [i for i, name in enumerate(header) if i < header.index("n") or name == "status"]
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedrun report</title>",
              f"<style>{STYLE}</style></head><body><h1>fedrun report</h1>",
-             f"<p>{escape(caption(groups))}</p>", "<h2>Groups</h2>", html_table(header, rows, text=text),
-             "<h2>Plots</h2>", *(f"<p>{img(data, name)}</p>" for name, data in images.items()),
-             "<h2>Runs</h2>", html_table(RUN_HEADER, run_rows(runs, labels), text=(0, 1, 2, 6))]
+             f"<p>{escape(caption(groups, apart))}</p>", "<h2>Groups</h2>", html_table(header, rows, text=text)]
+    if len(apart):
+        header, rows = apart_cells(apart)
+        parts += ["<h2>Not finished</h2>", "<p>Not in the means above.</p>",
+                  html_table(header, rows, text=[i for i, name in enumerate(header) if name != "reached"])]
+    parts += ["<h2>Plots</h2>", *(f"<p>{img(data, name)}</p>" for name, data in images.items()),
+              "<h2>Runs</h2>", html_table(RUN_HEADER, run_rows(runs, labels), text=(0, 1, 2, 6))]
     members = runs[runs["path"].isin(labels)]
     parts += [run_section(run, labels[run["path"]]) for _, run in members.iterrows()]
     parts.append("</body></html>")

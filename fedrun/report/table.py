@@ -1,7 +1,10 @@
-"""The per-group table as text: rich for the terminal, the same cells for Markdown and HTML."""
+"""The per-group table as text: rich for the terminal, the same cells for Markdown and HTML;
+and the runs set apart (not finished, so not in the means) as a table of their own."""
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import pandas as pd
 from rich.table import Table
@@ -63,19 +66,54 @@ def cells(groups: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def caption(groups: pd.DataFrame) -> str:
-    total = int(groups["n"].sum())
+def caption(groups: pd.DataFrame, apart: pd.DataFrame | None = None) -> str:
     counts = ", ".join(f"{int(groups[s].sum())} {s}" for s in STATUSES if groups[s].sum())
-    return f"{total} runs in {len(groups)} groups ({counts}); mean ± std over seeds"
+    text = f"{int(groups['n'].sum())} runs in {len(groups)} groups" + (f" ({counts})" if counts else "")
+    text += "; mean ± std over seeds"
+    if apart is not None and len(apart):
+        others = ", ".join(f"{n} {s}" for s, n in apart["status"].value_counts(sort=False).items())
+        text += f"; not in the means: {others} (listed apart)"
+    return text
 
 
-def render_table(groups: pd.DataFrame) -> Table:
+def render_table(groups: pd.DataFrame, apart: pd.DataFrame | None = None) -> Table:
     """The groups as a rich table: one row per group, `mean ± std` per metric."""
     header, rows = cells(groups)
-    table = Table(title="fedrun report", caption=caption(groups))
+    table = Table(title="fedrun report", caption=caption(groups, apart))
     numeric_from = len(key_columns(groups))
     for i, name in enumerate(header):
         table.add_column(name, justify="right" if i >= numeric_from and name != "status" else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def apart_keys(apart: pd.DataFrame) -> list[str]:
+    columns = list(apart.columns)
+    return columns[:columns.index("status")]
+
+
+def apart_cells(apart: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the runs set apart: keys, status, `reached` (last round of planned), path, error."""
+    keys = apart_keys(apart)
+    rows = [[*(str(run[k]) for k in keys), run["status"], reached(run["rounds"], run["planned"]), run["path"],
+             run["error"] if isinstance(run["error"], str) else ""] for _, run in apart.iterrows()]
+    return [*keys, "status", "reached", "path", "error"], rows
+
+
+def reached(rounds: float, planned: Any) -> str:
+    """`2 of 6`: the last round in metrics.csv and the planned rounds (when the config has them)."""
+    last = format_number("rounds", rounds)
+    known = isinstance(planned, numbers.Integral) and not isinstance(planned, bool)
+    return f"{last} of {planned}" if known else last
+
+
+def render_apart(apart: pd.DataFrame, *, title: str = "not finished: not in the means above") -> Table:
+    """The runs set apart as a rich table, one row each."""
+    header, rows = apart_cells(apart)
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name, justify="right" if name == "reached" else "left")
     for row in rows:
         table.add_row(*row)
     return table

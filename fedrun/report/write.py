@@ -6,8 +6,9 @@ from pathlib import Path
 import pandas as pd
 
 from fedrun.report import html, plots
+from fedrun.report.groups import set_apart
 from fedrun.report.runs import read_metrics
-from fedrun.report.table import RUN_HEADER, caption, cells, key_columns, run_rows
+from fedrun.report.table import RUN_HEADER, apart_cells, apart_keys, caption, cells, key_columns, run_rows
 
 CURVES = ("eval_loss", "eval_ppl", "eval_acc", "train_loss")
 UTILITIES = ["final_eval_acc", "final_eval_ppl"]
@@ -19,8 +20,16 @@ def labels(groups: pd.DataFrame) -> list[str]:
     return [", ".join(f"{k}={row[k]}" for k in keys) or "all runs" for _, row in groups.iterrows()]
 
 
-def write_report(runs: pd.DataFrame, groups: pd.DataFrame, out: Path) -> list[Path]:
-    """Write the report of `groups` (from `group_runs`) into `out`; return the files written.
+def apart_labels(apart: pd.DataFrame) -> dict[str, str]:
+    """{path: `key=value, ...`} of the runs set apart, labelled as their group would be."""
+    keys = apart_keys(apart)
+    return {run["path"]: ", ".join(f"{k}={run[k]}" for k in keys) or "all runs" for _, run in apart.iterrows()}
+
+
+def write_report(runs: pd.DataFrame, groups: pd.DataFrame, out: Path, *,
+                 apart: pd.DataFrame | None = None) -> list[Path]:
+    """Write the report of `groups` (from `group_runs`) and of the runs set `apart` (from
+    `set_apart`; by default every run in no group) into `out`; return the files written.
 
     PNG plots from an earlier report in `out` that no longer apply are removed.
     """
@@ -28,6 +37,9 @@ def write_report(runs: pd.DataFrame, groups: pd.DataFrame, out: Path) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     names = labels(groups)
     member_labels = {path: name for name, paths in zip(names, groups["runs"]) for path in paths}
+    if apart is None:
+        apart = set_apart(runs[~runs["path"].isin(member_labels)], [], statuses=())
+    member_labels |= apart_labels(apart)
     images = make_plots(runs, groups, names)
     for stale in [*out.glob("learning_curves_*.png"), out / "utility_vs_epsilon.png"]:
         if stale.name not in images:
@@ -38,8 +50,8 @@ def write_report(runs: pd.DataFrame, groups: pd.DataFrame, out: Path) -> list[Pa
         written.append(out / name)
     table = groups.assign(runs=groups["runs"].map(";".join))
     table.to_csv(out / "report.csv", index=False)
-    (out / "report.md").write_text(markdown(runs, groups, member_labels, images), encoding="utf-8")
-    (out / "report.html").write_text(html.page(runs, groups, member_labels, images), encoding="utf-8")
+    (out / "report.md").write_text(markdown(runs, groups, apart, member_labels, images), encoding="utf-8")
+    (out / "report.html").write_text(html.page(runs, groups, apart, member_labels, images), encoding="utf-8")
     return [out / "report.md", out / "report.csv", out / "report.html", *written]
 
 
@@ -65,10 +77,15 @@ def md_row(cells_: list[str]) -> str:
     return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells_) + " |"
 
 
-def markdown(runs: pd.DataFrame, groups: pd.DataFrame, member_labels: dict[str, str], images: dict) -> str:
+def markdown(runs: pd.DataFrame, groups: pd.DataFrame, apart: pd.DataFrame, member_labels: dict[str, str],
+             images: dict) -> str:
     header, rows = cells(groups)
-    lines = ["# fedrun report", "", caption(groups), "", md_row(header), md_row(["---"] * len(header)),
+    lines = ["# fedrun report", "", caption(groups, apart), "", md_row(header), md_row(["---"] * len(header)),
              *map(md_row, rows), ""]
+    if len(apart):
+        header, rows = apart_cells(apart)
+        lines += ["## Not finished", "", "Not in the means above.", "", md_row(header),
+                  md_row(["---"] * len(header)), *map(md_row, rows), ""]
     lines += [f"![{name.removesuffix('.png')}]({name})" for name in images] + [""]
     lines += ["## Runs", "", md_row(RUN_HEADER), md_row(["---"] * len(RUN_HEADER)),
               *map(md_row, run_rows(runs, member_labels))]
