@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+# Imported before `central` below is defined, so that the name stays the factory (the
+# submodule of the same name would otherwise replace it when first imported).
 from fedrun.privacy.central import CentralPrivacy
 
 

@@ -22,7 +22,6 @@ import math
 from typing import Callable
 
 import numpy as np
-from scipy.stats import binom
 
 from fedrun.privacy.secure_round import most_bits, shamir_threshold
 
@@ -32,6 +31,8 @@ MARGIN = 1e-3  # slack in epsilon that makes the fixed-point search below a vali
 def flip_probability(*, num_clients: int, sample_rate: float, dropout: float, min_clients: int,
                      threshold_fraction: float, bits: int | None) -> float:
     """gamma: the per-round probability that one user's presence flips the skip decision."""
+    from scipy.stats import binom  # ~1 s to import: only runs that combine DP and secure aggregation pay it
+
     others = np.arange(num_clients)  # n: how many of the N - 1 others are sampled
     p_n = binom.pmf(others, num_clients - 1, sample_rate)
     keep = p_n > 1e-300
