@@ -10,9 +10,8 @@ import torch
 from fedrun.privacy import shamir
 from fedrun.privacy.fixedpoint import dequantize_sum, quantize, validate_capacity
 from fedrun.privacy.masking import mask_seed, prg_mask, private_key
-from fedrun.privacy.secagg import (
-    ClientSecAgg, SecAggAbort, ServerSecAgg, run_round, secure_sum, share_point,
-)
+from fedrun.privacy.secagg import ClientSecAgg, SecAggAbort, ServerSecAgg, share_point
+from fedrun.privacy.secure_round import SecureSumRound
 
 D = 1000
 R = 2**32
@@ -30,6 +29,24 @@ def random_words(n: int, *, seed: int = 0, high: int = R) -> dict[int, torch.Ten
 
 def sum_mod(words: dict[int, torch.Tensor], clients) -> torch.Tensor:
     return sum(words[u] for u in clients) % R
+
+
+def secure_sum(vectors: dict[int, torch.Tensor], *, clip: float, bits: int, threshold: int, round_seed: int,
+               dropped_after_masking=frozenset()) -> tuple[torch.Tensor, SecureSumRound]:
+    """One round of the driver runs use: every client set up, the dropped ones never send."""
+    rnd = SecureSumRound(sorted(vectors), round_seed=round_seed, threshold=threshold, length=D, value_range=clip,
+                         bits=bits)
+    masked = {u: rnd.client_mask(u, x) for u, x in vectors.items() if u not in dropped_after_masking}
+    return rnd.server_sum(masked).values, rnd
+
+
+def run_round(words: dict[int, torch.Tensor], *, threshold: int, round_seed: int,
+              dropped_after_masking=frozenset(), silent_at_unmasking=frozenset()) -> torch.Tensor:
+    """The protocol's four steps on integer inputs, with survivors that may not answer step 3."""
+    clients, server, masked = protocol_until_masked(words, threshold=threshold, round_seed=round_seed)
+    survivors, dropped = server.collect_masked({u: y for u, y in masked.items() if u not in dropped_after_masking})
+    return server.unmask({u: clients[u].reveal_shares(survivors=survivors, dropped=dropped)
+                          for u in survivors if u not in silent_at_unmasking})
 
 
 # --- end to end: float sums -------------------------------------------------------------
@@ -73,6 +90,17 @@ def test_silent_survivors_still_count_when_enough_others_answer():
     total = run_round(words, threshold=3, round_seed=2, dropped_after_masking=frozenset({0}),
                       silent_at_unmasking=frozenset({1, 2}))
     assert torch.equal(total, sum_mod(words, {1, 2, 3, 4, 5}))
+
+
+def test_the_survivor_sum_is_exact_in_counters_and_within_the_bound_in_values():
+    vectors = random_vectors(6, clip=0.5)
+    rnd = SecureSumRound(list(range(6)), round_seed=3, threshold=3, length=D, value_range=0.5, bits=20,
+                         counter_max=[1000, D])
+    masked = {u: rnd.client_mask(u, x, [100 * u + 7, u]) for u, x in vectors.items() if u != 4}
+    sums = rnd.server_sum(masked)
+    assert sums.counters == [sum(100 * u + 7 for u in masked), sum(masked)] and sums.survivors == 5
+    plain = torch.stack([vectors[u].double() for u in masked]).sum(0)
+    assert (sums.values - plain).abs().max() <= 5 * 1.0 / (2**20 - 1)
 
 
 def test_too_few_survivors_abort_the_round():
@@ -215,16 +243,20 @@ def test_capacity_check_names_the_config_key():
         validate_capacity(2**16 + 1, bits=16)
     with pytest.raises(ValueError, match="privacy.secagg_bits"):
         secure_sum(random_vectors(3), clip=1.0, bits=31, threshold=2, round_seed=0)
+    with pytest.raises(ValueError, match="a counter of up to"):
+        SecureSumRound([0, 1], round_seed=0, threshold=2, length=4, value_range=1.0, bits=16, counter_max=[2**31])
     with pytest.raises(ValueError, match="privacy.secagg_bits"):
         dequantize_sum(torch.zeros(3, dtype=torch.int64), clip=1.0, bits=31, n=3)
 
 
 # --- cost -------------------------------------------------------------------------------
 
-def test_cost_counts_keys_shares_and_reveals():
+@pytest.mark.parametrize("dropped", [frozenset(), frozenset({1, 3})])
+def test_cost_counts_keys_shares_and_reveals(dropped):
     n = 5
-    _, cost = secure_sum(random_vectors(n), clip=1.0, bits=16, threshold=3, round_seed=0)
-    sealed = 2 * 33 + 16  # two 33-byte field elements + AES-GCM tag
-    assert cost.extra_bytes_up == {u: 64 + (n - 1) * sealed + n * 33 for u in range(n)}
-    assert cost.extra_bytes_down == {u: (n - 1) * (64 + sealed) + 4 * n for u in range(n)}
-    assert set(cost.client_seconds) == set(range(n)) and cost.server_seconds > 0
+    _, rnd = secure_sum(random_vectors(n), clip=1.0, bits=16, threshold=3, round_seed=0, dropped_after_masking=dropped)
+    sealed, survivors = 2 * 33 + 16, n - len(dropped)  # two 33-byte field elements + AES-GCM tag
+    up = 64 + (n - 1) * sealed + survivors * (n * 33) / n  # keys, shares; each survivor reveals n shares
+    down = (n - 1) * (64 + sealed) + survivors * (4 * n) / n  # others' keys and shares; the request
+    cost = rnd.cost()
+    assert cost["secagg_bytes_per_client"] == pytest.approx(up + down) and cost["secagg_seconds"] > 0

@@ -17,28 +17,23 @@ pairwise masks the survivors share with dropped clients, and obtains sum_{u in S
 A dropped client whose vector arrives late stays hidden by its self mask PRG(b_u).
 
 Client and server are separate classes: `ServerSecAgg` is only ever handed public keys,
-encrypted shares, masked uint32 vectors and the shares it asks for. Only the simulation
-drivers (`run_round`, `secure_sum`) hold plain vectors, and they hand them to clients alone.
+encrypted shares, masked uint32 vectors and the shares it asks for. The one driver of a round,
+`fedrun.privacy.secure_round.SecureSumRound`, hands plain vectors to clients alone.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from fedrun.privacy import shamir
-from fedrun.privacy.fixedpoint import dequantize_sum, quantize, validate_capacity
 from fedrun.privacy.masking import (
-    MODULUS, SEALED_SHARES_BYTES, PublicKeys, SecAggAbort, client_secret, mask_seed, open_shares,
+    MODULUS, PublicKeys, SecAggAbort, client_secret, mask_seed, open_shares,
     private_key, prg_mask, public_bytes, seal_shares,
 )
 
-T = TypeVar("T")
-
-__all__ = ["ClientSecAgg", "Reveal", "SecAggAbort", "SecAggCost", "ServerSecAgg", "dequantize_sum",
-           "quantize", "run_round", "secure_sum", "validate_capacity"]
+__all__ = ["ClientSecAgg", "Reveal", "SecAggAbort", "ServerSecAgg"]
 
 
 @dataclass(frozen=True)
@@ -204,118 +199,3 @@ def _seed_bytes(value: int) -> bytes:
     if value >= 2 ** (8 * 32):
         raise SecAggAbort("a rebuilt secret is out of range: inconsistent shares")
     return value.to_bytes(32, "little")
-
-
-@dataclass
-class SecAggCost:
-    """What secure aggregation adds to a round, per client, beyond sending a float32 update.
-
-    Up: 2 public keys (64 B) + a sealed share pair per other client ((|U1| - 1) * 82 B)
-    + the masked vector's excess over float32 (0: uint32 is 4 B a coordinate too)
-    + one revealed 33 B share per client of U2 (survivors that answer).
-    Down: the roster's other public keys (64 B each), the sealed shares addressed to it
-    (82 B each), and the unmasking request (4 B per client of U2).
-    Compute: a client expands |U2| ChaCha20 masks of D words; the server |S| self masks
-    plus |S| per dropped client, and rebuilds |U2| secrets from t shares each.
-    """
-
-    extra_bytes_up: dict[int, int] = field(default_factory=dict)
-    extra_bytes_down: dict[int, int] = field(default_factory=dict)
-    client_seconds: dict[int, float] = field(default_factory=dict)  # rounding included
-    server_seconds: float = 0.0
-
-
-def run_round(quantized: Mapping[int, torch.Tensor], *, threshold: int, round_seed: int,
-              dropped_after_masking: frozenset[int] = frozenset(),
-              silent_at_unmasking: frozenset[int] = frozenset(),
-              cost: SecAggCost | None = None) -> torch.Tensor:
-    """Simulate the protocol on fixed-point inputs: (D,) int64 sum mod 2^32 over the survivors.
-
-    `dropped_after_masking`: clients that sent their shares (so the others mask with
-    them) but whose masked vector never arrives. `silent_at_unmasking`: survivors whose
-    vector counts but who do not answer the unmasking request. Raises SecAggAbort when
-    fewer than `threshold` clients remain at any step.
-    """
-    cost = SecAggCost() if cost is None else cost
-    length = len(next(iter(quantized.values())))
-    clients = {u: ClientSecAgg(u, round_seed=round_seed, threshold=threshold) for u in sorted(quantized)}
-    server = ServerSecAgg(threshold=threshold, length=length)
-    on_client = _Meter(cost.client_seconds)
-
-    keys = {u: on_client(u, c.public_keys) for u, c in clients.items()}
-    roster = _timed_server(cost, server.advertise, keys)
-    outboxes = {u: on_client(u, c.share_keys, roster) for u, c in clients.items()}
-    inboxes = _timed_server(cost, server.route_shares, outboxes)
-    for u, c in clients.items():
-        on_client(u, c.receive_shares, inboxes[u])
-    masked = {u: on_client(u, c.masked_input, quantized[u])
-              for u, c in clients.items() if u not in dropped_after_masking}
-    survivors, dropped = _timed_server(cost, server.collect_masked, masked)
-    reveals = {u: on_client(u, clients[u].reveal_shares, survivors=survivors, dropped=dropped)
-               for u in survivors if u not in silent_at_unmasking}
-    for u in clients:
-        up = PublicKeys.nbytes + SEALED_SHARES_BYTES * len(outboxes[u])
-        up += (masked[u].numel() - length) * 4 if u in masked else 0  # uint32 vs float32: 0
-        up += reveals[u].nbytes if u in reveals else 0
-        down = PublicKeys.nbytes * (len(roster) - 1) + SEALED_SHARES_BYTES * len(inboxes[u])
-        cost.extra_bytes_up[u] = up
-        cost.extra_bytes_down[u] = down + (4 * len(survivors | dropped) if u in survivors else 0)
-    return _timed_server(cost, server.unmask, reveals)
-
-
-def secure_sum(vectors: Mapping[int, torch.Tensor], *, clip: float, bits: int, threshold: int,
-               dropped_after_masking: frozenset[int] | set[int] = frozenset(),
-               round_seed: int) -> tuple[torch.Tensor, SecAggCost]:
-    """One simulated round: the (D,) float64 sum of the surviving clients' vectors, and its cost.
-
-    The result is within n_survivors * scale of the plain sum per coordinate (inputs in
-    [-clip, clip]; see `fixedpoint`). `round_seed` derives every client secret; use a
-    fresh one per round (see `masking.client_secret` on real deployments).
-    """
-    dropped = frozenset(dropped_after_masking)
-    _validate(vectors, threshold=threshold, dropped=dropped)
-    validate_capacity(len(vectors), bits=bits)  # the server cannot know in advance who drops
-    cost = SecAggCost()
-    on_client = _Meter(cost.client_seconds)
-    quantized = {u: on_client(u, quantize, x, clip=clip, bits=bits, generator=_rounding_generator(round_seed, u))
-                 for u, x in vectors.items()}
-    total = run_round(quantized, threshold=threshold, round_seed=round_seed,
-                      dropped_after_masking=dropped, cost=cost)
-    return dequantize_sum(total, clip=clip, bits=bits, n=len(vectors) - len(dropped)), cost
-
-
-def _validate(vectors: Mapping[int, torch.Tensor], *, threshold: int, dropped: frozenset[int]) -> None:
-    if not vectors:
-        raise ValueError("secure_sum needs at least one client vector")
-    shapes = {tuple(x.shape) for x in vectors.values()}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(f"client vectors must be 1-D and of one length, got shapes {sorted(shapes)}")
-    if not dropped <= vectors.keys():
-        raise ValueError(f"dropped clients {sorted(dropped - vectors.keys())} are not in the cohort")
-    if not 1 <= threshold <= len(vectors):
-        raise ValueError(f"privacy.secagg_threshold: must lie in [1, {len(vectors)}] (the cohort), got {threshold}")
-
-
-def _rounding_generator(round_seed: int, client_id: int) -> torch.Generator:
-    seed = int.from_bytes(client_secret(round_seed, client_id, b"rounding")[:8], "little") >> 1
-    return torch.Generator().manual_seed(seed)
-
-
-class _Meter:
-    """Calls a function on a client's behalf and adds its wall time to that client's total."""
-
-    def __init__(self, seconds: dict[int, float]):
-        self.seconds = seconds
-
-    def __call__(self, client_id: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.seconds[client_id] = self.seconds.get(client_id, 0.0) + time.perf_counter() - start
-        return result
-
-
-def _timed_server(cost: SecAggCost, fn: Callable[..., T], *args: Any) -> T:
-    start = time.perf_counter()
-    result = fn(*args)
-    cost.server_seconds += time.perf_counter() - start
-    return result

@@ -70,8 +70,12 @@ class SecureSumRound:
         inboxes = self.server.route_shares(outboxes)
         for u, c in self._clients.items():
             c.receive_shares(inboxes[u])
-        self.setup_bytes = (PublicKeys.nbytes + SEALED_SHARES_BYTES * (n - 1)) * 2  # up and down, per client
-        self.reveal_bytes = 0.0
+        # Per client, beside its masked vector (uint32: as many bytes as a float32 update):
+        # up its two public keys and a sealed share pair for each other client; down the others'
+        # keys and the sealed pairs addressed to it.
+        self.setup_bytes_up = PublicKeys.nbytes + SEALED_SHARES_BYTES * (n - 1)
+        self.setup_bytes_down = (PublicKeys.nbytes + SEALED_SHARES_BYTES) * (n - 1)
+        self.reveal_bytes_up = self.reveal_bytes_down = 0.0
         self.seconds = time.perf_counter() - start
 
     # ---- client side ------------------------------------------------------------------------
@@ -100,10 +104,15 @@ class SecureSumRound:
         survivors, dropped = self.server.collect_masked(masked)
         reveals = {u: self._answer(u, survivors, dropped) for u in survivors}  # a request sent to survivors
         total = self.server.unmask(reveals)
-        self.reveal_bytes = sum(r.nbytes for r in reveals.values()) / max(len(reveals), 1)
+        # Each survivor is told who survived and who dropped (4 bytes an id) and answers one
+        # 33-byte share per client named; averaged over the cohort, as setup is.
+        self.reveal_bytes_up = sum(r.nbytes for r in reveals.values()) / len(self._clients)
+        self.reveal_bytes_down = 4 * len(survivors | dropped) * len(reveals) / len(self._clients)
         self.seconds += time.perf_counter() - start
         values = dequantize_sum(total[:self.length], clip=self.value_range, bits=self.bits, n=len(survivors))
         return SecureSums(values=values, counters=[int(c) for c in total[self.length:]], survivors=len(survivors))
 
     def cost(self) -> dict[str, float]:
-        return {"secagg_bytes_per_client": self.setup_bytes + self.reveal_bytes, "secagg_seconds": self.seconds}
+        """What the protocol adds per client of the cohort (up and down) and in seconds."""
+        per_client = self.setup_bytes_up + self.setup_bytes_down + self.reveal_bytes_up + self.reveal_bytes_down
+        return {"secagg_bytes_per_client": per_client, "secagg_seconds": self.seconds}
