@@ -182,6 +182,10 @@ def _check_privacy(cfg: DictConfig) -> None:
                           "clients unclipped and un-noised")
     if p.stop_at_budget and p.target_epsilon is None:
         raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
+    if p.target_epsilon is not None and p.noise_multiplier is not None and not p.stop_at_budget:
+        raise FedrunError(f"privacy.target_epsilon: {p.target_epsilon} would be ignored with privacy.noise_multiplier="
+                          f"{p.noise_multiplier}; set privacy.noise_multiplier=null to calibrate the noise to it, or "
+                          "privacy.stop_at_budget=true to stop before exceeding it")
 
 
 def _check_secure_aggregation(cfg: DictConfig) -> None:

@@ -1,5 +1,6 @@
-"""Adaptive clipping (Andrew et al. 2021) against a numpy transcription of TFF's
-QuantileEstimatorQuery with its geometric update, on the same noise draws."""
+"""Central DP's settings: adaptive clipping (Andrew et al. 2021) against a numpy transcription of
+TFF's QuantileEstimatorQuery with its geometric update on the same noise draws, the count noise's
+budget, delta's warning, and a target epsilon that would be ignored."""
 from __future__ import annotations
 
 import logging
@@ -67,3 +68,13 @@ def test_a_large_delta_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="fedrun"):
         _mechanism(num_clients=100, delta=1 / 100**1.1, adaptive=False)
     assert "privacy.delta = 0.00631 is above min(1e-3, 1 / (10 N)) = 0.001" in caplog.text
+
+
+def test_a_target_epsilon_that_would_be_ignored_is_refused():
+    from fedrun import config
+
+    with pytest.raises(FedrunError, match="privacy.target_epsilon: 1.0 would be ignored with privacy.noise_multiplier=0.3"):
+        config.compose(["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.3",
+                        "privacy.target_epsilon=1"])
+    config.compose(["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.3",
+                    "privacy.target_epsilon=1", "privacy.stop_at_budget=true"])
