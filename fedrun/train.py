@@ -83,11 +83,7 @@ def _closed_on_error(rundir: RunDir) -> Iterator[None]:
 
 
 def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -> dict:
-    names = [name for name in LOGGER_NAMES if exp.cfg.logger.get(name)]
-    loggers = make_loggers(names, rundir.path, tracking_uri=exp.cfg.logger.get("tracking_uri"))
-    for logger in loggers:
-        logger.log_config(OmegaConf.to_container(exp.cfg))
-
+    loggers: list = []
     started: dict = {}
     done = {"round": checkpoint["round"] if checkpoint else 0}  # the last round whose row is written
 
@@ -103,7 +99,11 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         if on_round is not None:
             on_round(row)
 
-    try:
+    try:  # from here every way out records the run's state and releases its directory
+        names = [name for name in LOGGER_NAMES if exp.cfg.logger.get(name)]
+        loggers = make_loggers(names, rundir.path, tracking_uri=exp.cfg.logger.get("tracking_uri"))
+        for logger in loggers:
+            logger.log_config(OmegaConf.to_container(exp.cfg))
         summary = loop.run(exp, rundir, on_round=each_round, checkpoint=checkpoint)
         summary |= {
             "name": exp.cfg.name,
