@@ -209,12 +209,14 @@ def test_statuses_of_partial_runs(tmp_path):
     old = make_run(tmp_path / "old", summary=False)
     os.utime(old / "metrics.csv", (time.time() - 3600,) * 2)
     make_run(tmp_path / "fresh", summary=False)
+    make_run(tmp_path / "interrupted", summary=False, status={"state": "interrupted", "pid": os.getpid(), "round": 3,
+                                                              "updated": time.time()})
     make_run(tmp_path / "badstatus", summary=False).joinpath("status.json").write_text('{"state": "runn')
     os.utime(tmp_path / "badstatus" / "metrics.csv", (time.time() - 3600,) * 2)
     runs = collect_runs([tmp_path])
     status = {Path(p).name: s for p, s in zip(runs["path"], runs["status"])}
     assert status == {"finished": "finished", "crashed": "crashed", "running": "running", "failed": "failed",
-                      "old": "crashed", "fresh": "running", "badstatus": "crashed"}
+                      "old": "crashed", "fresh": "running", "badstatus": "crashed", "interrupted": "interrupted"}
     errors = {Path(p).name: e for p, e in zip(runs["path"], runs["error"]) if isinstance(e, str)}
     assert errors == {"failed": "ValueError: loss is nan"}
 

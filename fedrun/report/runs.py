@@ -78,7 +78,7 @@ def read_run(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 # ---- status -----------------------------------------------------------------------------------
 
 def run_status(run: Path, notes: list[str]) -> tuple[str, str | None]:
-    """(status, error): finished, failed, running or crashed; error only for failed runs."""
+    """(status, error): finished, failed, interrupted, running or crashed; error only for failed runs."""
     if (run / "summary.json").exists():
         return "finished", None
     status = read_json(run / "status.json", notes)
@@ -90,6 +90,8 @@ def run_status(run: Path, notes: list[str]) -> tuple[str, str | None]:
         return "failed", str(status.get("error") or "(no error recorded)")
     if state == "finished":  # the run says so, though summary.json is missing
         return "finished", None
+    if state == "interrupted":  # Ctrl-C or SIGTERM: stopped cleanly, resumable
+        return "interrupted", None
     return ("running" if state == "running" and pid_alive(status.get("pid")) else "crashed"), None
 
 
