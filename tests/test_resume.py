@@ -32,15 +32,14 @@ def _args(play, run_dir, *, rounds=12):
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
-    """(play, run_dir, seconds): one uninterrupted run, shared by the tests that compare against it."""
+    """(play, run_dir): one uninterrupted run, shared by the tests that compare against it."""
     tmp = tmp_path_factory.mktemp("whole")
     play, run_dir = make_play(tmp / "play.txt"), tmp / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDRUN_CACHE", str(tmp / "cache"))
-        start = time.perf_counter()
         result = subprocess.run([FEDRUN, *_args(play, run_dir)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    return play, run_dir, time.perf_counter() - start
+    return play, run_dir
 
 
 def _copy_stopped(whole_dir: Path, to: Path) -> Path:
@@ -85,20 +84,47 @@ def _running(run_dir: Path) -> bool:
 
 # ---- killed and resumed ---------------------------------------------------------------------
 
+def _kill_at_a_random_moment(proc: subprocess.Popen, metrics: Path, rng: random.Random) -> None:
+    """SIGKILL after a random number (0-4) of writes to metrics.csv (the cut, then rows), then a
+    random delay: in start-up (never shorter than 1.5 s), or just after a row, where the clients'
+    rows, the ledger and a checkpoint are written, or mid-round; whatever the machine's load."""
+    def version() -> tuple:
+        try:
+            st = metrics.stat()
+        except FileNotFoundError:
+            return ()
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    writes, last = rng.randint(0, 4), version()
+    delay = rng.uniform(0, 0.15 if writes else 1.5)
+    while writes and proc.poll() is None:
+        if version() != last:
+            writes, last = writes - 1, version()
+        time.sleep(0.002)
+    time.sleep(delay)
+    proc.kill()
+
+
 @pytest.mark.parametrize("kills", [3, pytest.param(20, marks=pytest.mark.slow)])
 def test_sigkill_at_random_moments_then_resume_gives_identical_tables(whole, tmp_path, kills):
-    """Each process (the train, then every resume) is killed at a random moment of its life: in
-    start-up, mid-round, mid-write of a row, a table cut or a checkpoint. The first kill is mid-run."""
-    play, whole_dir, seconds = whole
+    """The train, then every resume, killed at a random moment of its life; the first kill mid-run.
+    20 kills get a run of 30 rounds: each process gains about one round, so the run outlasts them."""
+    play, whole_dir = whole
+    rounds = 12 if kills <= 3 else 30
+    if rounds != 12:
+        whole_dir = tmp_path / "whole"
+        assert CliRunner().invoke(app, _args(play, whole_dir, rounds=rounds)).exit_code == 0
     killed, rng = tmp_path / "killed", random.Random(kills)
     landed = 0
     for i in range(kills):
-        proc = _start(["resume", str(killed)] if is_run_dir(killed) else _args(play, killed))
+        if (killed / "summary.json").exists():  # a process outran its kill to the end
+            break
+        proc = _start(["resume", str(killed)] if is_run_dir(killed) else _args(play, killed, rounds=rounds))
         if i == 0:  # between the checkpoints of rounds 6 and 9
             _wait_for(lambda: _rows(killed) >= 8, proc)
+            proc.kill()
         else:
-            time.sleep(rng.uniform(0, seconds))
-        proc.kill()
+            _kill_at_a_random_moment(proc, killed / "metrics.csv", rng)
         landed += proc.wait() == -signal.SIGKILL and not (killed / "summary.json").exists()
         proc.stderr.close()
     assert landed >= 1, "no kill landed before the run finished"
@@ -111,7 +137,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_tables(whole, tmp
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_record_interrupted_and_print_the_resume_command(whole, tmp_path, sig):
-    play, whole_dir, _ = whole
+    play, whole_dir = whole
     stopped = tmp_path / "stopped"
     proc = _start(_args(play, stopped))
     _wait_for(lambda: _rows(stopped) >= 5, proc)
@@ -129,7 +155,7 @@ def test_sigterm_and_ctrl_c_record_interrupted_and_print_the_resume_command(whol
 
 
 def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(whole, tmp_path, caplog):
-    _, whole_dir, _ = whole
+    _, whole_dir = whole
     broken = _copy_stopped(whole_dir, tmp_path / "broken")
     last = broken / "checkpoints" / "round_0012.pt"
     last.write_bytes(last.read_bytes()[:-100] + b"x" * 100)
@@ -141,7 +167,7 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(whole, tmp_path,
 
 
 def test_resume_before_any_checkpoint_starts_over(whole, tmp_path):
-    _, whole_dir, _ = whole
+    _, whole_dir = whole
     early = _copy_stopped(whole_dir, tmp_path / "early")
     for p in (early / "checkpoints").iterdir():
         p.unlink()
@@ -163,7 +189,7 @@ def _cut_metrics(run_dir: Path, last_round: int, tail: bytes = b"") -> None:
 def test_resume_refuses_when_rows_up_to_the_checkpoint_are_lost(whole, tmp_path):
     """Rows are appended without fsync, checkpoints are fsynced: a power cut can keep checkpoint 12
     and lose rows 11 and 12. Continuing from row 10 with round 12's weights would be wrong."""
-    _, whole_dir, _ = whole
+    _, whole_dir = whole
     lost = _copy_stopped(whole_dir, tmp_path / "lost")
     _cut_metrics(lost, 10)
     before = {p.name: p.read_bytes() for p in lost.glob("*.csv")}
@@ -178,7 +204,7 @@ def test_resume_refuses_when_rows_up_to_the_checkpoint_are_lost(whole, tmp_path)
 @pytest.mark.parametrize("damage", ["torn_as_round_1", "malformed_rows"])
 def test_resume_drops_torn_and_malformed_rows_and_continues_from_the_checkpoint(whole, tmp_path, damage):
     """Resume from checkpoint 9 (12's is lost) with the rows up to 10 on disk, damaged by a crash."""
-    _, whole_dir, _ = whole
+    _, whole_dir = whole
     torn = _copy_stopped(whole_dir, tmp_path / "torn")
     for p in (torn / "checkpoints").glob("round_0012.*"):
         p.unlink()
@@ -203,7 +229,7 @@ def test_resume_drops_torn_and_malformed_rows_and_continues_from_the_checkpoint(
 # ---- one process per run directory ----------------------------------------------------------
 
 def test_a_second_train_or_resume_of_a_training_run_is_refused(whole, tmp_path):
-    play, _, _ = whole
+    play, _ = whole
     busy = tmp_path / "busy"
     proc = _start(_args(play, busy, rounds=20))
     _wait_for(lambda: _running(busy), proc)
@@ -219,7 +245,7 @@ def test_a_second_train_or_resume_of_a_training_run_is_refused(whole, tmp_path):
 
 
 def test_two_trains_racing_on_a_new_run_dir_one_runs_the_other_is_refused(whole, tmp_path):
-    play, whole_dir, _ = whole
+    play, whole_dir = whole
     shared = tmp_path / "shared"
     procs = [_start(_args(play, shared)) for _ in range(2)]
     codes = [p.wait(timeout=300) for p in procs]
