@@ -262,6 +262,6 @@ def test_under_central_dp_every_sent_vector_is_within_the_clip_norm(tmp_path, co
     exp.backend.client_hooks.append(probe)
     train.train(exp)
     assert len(probe.norms) >= 200
-    assert max(probe.norms) <= 0.1 * (1 + 1e-5)
+    assert max(probe.norms) <= 0.1
     clipped = sum(n > 0.1 * (1 - 1e-4) for n in probe.norms)
     assert clipped > len(probe.norms) / 2  # the clip binds: the bound is not met by accident

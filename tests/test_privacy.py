@@ -43,7 +43,7 @@ def test_clients_clip_to_the_norm_and_the_server_divides_the_sum_by_expected_cli
     updates = _clipped_updates(mech, [torch.from_numpy(r) for r in raw], ctx)
     for u, r in zip(updates, raw):
         expected = r * min(1.0, 1.0 / np.linalg.norm(r.astype(np.float64)))
-        np.testing.assert_allclose(u.delta.numpy(), expected, rtol=1e-6)
+        np.testing.assert_allclose(u.delta.numpy(), expected, rtol=2e-6)  # clipped a millionth below C
     assert [float(u.extras["unclipped"]) for u in updates] == [1.0, 0.0, 0.0]
     total = sum(r * min(1.0, 1.0 / np.linalg.norm(r.astype(np.float64))) for r in raw)
     got = mech.aggregate(updates, ctx, fedavg())

@@ -28,7 +28,7 @@ LABELLED = ["data=synthetic", "model=logreg", "data.num_clients=12", "data.max_c
 TEXT_DATA = ["data=shakespeare", "data.seq_len=16", "data.min_samples=4", "sampler.clients_per_round=3",
              "client.local_steps=2", "client.batch_size=4"]
 TEXT = [*TEXT_DATA, "model.n_layer=1", "model.n_head=2", "model.n_embd=16"]
-POISSON_DP = ["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.7", "privacy.clip_norm=0.5"]
+POISSON_DP = ["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.7", "privacy.clip_norm=0.05"]
 SGD = ["client.optimizer=sgd", "client.lr=0.2"]
 
 CASES: dict[str, list[str]] = {
