@@ -116,6 +116,20 @@ def test_fedavg_with_and_without_secure_aggregation_end_at_the_same_model(tmp_pa
     assert plain["eval_loss"].iloc[-1] < plain["eval_loss"].iloc[0] - 0.1  # it trained
 
 
+@pytest.mark.slow
+def test_the_issues_example_ends_within_1e_3_of_fedavg(tmp_path):
+    """Issue #22's set-up as written (the default-run test above is its smaller copy); measured:
+    1.86560701 without and 1.86560713 with secure aggregation (2.548 before the fix)."""
+    common = ["data=synthetic", "data.num_clients=100", "model=logreg", "rounds=20", "sampler.kind=poisson",
+              "sampler.clients_per_round=10", "seed=3", "device=cpu"]
+    final = {}
+    for privacy in ("none", "secure_agg"):
+        _, summary = train.train(config.build(config.compose([*common, f"privacy={privacy}",
+                                                              f"run_dir={tmp_path / privacy}"])))
+        final[privacy] = summary["final"]["eval_loss"]
+    assert abs(final["secure_agg"] - final["none"]) < 1e-3 * final["none"]
+
+
 def test_scaffold_with_and_without_secure_aggregation_end_at_the_same_model(tmp_path):
     """SCAFFOLD's mean of dy_i and sum of dc_i both come out of the masked vector; c_i stays client-side."""
     common = [*SYNTHETIC, "rounds=4", "strategy=scaffold", "client.optimizer=sgd", "client.lr=0.1", "seed=2"]
