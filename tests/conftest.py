@@ -62,3 +62,17 @@ def compose_cfg(tmp_path: Path, play: Path):
         return config.compose(base + (TINY if tiny else []) + list(overrides))
 
     return _compose
+
+
+def central_mechanism(**overrides):
+    """A CentralPrivacy (privacy=central_dp) with adaptive clipping on, for unit tests of its parts."""
+    import torch
+
+    from fedrun.privacy import central
+
+    options = dict(clip_norm=1.0, noise_multiplier=1.0, target_epsilon=None, delta=1e-5, accountant="rdp",
+                   stop_at_budget=False, adaptive=True, target_quantile=0.5, clip_lr=0.5, clip_count_stddev=0.8,
+                   secure_agg=False, secagg_bits=16, secagg_threshold=0.5, secagg_min_clients=3,
+                   log_client_stats=False, noise_source="seed", num_clients=1000, num_params=40, sample_rate=0.1,
+                   rounds=10, seed=0, device=torch.device("cpu"))
+    return central(**(options | overrides))

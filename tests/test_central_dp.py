@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from fedrun.core import FedrunError, RoundContext, Stream, torch_generator
-from fedrun.privacy import central
+from tests.conftest import central_mechanism
 
 
 def _mechanism(**kw):
-    opts = dict(clip_norm=1.0, noise_multiplier=1.0, target_epsilon=None, delta=1e-5, accountant="rdp",
-                stop_at_budget=False, adaptive=True, target_quantile=0.5, clip_lr=0.2, clip_count_stddev=None,
-                secure_agg=False, secagg_bits=16, secagg_threshold=0.5, secagg_min_clients=3, log_client_stats=False,
-                noise_source="seed", num_clients=1000, num_params=10, sample_rate=0.01, rounds=10, seed=0,
-                device=torch.device("cpu"))
-    return central(**(opts | kw))
+    return central_mechanism(**({"clip_lr": 0.2, "clip_count_stddev": None, "num_params": 10, "sample_rate": 0.01}
+                                | kw))
 
 
 def tff_geometric_update(clip, unclipped, reported, *, expected, stddev, target, lr, draw):

@@ -13,12 +13,12 @@ from scipy.stats import binom
 
 from fedrun import config, train
 from fedrun.core import ClientUpdate, FedrunError, RoundContext
-from fedrun.privacy import central
 from fedrun.privacy.masking import SecAggAbort
 from fedrun.privacy.secagg_skips import epsilon_with_skips, flip_probability
 from fedrun.privacy.secure_agg import SecureAggregation
 from fedrun.privacy.secure_round import SecureSumRound, most_bits, shamir_threshold
 from fedrun.strategies import fedavg, median
+from tests.conftest import central_mechanism
 
 SYNTHETIC = ["device=cpu", "data=synthetic", "model=logreg", "data.num_clients=30", "sampler.clients_per_round=6",
              "eval_every=1"]
@@ -188,12 +188,7 @@ def test_a_min_cohort_larger_than_every_round_is_refused():
 # ---- central DP over secure aggregation -------------------------------------------------------
 
 def _central(**kw):
-    opts = dict(clip_norm=1.0, noise_multiplier=1.0, target_epsilon=None, delta=1e-5, accountant="rdp",
-                stop_at_budget=False, adaptive=True, target_quantile=0.5, clip_lr=0.5, clip_count_stddev=0.8,
-                secure_agg=False, secagg_bits=16, secagg_threshold=0.5, secagg_min_clients=3, log_client_stats=False,
-                noise_source="seed", num_clients=1000, num_params=40, sample_rate=0.1, rounds=10, seed=0,
-                device=torch.device("cpu"))
-    return central(**(opts | kw))
+    return central_mechanism(**kw)
 
 
 def test_the_adaptive_clipping_bit_is_summed_inside_the_masked_vector():

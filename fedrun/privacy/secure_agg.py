@@ -51,7 +51,8 @@ class SecureAggregation:
         self.bits, self.threshold_fraction, self.min_clients = secagg_bits, secagg_threshold, secagg_min_clients
         self.value_range, self.noise_source, self.seed = secagg_range, noise_source, seed
         self.hides_client_stats = not log_client_stats
-        self.weight_max = max_examples if weighting == "examples" else 1
+        self.by_examples = weighting == "examples"
+        self.weight_max = max_examples if self.by_examples else 1
         self.extras: tuple[str, ...] = tuple(getattr(strategy, "secure_sum_extras", ()))
         self.num_params, self.device = num_params, device
         self.secure_round: SecureSumRound | None = None
@@ -95,7 +96,7 @@ class SecureAggregation:
         if self.secure_round is None:
             update.delta, update.bytes_up, update.extras = torch.zeros(0, dtype=torch.uint32), 0, {}
             return update
-        weight = min(update.num_examples, self.weight_max) if self.weight_max > 1 else 1
+        weight = min(update.num_examples, self.weight_max) if self.by_examples else 1
         values = torch.cat([update.delta.double().cpu() * (weight / self.weight_max),
                             *(update.extras[name].double().cpu() for name in self.extras)])
         clamped = int((values.abs() > self.value_range).sum())
