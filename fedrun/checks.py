@@ -10,7 +10,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from fedrun.attacks import KINDS as ATTACK_KINDS
-from fedrun.flat_optim import OPTIMIZERS
+from fedrun.client_config import OPTIMIZERS
 from fedrun.core import FedrunError
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS
@@ -18,7 +18,7 @@ from fedrun.privacy.accounting import ACCOUNTANTS
 from fedrun.privacy.randomness import NOISE_SOURCES
 from fedrun.sampling import KINDS as SAMPLER_KINDS
 
-DEVICES = ("auto", "cpu", "cuda")
+from fedrun.settings import DEVICES
 
 
 # ---- range rules: (key, allowed values as words, predicate) --------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -19,30 +18,8 @@ from fedrun.data.examples import ClientData, Examples
 from fedrun.evaluation import batch_loss
 from fedrun.flat_optim import descend, flat_optimizer
 from fedrun.params import flatten_parameters
-from fedrun.privacy.local_dp import DPSGDStep, poisson_batches
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """The `client` config group: how each client trains locally."""
-
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    local_epochs: int | None
-    local_steps: int | None
-    local_steps_min: int | None = None  # stragglers: each client's steps drawn from [min, max]
-    local_steps_max: int | None = None
-
-    def num_steps(self, num_examples: int, generator: torch.Generator) -> int:
-        if self.local_steps_min is not None:
-            high = self.local_steps_max + 1
-            return int(torch.randint(self.local_steps_min, high, (), generator=generator))
-        if self.local_steps is not None:
-            return self.local_steps
-        return self.local_epochs * math.ceil(num_examples / self.batch_size)
+from fedrun.client_config import ClientConfig
+from fedrun.privacy.local_dp import DPSGDStep, ExampleDP, poisson_batches
 
 
 def epoch_orders(num_examples: int, batch_size: int, num_steps: int,
@@ -71,16 +48,6 @@ def batches(examples: Examples, batch_size: int, num_steps: int, generator: torc
         epoch = examples[order]
         for start in range(0, len(order), batch_size):
             yield epoch[start : start + batch_size]
-
-
-@dataclass(frozen=True)
-class ExampleDP:
-    """Example-level DP-SGD on the client (privacy=local_dp): Poisson batches of expected size
-    client.batch_size, per-example clipping to max_grad_norm, Gaussian noise."""
-
-    max_grad_norm: float
-    noise_multiplier: float
-    noise_source: str = "seed"  # or "os": the noise is not reproducible from the run's seed
 
 
 class LocalTrainer:

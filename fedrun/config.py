@@ -1,13 +1,15 @@
-"""Configuration: locate conf/, compose it with overrides, validate it, build the run.
+"""Configuration: locate conf/, compose it with overrides, type and validate it, build the run.
 
-Defaults live once, in the YAML under conf/. The dataclasses in fedrun/schemas.py give every
-key its type (so `rounds=abc` fails at composition, naming the key) and hold no values.
-Range checks that types cannot express live in RULES. `build` is the one place that
+Defaults live once, in the YAML under conf/. Each group's component types its own keys with its
+signature (fedrun/components.py); the top-level keys are typed by RunSettings and the `client`
+group by ClientConfig. So `rounds=abc` or `+strategy.foo=1` fails at composition, naming the
+key. Rules between keys and components live in fedrun/checks.py. `build` is the one place that
 instantiates objects from the config.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import os
 import re
@@ -25,8 +27,10 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedrun.checks import RULES, validate  # noqa: F401  (RULES: re-exported for tests)
-from fedrun.client import ClientConfig, LocalTrainer
+from fedrun.checks import validate
+from fedrun.client import LocalTrainer
+from fedrun.client_config import ClientConfig
+from fedrun.components import component, typed_node
 from fedrun.core import FedrunError, make_deterministic
 from fedrun import startup
 from fedrun.data import cache as data_cache
@@ -35,7 +39,7 @@ from fedrun.data.text import Tokenizer, has_tokenizer
 from fedrun.loop import Experiment
 from fedrun.server_model import GlobalModel
 from fedrun.strategies.client_models import ModelSpec
-from fedrun.schemas import SCHEMAS, register_schemas  # noqa: F401  (SCHEMAS: re-exported for tests)
+from fedrun.settings import COMPONENT_GROUPS, GROUPS, RunSettings
 
 def conf_dir() -> Path:
     """conf/ beside the package (a source checkout or editable install), or $FEDRUN_CONF."""
@@ -50,7 +54,6 @@ def conf_dir() -> Path:
 def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) -> DictConfig:
     """The resolved config for these Hydra overrides, its keys, options and types checked, and
     (check_ranges) its values too; FedrunError if anything is wrong."""
-    register_schemas()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="fedrun"):
             cfg = hydra_compose("config", overrides=list(overrides or []))
@@ -58,10 +61,69 @@ def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) ->
     except MissingConfigException as e:
         raise FedrunError(_unknown_option(e)) from e
     except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as e:
+        key = getattr(e.__cause__, "full_key", None)
+        if key and re.match(r"Key '.*' is not in struct", str(e.__cause__)):
+            raise FedrunError(_unknown_key(key, list(overrides or []))) from e
         raise FedrunError(_one_line(e)) from e
+    cfg = typed(cfg)
     if check_ranges:
         validate(cfg)
     return cfg
+
+
+def _unknown_key(key: str, overrides: list[str]) -> str:
+    """`key: unknown key; allowed keys here: ...; did you mean ...?`, listing the keys of its node
+    in the config that the overrides' group choices compose."""
+    parent, _, name = key.rpartition(".")
+    choices = [o for o in overrides if re.fullmatch(r"[\w/]+=[^=]*", o) and o.split("=")[0] in GROUPS]
+    base = compose(choices, check_ranges=False)
+    node = OmegaConf.select(base, parent) if parent else base
+    if not isinstance(node, DictConfig):
+        return f"{key}: unknown key; {parent} has no keys of its own"
+    keys = [k for k in node if k != "_target_"]
+    if not parent:  # the run's own settings first, then the groups
+        keys = sorted(keys, key=lambda k: (k in GROUPS, list(RunSettings.__dataclass_fields__).index(k)
+                                           if k in RunSettings.__dataclass_fields__ else 0))
+    return unknown_key_message(key, name, keys)
+
+
+def unknown_key_message(key: str, name: str, keys: list[str]) -> str:
+    near = difflib.get_close_matches(name, keys, n=1)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"{key}: unknown key; allowed keys here: {', '.join(keys) or 'none'}{hint}"
+
+
+def typed(cfg: DictConfig) -> DictConfig:
+    """Every node merged onto its schema: the top-level keys onto RunSettings, `client` onto
+    ClientConfig, each group's node onto its component's signature (and a node the component
+    builds from config, such as feddf's `public` data, onto that node's own component)."""
+    if unknown := [k for k in cfg if k not in GROUPS and k not in RunSettings.__dataclass_fields__]:
+        raise FedrunError(unknown_key_message(unknown[0], unknown[0], [*RunSettings.__dataclass_fields__, *GROUPS]))
+    settings = typed_node(OmegaConf.masked_copy(cfg, list(RunSettings.__dataclass_fields__)), RunSettings, "")
+    for key in RunSettings.__dataclass_fields__:
+        cfg[key] = settings[key]
+    cfg.client = typed_node(cfg.client, ClientConfig, "client")
+    for group in COMPONENT_GROUPS:
+        cfg[group] = typed_component(cfg[group], group)
+    return cfg
+
+
+def typed_component(node: DictConfig, group: str, where: str | None = None) -> DictConfig:
+    """`node` (of `group`, found at `where`) merged onto its component's schema."""
+    target = component_of(node, where or group)
+    typed_ = typed_node(node, target, where or group, group)
+    for name, node_group in getattr(target, "config_nodes", {}).items():
+        typed_[name] = typed_component(typed_[name], node_group, f"{where or group}.{name}")
+    return typed_
+
+
+def component_of(node: DictConfig, where: str) -> Any:
+    try:
+        return component(node)
+    except FedrunError:
+        raise
+    except Exception as e:  # noqa: BLE001 (an import error of any kind: one line)
+        raise FedrunError(f"{where}._target_: {node.get('_target_')!r} cannot be imported ({e})") from None
 
 
 def _unknown_option(e: MissingConfigException) -> str:
@@ -74,7 +136,7 @@ def _unknown_option(e: MissingConfigException) -> str:
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     """Hydra's and OmegaConf's multi-line errors as `key: what is wrong; allowed: ...`."""
     cause = e.__cause__ or e
     key = getattr(cause, "full_key", None)
@@ -83,12 +145,15 @@ def _one_line(e: Exception) -> str:
         message = f"{m.group(1)!r} is not allowed; allowed: {_TYPE_WORDS.get(m.group(2), m.group(2))}"
     elif re.match(r"Key '.*' not in '.*'", message) and dataclasses.is_dataclass(getattr(cause, "object_type", None)):
         names = [f.name for f in dataclasses.fields(cause.object_type) if not f.name.startswith("_")]
-        message = f"unknown key; allowed keys here: {', '.join(names)}"
+        return unknown_key_message(str(key), str(key).rpartition(".")[2], names)
     elif isinstance(e, OverrideParseException) or message.startswith("Error parsing override"):
         message = f"{message}; overrides look like key=value or group=option"
     elif not key and isinstance(e, ConfigCompositionException) and e.__cause__ is None:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return f"{key}: {message}" if key else message
+
+
+_one_line = one_line
 
 
 # ---- build -----------------------------------------------------------------------------------
@@ -104,7 +169,7 @@ def resolve_device(name: str, backend_target: str = "") -> torch.device:
 
 
 def client_config(cfg: DictConfig) -> ClientConfig:
-    return ClientConfig(**{k: v for k, v in cfg.client.items() if k != "models"})
+    return ClientConfig(**cfg.client)
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -233,7 +298,7 @@ def model_specs(cfg: DictConfig, data: FederatedData, make_model: Callable[[], t
 
 
 def model_option(entry: DictConfig, index: int) -> DictConfig:
-    """conf/model/<entry.option>.yaml with the entry's other keys merged in, typed by its schema."""
+    """conf/model/<entry.option>.yaml with the entry's other keys merged in, typed by its component."""
     key = f"client.models[{index}]"
     options = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
     if entry.option not in options:
@@ -242,9 +307,10 @@ def model_option(entry: DictConfig, index: int) -> DictConfig:
     node.pop("defaults", None)
     overrides = {k: v for k, v in entry.items() if k not in ("name", "option", "fraction")}
     try:
-        return OmegaConf.merge(OmegaConf.structured(SCHEMAS["model"][entry.option]), node, overrides)
+        node = OmegaConf.merge(node, overrides)
     except OmegaConfBaseException as e:
         raise FedrunError(f"{key}.{_one_line(e)}") from e
+    return typed_component(node, "model", key)
 
 
 def with_context(factory: partial, context: dict[str, Any]) -> Any:

@@ -13,16 +13,10 @@ checks it against torch.optim.SGD and torch.optim.Adam).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from fedrun.client_config import OPTIMIZERS, ClientConfig
 from fedrun.core import FedrunError
-
-if TYPE_CHECKING:
-    from fedrun.client import ClientConfig
-
-OPTIMIZERS = ("sgd", "adam")
 
 
 class FlatSGD:

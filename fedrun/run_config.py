@@ -17,6 +17,7 @@ read as data and checked before anything is built from it:
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ from omegaconf._utils import get_yaml_loader  # the loader OmegaConf.load uses (
 from omegaconf.errors import OmegaConfBaseException
 
 from fedrun import config
+from fedrun.components import RENAMED_TARGETS
 from fedrun.core import FedrunError
 from fedrun.rundir import read_regular_bytes
 
+log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 1 << 20  # fedrun's own config.yaml files are a few KiB
 SPECIAL_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 REFUSED = "refused (a run directory is untrusted input)"
@@ -43,6 +46,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
         tree = parse_yaml(read_regular_bytes(path, limit=MAX_CONFIG_BYTES))
         if not isinstance(tree, dict):
             raise FedrunError(f"not a mapping of keys to values; {REFUSED}")
+        renamed(tree)
         check_untrusted(tree)
         return typed_config(tree)
     except FedrunError as e:
@@ -192,6 +196,18 @@ def check_untrusted(node: Any, path: str = "") -> None:
         raise FedrunError(f"{path}: {node!r} is an interpolation, and fedrun writes config.yaml resolved; {REFUSED}")
 
 
+def renamed(node: Any, path: str = "") -> None:
+    """Replace, in place, the `_target_`s an earlier fedrun wrote by the components' names now."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str) and target in RENAMED_TARGETS:
+            node["_target_"] = RENAMED_TARGETS[target]
+            log.warning("%s: %s is now %s (read as such; an earlier fedrun wrote this run directory)",
+                        _join(path, "_target_"), target, node["_target_"])
+        for key, value in node.items():
+            renamed(value, _join(path, str(key)))
+
+
 def _hashable(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
@@ -202,7 +218,9 @@ def typed_config(tree: dict) -> DictConfig:
     base = config.compose(chosen_options(tree), check_ranges=False)
     _open_free_form(base)
     try:
-        cfg = OmegaConf.merge(base, tree)
+        cfg = config.typed(OmegaConf.merge(base, tree))
+    except FedrunError as e:
+        raise FedrunError(f"{e}; {REFUSED}") from None
     except OmegaConfBaseException as e:
         message = re.sub(r"Key '.*' is not in struct$", "unknown key", config._one_line(e))  # logger's words
         message = re.sub(r"allowed keys here: $", "allowed keys here: none", message)  # an option without settings

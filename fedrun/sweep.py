@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedrun import config
 from fedrun.core import FedrunError
@@ -58,7 +58,6 @@ def run_sweep(overrides: list[str]) -> Path:
     count = check_jobs(overrides)
     sweep_dir = sweep_dir_for(overrides, now=dt.datetime.now())
     log.info("sweep of %s jobs into %s", count or "searched", sweep_dir)
-    config.register_schemas()
     argv = ["fedrun-sweep", "--multirun", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
             "hydra/job_logging=none", "hydra/hydra_logging=none", *overrides]
     saved, sys.argv = sys.argv, argv
@@ -81,6 +80,8 @@ def run_job(cfg: DictConfig) -> float:
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     job = HydraConfig.get().job.num
     try:
+        OmegaConf.resolve(cfg)
+        cfg = config.typed(cfg)  # as `fedrun train` types it: `client.lr=1` is the float 1.0
         config.validate(cfg)
         _, summary = train.train(config.build(cfg))
     except Exception as e:  # recorded in the job's run directory; the sweep goes on

@@ -68,7 +68,7 @@ def central_mechanism(**overrides):
     """A CentralPrivacy (privacy=central_dp) with adaptive clipping on, for unit tests of its parts."""
     import torch
 
-    from fedrun.privacy import central
+    from fedrun.privacy.central import CentralPrivacy as central
 
     options = dict(clip_norm=1.0, noise_multiplier=1.0, target_epsilon=None, delta=1e-5, accountant="rdp",
                    stop_at_budget=False, adaptive=True, target_quantile=0.5, clip_lr=0.5, clip_count_stddev=0.8,

@@ -16,17 +16,23 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (config.conf_dir() / group).glob("*.yaml"))
 
 
-def test_every_option_declares_a_schema_and_every_schema_is_used():
-    used = set()
-    for group in GROUPS:
-        assert _options(group), group
+def test_every_options_keys_are_exactly_its_components_signature():
+    """A component's signature is its schema: every key an option's YAML sets is a parameter of
+    the class it names, and every parameter without a default has a value in the YAML."""
+    from omegaconf import OmegaConf
+
+    from fedrun.components import component, schema_of
+
+    for group in [*GROUPS, "audit", "compression"]:
         for option in _options(group):
-            text = (config.conf_dir() / group / f"{option}.yaml").read_text()
-            names = [n for n in config.SCHEMAS[group] if f"/schema/{group}/{n}@_here_" in text]
-            extends = [o for o in _options(group) if f"  - {o}\n" in text]  # an option built on another
-            assert len(names) + len(extends) == 1, f"{group}/{option}.yaml must declare exactly one schema"
-            used.update((group, n) for n in names)
-    assert used == {(g, n) for g in GROUPS for n in config.SCHEMAS[g]}
+            cfg = config.compose([f"{group}={option}"], check_ranges=False)
+            node = cfg[group]
+            raw = OmegaConf.load(config.conf_dir() / group / f"{option}.yaml")
+            required = {f"{group}.{k}" for k in raw if OmegaConf.is_missing(raw, k)}  # the user must give it (data.path)
+            assert OmegaConf.missing_keys(node) == required, f"{group}/{option}.yaml leaves keys without a value"
+            schema = config.ClientConfig if group == "client" else schema_of(component(node), group)
+            fields = {f for f in schema.__dataclass_fields__ if f != "_target_"}
+            assert set(node) - {"_target_"} == fields, f"{group}/{option}.yaml"
 
 
 SMALL = {"model=tiny_gpt": ["model.n_embd=16", "model.n_head=2"], "model=lstm": ["model.hidden_size=16"],

@@ -10,7 +10,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedrun import config, train
 from fedrun.core import ClientUpdate, RoundContext, Stream, torch_generator
-from fedrun.privacy import central
+from fedrun.privacy.central import CentralPrivacy as central
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise
 from fedrun.strategies import fedavg
 from tests.conftest import TINY

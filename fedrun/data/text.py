@@ -175,17 +175,25 @@ def has_tokenizer(path: str) -> bool:
     return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
-def shakespeare(path: str, *, seed: int = 0, **options) -> FederatedData:
+def shakespeare(path: str, *, seq_len: int, test_fraction: float, min_samples: int, partition: str,
+               num_clients: int | None, max_client_bytes: int | None, seed: int = 0,
+               insert: Callable | None = None, tokenizer: "Tokenizer | None" = None) -> FederatedData:
     """`data=shakespeare`: one client per speaker of a tinyshakespeare-style file."""
     docs, raw = read_shakespeare(path)
     source = {"source": "shakespeare", "path": str(Path(path).resolve()), "bytes": len(raw),
               "sha256": hashlib.sha256(raw).hexdigest()}
-    return federate(docs, source=source, seed=seed, **options)
+    return federate(docs, source=source, seed=seed, seq_len=seq_len, test_fraction=test_fraction,
+                    min_samples=min_samples, partition=partition, num_clients=num_clients,
+                    max_client_bytes=max_client_bytes, insert=insert, tokenizer=tokenizer)
 
 
-def pystdlib(root: str | None = None, *, seed: int = 0, **options) -> FederatedData:
+def pystdlib(root: str | None, *, seq_len: int, test_fraction: float, min_samples: int, partition: str,
+               num_clients: int | None, max_client_bytes: int | None, seed: int = 0,
+               insert: Callable | None = None, tokenizer: "Tokenizer | None" = None) -> FederatedData:
     """`data=pystdlib`: one client per top-level module/package of the interpreter's stdlib."""
     docs, digest = read_python_sources(root)
     source = {"source": "pystdlib", "path": root or sysconfig.get_paths()["stdlib"],
               "bytes": sum(len(t) for _, t in docs), "sha256": digest.hex()}
-    return federate(docs, source=source, seed=seed, **options)
+    return federate(docs, source=source, seed=seed, seq_len=seq_len, test_fraction=test_fraction,
+                    min_samples=min_samples, partition=partition, num_clients=num_clients,
+                    max_client_bytes=max_client_bytes, insert=insert, tokenizer=tokenizer)

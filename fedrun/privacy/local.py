@@ -9,7 +9,7 @@ not the client as a whole: see the README's Privacy section.
 from __future__ import annotations
 
 from collections import Counter
-from fedrun.client import ExampleDP
+from fedrun.privacy.local_dp import ExampleDP
 from fedrun.core import ClientUpdate, RoundContext
 from fedrun.privacy.accounting import epsilon_of
 from fedrun.privacy.none import NoPrivacy

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -31,6 +32,16 @@ from fedrun.evaluation import batch_loss
 from fedrun.privacy.accounting import epsilon_of
 
 ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class ExampleDP:
+    """Example-level DP-SGD on the client (privacy=local_dp): Poisson batches of expected size
+    client.batch_size, per-example clipping to max_grad_norm, Gaussian noise."""
+
+    max_grad_norm: float
+    noise_multiplier: float
+    noise_source: str = "seed"  # or "os": the noise is not reproducible from the run's seed
 
 
 class DPSGDStep:

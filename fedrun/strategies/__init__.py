@@ -80,3 +80,4 @@ def feddf(*, temperature: float, distill_steps: int, distill_lr: float, distill_
     return FedDF(example_weighted, _sgd(), make_model=make_model, public=public, temperature=temperature,
                  distill_steps=distill_steps, distill_lr=distill_lr, distill_batch=distill_batch,
                  eval_every=eval_every, seed=seed, device=device)
+feddf.config_nodes = {"public": "data"}  # type: ignore[attr-defined]

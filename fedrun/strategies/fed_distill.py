@@ -121,3 +121,4 @@ def fed_distill(*, aggregation: str, era_temperature: float, temperature: float,
     return FedDistill(public=public, models=models, aggregation=aggregation, era_temperature=era_temperature,
                       public_batch=public_batch, seed=seed,
                       digest=Digest(temperature, digest_steps, digest_batch, digest == "after", topk_logits))
+fed_distill.config_nodes = {"public": "data"}  # type: ignore[attr-defined]

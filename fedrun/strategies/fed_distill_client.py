@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedrun.client import ClientConfig, ExampleDP, LocalTrainer, batch_indices
+from fedrun.client import LocalTrainer, batch_indices
+from fedrun.client_config import ClientConfig
+from fedrun.privacy.local_dp import ExampleDP
 from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData
 from fedrun.strategies.feddf import distillation_loss

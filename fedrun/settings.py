@@ -1,0 +1,27 @@
+"""The top-level keys of a run's config (conf/config.yaml), typed and ranged: their schema."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fedrun.components import OneOf, Range
+
+DEVICES = ("auto", "cpu", "cuda")
+OBJECTIVES = ("eval_loss", "eval_ppl", "eval_acc")
+# The config groups: each holds one component (`_target_`) except `client` (ClientConfig) and
+# `logger` (a set of switches, read by fedrun/loggers.py).
+COMPONENT_GROUPS = ("data", "model", "sampler", "strategy", "privacy", "backend", "attack", "audit", "compression")
+GROUPS = (*COMPONENT_GROUPS, "client", "logger")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    name: str  # used in the default run_dir
+    rounds: Annotated[int, Range(ge=1)]
+    seed: Annotated[int, Range(ge=0)]
+    device: Annotated[str, OneOf(*DEVICES)]
+    run_dir: str
+    eval_every: Annotated[int, Range(ge=1)]
+    checkpoint_every: Annotated[int, Range(ge=1)]
+    checkpoint_keep: Annotated[int, Range(ge=1)] | None
+    objective: Annotated[str, OneOf(*OBJECTIVES)]
