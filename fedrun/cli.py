@@ -1,13 +1,15 @@
 """The `fedrun` command line: parse, call the library, print. No logic of its own."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import shlex
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -80,6 +82,26 @@ def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command with what every command shares, written once: a `--debug` option, logging
+    set up (`--verbose` where the command has it) and errors handled by `_fail_cleanly`."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(*args: Any, debug: bool = False, **kwargs: Any) -> None:
+            _setup_logging(kwargs.get("verbose", False))
+            _fail_cleanly(lambda: fn(*args, **kwargs), debug=debug)
+
+        signature = inspect.signature(fn)
+        flag = inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, annotation="bool",
+                                 default=typer.Option(False, "--debug", help="Show full tracebacks on errors."))
+        run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])  # type: ignore[attr-defined]
+        run.__annotations__ = {**fn.__annotations__, "debug": "bool"}
+        return app.command(name)(run)
+
+    return register
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = RichHandler(console=console, show_path=False, show_time=False)
     logger = logging.getLogger("fedrun")
@@ -89,54 +111,42 @@ def _setup_logging(verbose: bool) -> None:
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-@app.command()
+@command()
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     cfg: bool = typer.Option(False, "--cfg", help="Print the composed config and exit without running."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Run one federated training run and write its run directory."""
-    _setup_logging(verbose)
+    from omegaconf import OmegaConf
 
-    def action() -> None:
-        from omegaconf import OmegaConf
+    from fedrun import config, train as training
 
-        from fedrun import config, train as training
-
-        composed = config.compose(overrides or [])
-        if cfg:
-            typer.echo(OmegaConf.to_yaml(composed), nl=False)
-            return
-        experiment = config.build(composed)
-        with _round_progress(composed.rounds) as on_round:
-            run_dir, summary = training.train(experiment, on_round=on_round)
-        _print_summary(summary)
-        typer.echo(str(run_dir))
-
-    _fail_cleanly(action, debug=debug)
+    composed = config.compose(overrides or [])
+    if cfg:
+        typer.echo(OmegaConf.to_yaml(composed), nl=False)
+        return
+    experiment = config.build(composed)
+    with _round_progress(composed.rounds) as on_round:
+        run_dir, summary = training.train(experiment, on_round=on_round)
+    _print_summary(summary)
+    typer.echo(str(run_dir))
 
 
-@app.command()
+@command()
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(
         None, show_default=False,
         help="Hydra multirun overrides: comma lists are swept as a grid, e.g. strategy=fedavg,fedadam "
              "client.lr=0.01,0.1 seed=0,1,2; hydra/launcher=joblib runs jobs in parallel."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and round to the terminal."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Run a sweep over configurations (Hydra multirun): one run directory per job."""
-    _setup_logging(verbose)
+    from fedrun import sweep as sweeping
 
-    def action() -> None:
-        from fedrun import sweep as sweeping
-
-        sweep_dir = sweeping.run_sweep(overrides or [])
-        _print_sweep(sweep_dir)
-        typer.echo(str(sweep_dir))
-
-    _fail_cleanly(action, debug=debug)
+    sweep_dir = sweeping.run_sweep(overrides or [])
+    _print_sweep(sweep_dir)
+    typer.echo(str(sweep_dir))
 
 
 def _print_sweep(sweep_dir: Path) -> None:
@@ -159,59 +169,49 @@ def _print_sweep(sweep_dir: Path) -> None:
     console.print(table)
 
 
-@app.command()
+@command()
 def resume(
     path: Path = typer.Argument(..., help="A run directory, or a folder of runs (a sweep): resume every unfinished run."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Continue stopped runs from their last intact checkpoint, exactly as if never stopped."""
-    _setup_logging(verbose)
+    from fedrun import train as training
+    from fedrun.core import FedrunError
+    from fedrun.rundir import is_run_dir
 
-    def action() -> None:
-        from fedrun import train as training
-        from fedrun.core import FedrunError
-        from fedrun.rundir import is_run_dir
-
-        runs = [path] if is_run_dir(path) else sorted(p.parent for p in path.rglob("metrics.csv") if is_run_dir(p.parent))
-        unfinished = [r for r in runs if not (r / "summary.json").exists()]
-        if not runs:
-            raise FedrunError(f"path: no run directory in {path}")
-        if not unfinished:
-            console.print(f"nothing to resume: all {len(runs)} run(s) under {path} have finished")
-        for run in unfinished:
-            experiment, rundir, checkpoint = training.load_for_resume(run)
-            with _round_progress(experiment.cfg.rounds, done=checkpoint["round"] if checkpoint else 0) as on_round:
-                run_dir, summary = training.resume(experiment, rundir, checkpoint, on_round=on_round)
-            _print_summary(summary)
-            typer.echo(str(run_dir))
-
-    _fail_cleanly(action, debug=debug)
+    runs = [path] if is_run_dir(path) else sorted(p.parent for p in path.rglob("metrics.csv") if is_run_dir(p.parent))
+    unfinished = [r for r in runs if not (r / "summary.json").exists()]
+    if not runs:
+        raise FedrunError(f"path: no run directory in {path}")
+    if not unfinished:
+        console.print(f"nothing to resume: all {len(runs)} run(s) under {path} have finished")
+    for run in unfinished:
+        experiment, rundir, checkpoint = training.load_for_resume(run)
+        with _round_progress(experiment.cfg.rounds, done=checkpoint["round"] if checkpoint else 0) as on_round:
+            run_dir, summary = training.resume(experiment, rundir, checkpoint, on_round=on_round)
+        _print_summary(summary)
+        typer.echo(str(run_dir))
 
 
-@app.command()
+@command()
 def report(
     paths: List[Path] = typer.Argument(..., help="Run directories, or folders holding runs (sweeps)."),
     sort: Optional[str] = typer.Option(None, "--sort", help="Sort groups by a metric, e.g. eval_ppl or best_eval_acc."),
     where: Optional[List[str]] = typer.Option(None, "--where", help="Keep runs with key=value, e.g. strategy=fedadam (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write report.md, report.csv, report.html and PNG plots here."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Summarise runs: one row per configuration, mean ± std over seeds; optional files and plots."""
 
-    def action() -> None:
-        from fedrun.report import report as make_report
+    from fedrun.report import report as make_report
 
-        table, files = make_report(list(paths), sort=sort, where=where or (), out=out)
-        # Piped output has no terminal width: give the wide table room instead of rich's 80 columns.
-        Console(width=None if sys.stdout.isatty() else 240).print(table)
-        for f in files:
-            typer.echo(str(f))
-
-    _fail_cleanly(action, debug=debug)
+    table, files = make_report(list(paths), sort=sort, where=where or (), out=out)
+    # Piped output has no terminal width: give the wide table room instead of rich's 80 columns.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    for f in files:
+        typer.echo(str(f))
 
 
-@app.command("generate")
+@command("generate")
 def generate_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     prompt: str = typer.Option("\n", "--prompt", help="Text to continue."),
@@ -220,89 +220,73 @@ def generate_command(
     top_k: Optional[int] = typer.Option(40, "--top-k", help="Sample among the k most likely bytes."),
     round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Sample text from a run's final (or --round N) global model."""
 
-    def action() -> None:
-        from fedrun.generate import generate, generate_text, load_model, run_tokenizer
+    from fedrun.generate import generate, generate_text, load_model, run_tokenizer
 
-        model, cfg = load_model(run_dir, round=round_, device="auto")
-        device = next(model.parameters()).device
-        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, device=device)
-        tokenizer = run_tokenizer(cfg)
-        if tokenizer is None:
-            text = generate(model, prompt.encode(), **options)
-        else:
-            text = generate_text(model, tokenizer, prompt.encode(), **options)
-        typer.echo(text.decode("utf-8", "replace"))
-
-    _fail_cleanly(action, debug=debug)
+    model, cfg = load_model(run_dir, round=round_, device="auto")
+    device = next(model.parameters()).device
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, device=device)
+    tokenizer = run_tokenizer(cfg)
+    if tokenizer is None:
+        text = generate(model, prompt.encode(), **options)
+    else:
+        text = generate_text(model, tokenizer, prompt.encode(), **options)
+    typer.echo(text.decode("utf-8", "replace"))
 
 
-@app.command()
+@command()
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory of a model=hf run."),
     out: Path = typer.Argument(..., help="Folder to write the Hugging Face checkpoint to."),
     round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Write a model=hf run's global model as a Hugging Face checkpoint (with LoRA: the adapters)."""
 
-    def action() -> None:
-        from fedrun.core import FedrunError
-        from fedrun.generate import load_model
+    from fedrun.core import FedrunError
+    from fedrun.generate import load_model
 
-        model, _ = load_model(run_dir, round=round_, device="cpu")
-        if not hasattr(model, "save_adapter"):
-            raise FedrunError(f"run_dir: {run_dir} is not a model=hf run; its weights are in model.safetensors")
-        model.save_adapter(out)
-        typer.echo(str(out))
-
-    _fail_cleanly(action, debug=debug)
+    model, _ = load_model(run_dir, round=round_, device="cpu")
+    if not hasattr(model, "save_adapter"):
+        raise FedrunError(f"run_dir: {run_dir} is not a model=hf run; its weights are in model.safetensors")
+    model.save_adapter(out)
+    typer.echo(str(out))
 
 
-@app.command("eval")
+@command("eval")
 def eval_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Data to evaluate on, e.g. data=shakespeare data.path=FILE."),
     round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Evaluate a run's saved global model on a data set (by default its own test data)."""
 
-    def action() -> None:
-        from fedrun.generate import evaluate_run
+    from fedrun.generate import evaluate_run
 
-        scores = evaluate_run(run_dir, overrides or [], round=round_)
-        table = Table(title=f"eval of {run_dir}", title_justify="left", show_header=False)
-        for key in ("eval_loss", "eval_ppl", "eval_acc"):
-            table.add_row(key, f"{scores[key]:.4f}")
-        table.add_row("data", f"{scores['data'].get('source')} ({scores['data'].get('clients')} clients)")
-        Console().print(table)
-
-    _fail_cleanly(action, debug=debug)
+    scores = evaluate_run(run_dir, overrides or [], round=round_)
+    table = Table(title=f"eval of {run_dir}", title_justify="left", show_header=False)
+    for key in ("eval_loss", "eval_ppl", "eval_acc"):
+        table.add_row(key, f"{scores[key]:.4f}")
+    table.add_row("data", f"{scores['data'].get('source')} ({scores['data'].get('clients')} clients)")
+    Console().print(table)
 
 
-@app.command("data")
+@command("data")
 def data_command(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Build the data of a config and print its partition statistics, without training."""
 
-    def action() -> None:
-        from fedrun import config
-        from fedrun.data.stats import partition_stats
+    from fedrun import config
+    from fedrun.data.stats import partition_stats
 
-        composed = config.compose(overrides or [])
-        stats = partition_stats(config.build_data(composed))
-        table = Table(title="partition", title_justify="left", show_header=False)
-        for key, value in stats.items():
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-        Console().print(table)
-
-    _fail_cleanly(action, debug=debug)
+    composed = config.compose(overrides or [])
+    stats = partition_stats(config.build_data(composed))
+    table = Table(title="partition", title_justify="left", show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
 
 
 class _round_progress:
