@@ -1,16 +1,20 @@
-"""Config checks that types cannot express: value ranges (RULES) and rules that tie keys together.
+"""Config checks that types cannot express: each key's allowed values (the markers of the
+signature or record that declares it, fedrun/components.py) and the rules that tie keys and
+components together, written over the capabilities components declare, never their names.
 
 Each failure is one line naming the key, what is wrong and what is allowed.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedrun.attacks import KINDS as ATTACK_KINDS
-from fedrun.client_config import OPTIMIZERS
+from fedrun.client_config import OPTIMIZERS, ClientConfig
+from fedrun.components import capability, check_values, component
 from fedrun.core import FedrunError
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS
@@ -18,7 +22,7 @@ from fedrun.privacy.accounting import ACCOUNTANTS
 from fedrun.privacy.randomness import NOISE_SOURCES
 from fedrun.sampling import KINDS as SAMPLER_KINDS
 
-from fedrun.settings import DEVICES
+from fedrun.settings import COMPONENT_GROUPS, DEVICES, RunSettings
 
 
 # ---- range rules: (key, allowed values as words, predicate) --------------------------------
@@ -118,9 +122,14 @@ RULES: list[tuple[str, str, Callable[[Any], bool]]] = [
 
 
 def validate(cfg: DictConfig) -> None:
+    """Every value against its key's markers, then the rules between keys and components."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise FedrunError(f"{missing[0]}: no value given; set it on the command line, e.g. {missing[0]}=...")
+    check_values(cfg, RunSettings, "")
+    check_values(cfg.client, ClientConfig, "client")
+    for group in COMPONENT_GROUPS:
+        check_component(cfg[group], group, group)
     for key, allowed, ok in RULES:
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value != "__absent__" and not ok(value):
@@ -130,11 +139,31 @@ def validate(cfg: DictConfig) -> None:
     _check_combinations(cfg)
 
 
+def check_component(node: DictConfig, group: str, where: str) -> None:
+    """A component's values against its signature's markers, and those of the nodes it builds."""
+    target = component(node)
+    check_values(node, target, where, group)
+    for name, node_group in getattr(target, "config_nodes", {}).items():
+        check_component(node[name], node_group, f"{where}.{name}")
+
+
+@functools.cache
+def option_name(group: str, target: str) -> str:
+    """The `group=option` name whose YAML names `target` (for messages), else the class's name."""
+    from fedrun.config import conf_dir
+
+    for path in sorted((conf_dir() / group).glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return path.stem
+    return target.rsplit(".", 1)[-1]
+
+
+def _named(cfg: DictConfig, group: str) -> str:
+    return option_name(group, cfg[group]._target_)
+
+
 def _check_combinations(cfg: DictConfig) -> None:
-    """Rules that tie several keys together."""
-    partitions = SYNTHETIC_PARTITIONS if cfg.data._target_.endswith(".synthetic") else PARTITIONS
-    if cfg.data.partition not in partitions:
-        raise FedrunError(f"data.partition: {cfg.data.partition!r} is not allowed; allowed: one of {', '.join(partitions)}")
+    """Rules that tie several keys or components together, over their declared capabilities."""
     c = cfg.client
     if (c.local_steps_min is None) != (c.local_steps_max is None):
         raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, or neither")
@@ -143,9 +172,10 @@ def _check_combinations(cfg: DictConfig) -> None:
     if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
         raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
                           f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
-    if cfg.strategy._target_.endswith(".scaffold") and (c.optimizer != "sgd" or c.momentum):
-        raise FedrunError(f"client.optimizer: strategy=scaffold needs plain local SGD (client.optimizer=sgd, "
-                          f"client.momentum=0; got {c.optimizer}, momentum {c.momentum}): its control variates assume it")
+    if capability(cfg.strategy, "strategy", "needs_plain_sgd") and (c.optimizer != "sgd" or c.momentum):
+        raise FedrunError(f"client.optimizer: strategy={_named(cfg, 'strategy')} needs plain local SGD "
+                          f"(client.optimizer=sgd, client.momentum=0; got {c.optimizer}, momentum {c.momentum}): "
+                          "its client rule assumes it")
     _check_privacy(cfg)
     _check_distillation(cfg)
     f = cfg.strategy.get("num_byzantine")
@@ -154,32 +184,41 @@ def _check_combinations(cfg: DictConfig) -> None:
                           f"2 * {f} + 3 = {2 * f + 3} clients per round, got {cfg.sampler.clients_per_round}")
 
 
-ROBUST = (".median", ".trimmed_mean", ".krum", ".feddf")  # need the individual client updates
+def uses_secure_sum(privacy: DictConfig) -> bool:
+    """Whether the server sees only the sum of masked updates (a capability, or the key it names)."""
+    secure = capability(privacy, "privacy", "secure_sum")
+    return bool(privacy.get(secure)) if isinstance(secure, str) else bool(secure)
 
 
 def _check_privacy(cfg: DictConfig) -> None:
     """Refuse combinations that would void the guarantee or that a mechanism cannot serve."""
-    p = cfg.privacy
-    if p.get("secure_agg") or p._target_.endswith("SecureAggregation"):
+    p, strategy = cfg.privacy, cfg.strategy
+    secure = uses_secure_sum(p)
+    if secure:
         _check_secure_aggregation(cfg)
-    if "clip_norm" not in p:
+    if capability(p, "privacy", "dp_level") != "user":
+        weighting = capability(strategy, "strategy", "secure_sum_weighting")
+        if secure and weighting is None and capability(strategy, "strategy", "exchanges") == "weights":
+            raise FedrunError(f"strategy: {_named(cfg, 'strategy')} cannot be combined with privacy="
+                              f"{_named(cfg, 'privacy')}: it needs the individual client updates, which secure "
+                              "aggregation hides; use fedavg, fedavgm, fedprox, scaffold or an adaptive strategy")
         return
     if p.noise_multiplier is None and p.target_epsilon is None:
         raise FedrunError("privacy.noise_multiplier: null means calibrate it from privacy.target_epsilon, "
                           "which is not set; give one of them")
     dp = p.noise_multiplier is None or p.noise_multiplier > 0
-    what = "privacy=central_dp" if dp else "privacy.secure_agg"
+    what = f"privacy={_named(cfg, 'privacy')}" if dp else "privacy.secure_agg"
     if dp and cfg.sampler.kind != "poisson":
         raise FedrunError(f"sampler.kind: {what} needs sampler.kind=poisson: its accountants assume each client "
                           f"is sampled independently with rate q; got {cfg.sampler.kind}")
-    target = cfg.strategy._target_
-    if target.endswith(ROBUST):
-        raise FedrunError(f"strategy: {target.rsplit('.', 1)[-1]} cannot be combined with {what}: it needs the "
-                          "individual client updates, which DP noise and secure aggregation hide; use fedavg, "
-                          "fedavgm or an adaptive strategy")
-    if target.endswith(".scaffold"):
-        raise FedrunError(f"strategy: scaffold cannot be combined with {what}: its control variates would leave the "
-                          "clients unclipped and un-noised")
+    name = _named(cfg, "strategy")
+    if capability(strategy, "strategy", "needs_individual_updates"):
+        raise FedrunError(f"strategy: {name} cannot be combined with {what}: it needs the individual client "
+                          "updates, which DP noise and secure aggregation hide; use fedavg, fedavgm or an adaptive "
+                          "strategy")
+    if capability(strategy, "strategy", "client_sends_extras"):
+        raise FedrunError(f"strategy: {name} cannot be combined with {what}: what its clients send besides the "
+                          "update (control variates) would be neither clipped nor noised")
     if p.stop_at_budget and p.target_epsilon is None:
         raise FedrunError("privacy.stop_at_budget: needs privacy.target_epsilon (the budget to stop at)")
     if p.target_epsilon is not None and p.noise_multiplier is not None and not p.stop_at_budget:
@@ -191,7 +230,7 @@ def _check_privacy(cfg: DictConfig) -> None:
 def _check_secure_aggregation(cfg: DictConfig) -> None:
     """Secure aggregation sums masked fixed-point vectors of at least secagg_min_clients clients."""
     p, k = cfg.privacy, cfg.sampler.clients_per_round
-    if not cfg.compression._target_.endswith("NoCompression"):
+    if not capability(cfg.compression, "compression", "is_noop"):
         raise FedrunError("compression: secure aggregation sends masked fixed-point vectors, which cannot be "
                           "compressed afterwards; use compression=none (or privacy.secagg_bits to shrink them)")
     if cfg.sampler.kind != "poisson" and k < p.secagg_min_clients:
@@ -206,23 +245,24 @@ def _check_secure_aggregation(cfg: DictConfig) -> None:
 
 def _check_distillation(cfg: DictConfig) -> None:
     """Logit exchange: clients keep their own models and send predictions on public text."""
-    distill = cfg.strategy._target_.endswith(".fed_distill")
+    distill = capability(cfg.strategy, "strategy", "exchanges") == "logits"
     if cfg.client.models is not None and not distill:
         raise FedrunError("client.models: clients with different architectures need strategy=fed_distill "
                           "(weights of different models cannot be averaged); or set client.models=null")
     if not distill:
         return
-    if cfg.data._target_.endswith(".synthetic") or cfg.model.get("name_or_path"):
-        raise FedrunError("strategy: fed_distill exchanges next-byte predictions on public text; it needs byte-level "
-                          "text data and models (tiny_gpt or lstm), not data=synthetic or model=hf")
-    refused = {"attack": ("NoAttack", "attacks are defined on weight updates"),
-               "compression": ("NoCompression", "use strategy.topk_logits to shrink what clients send"),
-               "audit": ("no_audit", "the canary audit measures one global model, which fed_distill has not")}
-    for group, (none, why) in refused.items():
-        if not cfg[group]._target_.endswith(none):
-            raise FedrunError(f"{group}: must be none with strategy=fed_distill: {why}")
-    if cfg.privacy.get("secure_agg") or cfg.privacy._target_.endswith("LocalPrivacy"):
-        raise FedrunError("privacy: strategy=fed_distill supports privacy=none or central_dp (noise on the mean "
+    name = _named(cfg, "strategy")
+    if capability(cfg.data, "data", "data_kind") != "text" or cfg.model.get("name_or_path"):
+        raise FedrunError(f"strategy: {name} exchanges next-byte predictions on public text; it needs byte-level "
+                          "text data and models (tiny_gpt or lstm), not labelled data or model=hf")
+    why = {"attack": "attacks are defined on weight updates",
+           "compression": "use strategy.topk_logits to shrink what clients send",
+           "audit": f"the canary audit measures one global model, which {name} has not"}
+    for group, reason in why.items():
+        if not capability(cfg[group], group, "is_noop"):
+            raise FedrunError(f"{group}: must be none with strategy={name}: {reason}")
+    if uses_secure_sum(cfg.privacy) or capability(cfg.privacy, "privacy", "dp_level") == "example":
+        raise FedrunError(f"privacy: strategy={name} supports privacy=none or central_dp (noise on the mean "
                           "of the clients' predictions)")
     _check_model_entries(cfg.client.models)
 

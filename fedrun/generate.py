@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedrun import config
+from fedrun.components import capability
 from fedrun.core import FedrunError
 from fedrun.data.text import VOCAB_SIZE, Tokenizer, has_tokenizer
 from fedrun.evaluation import evaluate
@@ -30,7 +31,7 @@ def load_model(run_dir: Path, *, round: int | None = None,
     if not is_run_dir(run.path):
         raise FedrunError(f"run_dir: {run_dir} is not a run directory (no config.yaml and metrics.csv)")
     cfg = load_run_config(run.path)
-    if cfg.strategy._target_.endswith(".fed_distill"):
+    if capability(cfg.strategy, "strategy", "exchanges") == "logits":
         raise FedrunError(f"run_dir: {run_dir} is a fed_distill run: it has no global model, each client kept its "
                           "own (client_models.safetensors, one flat vector per client)")
     model = config.instantiate(cfg.model, **model_dims(cfg))
