@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedrun import config, train
@@ -198,6 +199,78 @@ def test_configurations_that_void_the_guarantee_are_refused(overrides, expected)
 
     with pytest.raises(FedrunError, match=expected.replace("(", r"\(")):
         config.compose(overrides)
+
+
+# (option, key, a value out of range, what is allowed): the words checks.RULES gave, now made by
+# the markers of each mechanism's signature (fedrun/components.py)
+RANGES = [
+    ("central_dp", "clip_norm", 0.0, "a number > 0"),
+    ("central_dp", "noise_multiplier", -1.0, "null (calibrate from privacy.target_epsilon) or a number >= 0"),
+    ("central_dp", "target_epsilon", math.inf, "null or a finite number > 0"),
+    ("central_dp", "target_epsilon", 0.0, "null or a finite number > 0"),
+    ("central_dp", "delta", 1.0, "null or a number in (0, 1)"),
+    ("central_dp", "accountant", "gdp", "one of rdp, prv"),
+    ("central_dp", "target_quantile", 1.5, "a number in [0, 1]"),
+    ("central_dp", "clip_lr", -0.1, "a number >= 0"),
+    ("central_dp", "clip_count_stddev", 0.0, "null or a number > 0"),
+    ("central_dp", "secagg_bits", 33, "null (the most the cohort allows) or an integer in [1, 32]"),
+    ("central_dp", "secagg_bits", 0, "null (the most the cohort allows) or an integer in [1, 32]"),
+    ("central_dp", "secagg_threshold", 0.0, "a number in (0, 1]"),
+    ("central_dp", "secagg_min_clients", 1, "an integer >= 2"),
+    ("central_dp", "noise_source", "urandom", "one of seed, os"),
+    ("secure_agg", "secagg_range", 0.0, "a number > 0"),
+    ("secure_agg", "secagg_bits", 33, "null (the most the cohort allows) or an integer in [1, 32]"),
+    ("secure_agg", "secagg_threshold", 1.5, "a number in (0, 1]"),
+    ("secure_agg", "secagg_min_clients", 1, "an integer >= 2"),
+    ("secure_agg", "noise_source", "urandom", "one of seed, os"),
+    ("local_dp", "max_grad_norm", 0.0, "a number > 0"),
+    ("local_dp", "noise_multiplier", -1.0, "a number >= 0"),
+    ("local_dp", "delta", 0.0, "a number in (0, 1)"),
+    ("local_dp", "accountant", "gdp", "one of rdp, prv"),
+    ("local_dp", "noise_source", "urandom", "one of seed, os"),
+]
+
+
+@pytest.mark.parametrize("option, key, value, allowed", RANGES)
+def test_each_privacy_range_is_a_marker_of_its_mechanisms_signature(option, key, value, allowed):
+    from fedrun.components import check_values, component, typed_node
+    from fedrun.core import FedrunError
+
+    node = OmegaConf.load(config.conf_dir() / "privacy" / f"{option}.yaml")
+    check_values(typed_node(node, component(node), "privacy", "privacy"), component(node), "privacy", "privacy")
+    node[key] = value
+    typed = typed_node(node, component(node), "privacy", "privacy")
+    with pytest.raises(FedrunError) as refused:
+        check_values(typed, component(node), "privacy", "privacy")
+    assert str(refused.value) == f"privacy.{key}: {value!r} is not allowed; allowed: {allowed}"
+
+
+def test_the_fixed_point_width_has_one_range():
+    """The signatures' secagg_bits range is the one fixedpoint enforces (once [1, 31] against [1, 32])."""
+    from fedrun.components import config_keys
+    from fedrun.privacy.fixedpoint import MAX_BITS, MIN_BITS, validate_capacity
+    from fedrun.privacy.secure_agg import SecureAggregation
+
+    for mechanism in (central, SecureAggregation):
+        (bits,) = [k for k in config_keys(mechanism, "privacy") if k.name == "secagg_bits"]
+        assert [b for b in range(-1, 40) if bits.markers[0].allows(b)] == list(range(MIN_BITS, MAX_BITS + 1))
+    validate_capacity(1, bits=MAX_BITS)
+    with pytest.raises(ValueError, match=r"\[1, 32\]"):
+        validate_capacity(1, bits=MAX_BITS + 1)
+
+
+@pytest.mark.parametrize("option, dp_level, secure_sum", [
+    ("none", None, False), ("central_dp", "user", "secure_agg"), ("secure_agg", None, True), ("local_dp", "example", False),
+])
+def test_mechanisms_declare_their_capabilities(option, dp_level, secure_sum):
+    from fedrun.components import CAPABILITIES, capability
+
+    node = OmegaConf.load(config.conf_dir() / "privacy" / f"{option}.yaml")
+    assert capability(node, "privacy", "dp_level") == dp_level
+    assert capability(node, "privacy", "secure_sum") == secure_sum
+    if isinstance(secure_sum, str):  # the name of a boolean key of its own config
+        assert isinstance(node[secure_sum], bool)
+    assert set(CAPABILITIES["privacy"]) == {"dp_level", "secure_sum"}
 
 
 # ---- epsilon is never negative; target_epsilon's range -----------------------------------------

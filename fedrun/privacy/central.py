@@ -19,12 +19,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 
+from fedrun.components import Range
 from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise, default_delta
+from fedrun.privacy.keys import (Accountant, ClipNorm, Delta, NoiseMultiplier, NoiseSource, SecaggBits,
+                                 SecaggMinClients, SecaggThreshold, TargetEpsilon)
 from fedrun.privacy.masking import SecAggAbort
 from fedrun.privacy.randomness import stream_generator, stream_seed
 from fedrun.privacy.secagg_skips import calibration_delta, epsilon_with_skips, flip_probability
@@ -36,11 +39,15 @@ log = logging.getLogger(__name__)
 class CentralPrivacy:
     """One object owns the clip norm: the one clients clip to is the one the noise is scaled by."""
 
-    def __init__(self, *, clip_norm: float, noise_multiplier: float | None, target_epsilon: float | None,
-                 delta: float | None, accountant: str, stop_at_budget: bool, adaptive: bool,
-                 target_quantile: float, clip_lr: float, clip_count_stddev: float | None,
-                 secure_agg: bool, secagg_bits: int | None, secagg_threshold: float, secagg_min_clients: int,
-                 log_client_stats: bool, noise_source: str,
+    dp_level = "user"  # clipping bounds each client's whole contribution
+    secure_sum = "secure_agg"  # its own key decides whether the sum is secure
+
+    def __init__(self, *, clip_norm: ClipNorm, noise_multiplier: NoiseMultiplier | None,
+                 target_epsilon: TargetEpsilon | None, delta: Delta | None, accountant: Accountant,
+                 stop_at_budget: bool, adaptive: bool, target_quantile: Annotated[float, Range(ge=0, le=1)],
+                 clip_lr: Annotated[float, Range(ge=0)], clip_count_stddev: Annotated[float, Range(gt=0)] | None,
+                 secure_agg: bool, secagg_bits: SecaggBits | None, secagg_threshold: SecaggThreshold,
+                 secagg_min_clients: SecaggMinClients, log_client_stats: bool, noise_source: NoiseSource,
                  num_clients: int, num_params: int, sample_rate: float, rounds: int, seed: int,
                  dropout: float = 0.0, device: torch.device = torch.device("cpu")):
         self.clip_norm = clip_norm

@@ -18,12 +18,16 @@ from __future__ import annotations
 import torch
 
 MODULUS = 2**32
+# The fixed-point widths an encoding may have: one home for the range of privacy.secagg_bits
+# (the signatures of CentralPrivacy and SecureAggregation mark it with these). 32 bits fit a
+# lone client only; a cohort of n fits at most 32 - ceil(log2 n) (`validate_capacity`).
+MIN_BITS, MAX_BITS = 1, 32
 
 
 def validate_capacity(n: int, *, bits: int) -> None:
     """Raise ValueError unless n encodings of `bits` bits sum without wrapping mod 2^32."""
-    if not 1 <= bits <= 32:
-        raise ValueError(f"privacy.secagg_bits: must lie in [1, 32], got {bits}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"privacy.secagg_bits: must lie in [{MIN_BITS}, {MAX_BITS}], got {bits}")
     if n < 1:
         raise ValueError(f"secure aggregation needs at least one client, got n={n}")
     if n * 2**bits > MODULUS:

@@ -9,19 +9,24 @@ not the client as a whole: see the README's Privacy section.
 from __future__ import annotations
 
 from collections import Counter
-from fedrun.privacy.local_dp import ExampleDP
+from typing import Annotated
+
+from fedrun.components import Range
 from fedrun.core import ClientUpdate, RoundContext
 from fedrun.privacy.accounting import epsilon_of
+from fedrun.privacy.keys import Accountant, Delta, NoiseSource
+from fedrun.privacy.local_dp import ExampleDP
 from fedrun.privacy.none import NoPrivacy
 
 
 class LocalPrivacy(NoPrivacy):
     """Aggregation is the strategy's own (NoPrivacy's); the privacy happens inside local training."""
 
+    dp_level = "example"  # DP-SGD bounds each example's gradient, not a client's whole contribution
     metric_columns = ["epsilon", "epsilon_rdp", "epsilon_prv"]
 
-    def __init__(self, *, max_grad_norm: float, noise_multiplier: float, delta: float, accountant: str,
-                 batch_size: int, noise_source: str = "seed"):
+    def __init__(self, *, max_grad_norm: Annotated[float, Range(gt=0)], noise_multiplier: Annotated[float, Range(ge=0)],
+                 delta: Delta, accountant: Accountant, batch_size: int, noise_source: NoiseSource):
         self.example_dp = ExampleDP(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                                     noise_source=noise_source)
         self.delta, self.accountant, self.batch_size = delta, accountant, batch_size

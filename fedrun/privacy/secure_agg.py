@@ -22,11 +22,13 @@ the round is counted in `secagg_skipped`): a "sum" of one client is that client'
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 
-from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream
+from fedrun.components import Range
+from fedrun.core import ClientUpdate, FedrunError, RoundContext, Strategy, Stream
+from fedrun.privacy.keys import NoiseSource, SecaggBits, SecaggMinClients, SecaggThreshold
 from fedrun.privacy.fixedpoint import MODULUS
 from fedrun.privacy.masking import SecAggAbort
 from fedrun.privacy.randomness import stream_seed
@@ -38,10 +40,12 @@ WEIGHTS = ("examples", "uniform")  # what a strategy's `secure_sum_weighting` ma
 
 
 class SecureAggregation:
+    secure_sum = True
     hides_client_stats = True  # clients.csv keeps only what the server sees (see log_client_stats)
 
-    def __init__(self, *, secagg_bits: int | None, secagg_threshold: float, secagg_min_clients: int,
-                 secagg_range: float, log_client_stats: bool, noise_source: str, strategy,
+    def __init__(self, *, secagg_bits: SecaggBits | None, secagg_threshold: SecaggThreshold,
+                 secagg_min_clients: SecaggMinClients, secagg_range: Annotated[float, Range(gt=0)],
+                 log_client_stats: bool, noise_source: NoiseSource, strategy: Strategy,
                  num_params: int, max_examples: int, seed: int, device: torch.device = torch.device("cpu")):
         weighting = getattr(strategy, "secure_sum_weighting", None)
         if weighting not in WEIGHTS:
