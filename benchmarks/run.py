@@ -85,9 +85,9 @@ def run_contender(name: str, workload: Workload, workdir: Path, export_path: Pat
 def has_cap() -> bool:
     """Whether data=synthetic has the per-client cap of the population-scale work (`++` in the
     overrides then sets it whether or not conf/data/synthetic.yaml declares it yet)."""
-    from fedrun.data.synthetic import synthetic
+    from fedrun.data.synthetic import Synthetic
 
-    return "max_client_examples" in inspect.signature(synthetic).parameters
+    return "max_client_examples" in inspect.signature(Synthetic).parameters
 
 
 def workloads(quick: bool) -> list[Workload]:

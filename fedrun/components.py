@@ -293,6 +293,9 @@ RENAMED_TARGETS: dict[str, str] = {
     "fedrun.privacy.central": "fedrun.privacy.central.CentralPrivacy",
     # strategies
     # data, models, backends, attacks, compression, sampler, audit
+    "fedrun.data.text.pystdlib": "fedrun.data.pystdlib.PyStdlib",
+    "fedrun.data.text.shakespeare": "fedrun.data.shakespeare.Shakespeare",
+    "fedrun.data.synthetic.synthetic": "fedrun.data.synthetic.Synthetic",
 }
 
 

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
-from fedrun.components import component, typed_node
+from fedrun.components import capability, component, typed_node
 from fedrun.core import FedrunError, make_deterministic
 from fedrun import startup
 from fedrun.data import cache as data_cache
@@ -182,22 +182,24 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
+def build_data(cfg: DictConfig, *, audit: Any = None) -> FederatedData:
     """The run's federated data: from the on-disk cache when `data.cache` (fedrun/data/cache.py)."""
     options: dict[str, Any] = {}
+    text = capability(cfg.data, "data", "data_kind") == "text"
     path = cfg.model.get("name_or_path")
-    tokenizer = path if path and has_tokenizer(path) and not cfg.data._target_.endswith(".synthetic") else None
+    tokenizer = path if path and has_tokenizer(path) and text else None
     if audit is not None:
-        if cfg.data._target_.endswith(".synthetic") or tokenizer:
+        if not text or tokenizer:
             raise FedrunError("audit: canaries are byte-level secrets planted in text; they need byte-level text "
                               "data (not data=synthetic, nor a model with its own tokenizer)")
         options["insert"] = audit.insert
     node = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "cache"])
+    source = instantiate(node)  # its keys only: it reads nothing before `load`
 
     def make() -> FederatedData:
         if tokenizer:  # windows of the model's own tokens; made only on a cache miss (it imports transformers)
             options["tokenizer"] = Tokenizer(tokenizer)
-        return instantiate(node, _partial_=True)(seed=cfg.seed, **options)
+        return source.load(seed=cfg.seed, **options)
 
     startup.mark("data_start")
     if audit is not None or not cfg.data.get("cache", True):  # canaries plant secrets: never cached
@@ -205,7 +207,8 @@ def build_data(cfg: DictConfig, *, audit=None) -> FederatedData:
         data.provenance = {"cache": "off"}
     else:
         spec = OmegaConf.to_container(node)
-        key = data_cache.data_key(data=spec, seed=cfg.seed, tokenizer=tokenizer)
+        key = data_cache.data_key(data=spec, seed=cfg.seed, tokenizer=tokenizer,
+                                  implicit_sources=source.implicit_sources())
         data = data_cache.load_or_build(key, make)
     startup.mark("data_end")
     return data

@@ -174,7 +174,7 @@ def test_key_covers_the_tokenizer_folder_and_source_folders(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
-    spec = {"_target_": "fedrun.data.text.pystdlib", "root": str(tmp_path / "src"), "seq_len": 8}
+    spec = {"_target_": "fedrun.data.pystdlib.PyStdlib", "root": str(tmp_path / "src"), "seq_len": 8}
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.py").write_text("x = 1\n")
     base = cache.data_key(data=spec, seed=0, tokenizer=str(tok))

@@ -170,8 +170,8 @@ def test_a_target_anywhere_but_a_shipped_option_is_refused(run, key):
 
 
 BAD = {  # a change to a real run's config -> the start of the refusal after `run_dir: PATH: `
-    "a shipped target at another key": (lambda t: t["model"].update(_target_="fedrun.data.synthetic.synthetic"),
-                                        "model._target_: 'fedrun.data.synthetic.synthetic' is not a component"),
+    "a shipped target at another key": (lambda t: t["model"].update(_target_="fedrun.data.synthetic.Synthetic"),
+                                        "model._target_: 'fedrun.data.synthetic.Synthetic' is not a component"),
     "_partial_": (lambda t: t["model"].update(_partial_=True), "model._partial_: True is not a setting"),
     "_args_": (lambda t: t["data"].update(_args_=["x"]), "data._args_: ['x'] is not a setting"),
     "_recursive_ in a list": (lambda t: t["client"].update(models=[{"_recursive_": False}]),
@@ -246,7 +246,7 @@ def test_every_shipped_option_reads_back_as_written(tmp_path):
 
 def test_shipped_targets_are_known_at_their_paths():
     special = run_config.shipped().special
-    assert "fedrun.data.text.shakespeare" in special["strategy.public._target_"]
+    assert "fedrun.data.shakespeare.Shakespeare" in special["strategy.public._target_"]
     assert "fedrun.models.small.LogReg" in special["model._target_"]
     assert not [key for key in special if key.endswith(("_partial_", "_args_", "_recursive_", "_convert_"))]
 

@@ -21,7 +21,9 @@ OPTIONS = dict(alpha=1.0, beta=1.0, num_clients=40, num_features=5, num_classes=
 
 
 def _data(**kw) -> FederatedData:
-    return syn.synthetic(**(OPTIONS | kw))
+    keys = OPTIONS | kw
+    seed = keys.pop("seed")
+    return syn.Synthetic(**keys).load(seed=seed)
 
 
 def test_the_cap_keeps_each_capped_clients_first_examples_and_leaves_the_others_alone():
@@ -43,8 +45,13 @@ def test_capped_clients_still_hold_out_their_last_examples_for_test():
 
 
 def test_a_cap_below_one_is_a_user_error():
+    from omegaconf import OmegaConf
+
+    from fedrun.components import check_values
+
+    keys = {k: v for k, v in OPTIONS.items() if k != "seed"} | {"max_client_examples": 0, "test_fraction": 0.2}
     with pytest.raises(FedrunError, match="data.max_client_examples"):
-        _data(max_client_examples=0)
+        check_values(OmegaConf.create(keys), syn.Synthetic, "data", "data")
 
 
 def test_clients_are_views_into_one_tensor_per_split():

@@ -5,6 +5,8 @@ import torch
 
 from fedrun.core import FedrunError
 from fedrun.data import text
+from fedrun.data.pystdlib import PyStdlib, read_python_sources
+from fedrun.data.shakespeare import Shakespeare, read_shakespeare
 from tests.conftest import make_play
 
 
@@ -45,13 +47,13 @@ def test_split_by_position_keeps_order_and_at_least_one_window_each():
 
 def test_speakers_match_an_independent_parse(tmp_path):
     path = make_play(tmp_path / "p.txt", speakers=5)
-    docs, raw = text.read_shakespeare(str(path))
+    docs, raw = read_shakespeare(str(path))
     expected = _reference_speakers(path.read_text())
     assert {n: t.decode() for n, t in docs} == expected
 
 
 def test_real_corpus_speakers_match_an_independent_parse(shakespeare_path):
-    docs, raw = text.read_shakespeare(str(shakespeare_path))
+    docs, raw = read_shakespeare(str(shakespeare_path))
     expected = {k: v for k, v in _reference_speakers(raw.decode()).items() if v.strip()}
     assert {n: t.decode() for n, t in docs} == expected
     assert len(docs) > 250  # a few speakers (ghosts) have only empty speeches
@@ -60,12 +62,13 @@ def test_real_corpus_speakers_match_an_independent_parse(shakespeare_path):
 def _fed(path, **kw):
     opts = dict(seq_len=16, test_fraction=0.2, min_samples=4, partition="natural", num_clients=None,
                 max_client_bytes=None)
-    return text.shakespeare(str(path), **(opts | kw))
+    seed = kw.pop("seed", 0)
+    return Shakespeare(path=str(path), **(opts | kw)).load(seed=seed)
 
 
 def test_natural_partition_is_one_client_per_kept_speaker(play):
     data = _fed(play)
-    docs, _ = text.read_shakespeare(str(play))
+    docs, _ = read_shakespeare(str(play))
     kept = [n for n, t in docs if len(text.windows(t, 16)) >= 4]
     assert [c.name for c in data.clients] == kept
     for client, (name, t) in zip(data.clients, [d for d in docs if d[0] in kept]):
@@ -111,21 +114,21 @@ def test_pystdlib_is_one_client_per_top_level_module_without_tests(tmp_path):
     (tmp_path / "test_mod.py").write_text("SECRET\n" * 50)
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "a.py").write_text("SECRET\n" * 50)
-    docs, _ = text.read_python_sources(str(tmp_path))
+    docs, _ = read_python_sources(str(tmp_path))
     assert [n for n, _ in docs] == ["mod", "pkg"]
     assert all(b"SECRET" not in t for _, t in docs)
 
 
 def test_pystdlib_reads_the_running_interpreter():
-    data = text.pystdlib(seq_len=80, test_fraction=0.2, min_samples=10, partition="natural",
-                         num_clients=None, max_client_bytes=4096)
+    data = PyStdlib(root=None, seq_len=80, test_fraction=0.2, min_samples=10, partition="natural",
+                    num_clients=None, max_client_bytes=4096).load(seed=0)
     names = {c.name for c in data.clients}
     assert {"json", "collections", "email"} <= names and "test" not in names
 
 
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(FedrunError, match="data.path: file not found"):
-        text.read_shakespeare(str(tmp_path / "nope.txt"))
+        read_shakespeare(str(tmp_path / "nope.txt"))
     (tmp_path / "empty.txt").write_text("no speakers here\n")
     with pytest.raises(FedrunError, match="data.path: no 'SPEAKER:' blocks"):
-        text.read_shakespeare(str(tmp_path / "empty.txt"))
+        read_shakespeare(str(tmp_path / "empty.txt"))

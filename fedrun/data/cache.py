@@ -2,7 +2,7 @@
 
 An entry is keyed by a sha256 of everything that determines the data: the data config (less
 `cache`), the seed, the identity of every source it reads (a file's resolved path, size and
-mtime; a folder's files' too), the tokenizer's folder if any, FORMAT_VERSION, the source
+mtime; a folder's files' too; what the source declares it reads besides, its `implicit_sources()`), the tokenizer's folder if any, FORMAT_VERSION, the source
 code of fedrun/data and the torch and numpy versions (whose random streams generate data), so
 a change to how data is made never serves stale data.
 Entries live in $FEDRUN_CACHE, default ~/.cache/fedrun/data, one `<key>.pt` file each
@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -41,15 +39,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDRUN_CACHE") or "~/.cache/fedrun/data").expanduser()
 
 
-def data_key(*, data: dict, seed: int, tokenizer: str | None = None) -> str:
-    """sha256 (hex) of everything that determines the prepared data."""
+def data_key(*, data: dict, seed: int, tokenizer: str | None = None,
+             implicit_sources: list[dict[str, Any]] | None = None) -> str:
+    """sha256 (hex) of everything that determines the prepared data; `implicit_sources` are the
+    identities of what the source reads that no key of `data` names (its `implicit_sources()`)."""
     recipe = {
         "format": FORMAT_VERSION,
         "code": _tree_digest(_DATA_CODE, suffix=".py", content=True),
         "versions": [torch.__version__, np.__version__],  # their random streams make the data
         "data": data,
         "seed": seed,
-        "sources": sources(data),
+        "sources": sources(data) + list(implicit_sources or []),
         "tokenizer": None if tokenizer is None else path_identity(tokenizer),
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
@@ -142,12 +142,7 @@ def _examples(state: dict[str, torch.Tensor]):
 
 
 def sources(data: dict) -> list[dict[str, Any]]:
-    """Identities of the files and folders a data config reads: its string values that name
-    existing paths (data.path, data.root). data=pystdlib's root=null reads this interpreter's
-    stdlib, which changes only with the Python version: that is its identity (walking it
-    would cost seconds)."""
-    found = [path_identity(v) for k, v in data.items()
-             if k != "_target_" and isinstance(v, str) and Path(v).expanduser().exists()]
-    if str(data.get("_target_", "")).endswith(".pystdlib") and data.get("root") is None:
-        found.append({"stdlib": sysconfig.get_paths()["stdlib"], "python": sys.version})
-    return found
+    """Identities of the files and folders a data config names: its string values that name
+    existing paths (data.path, data.root)."""
+    return [path_identity(v) for k, v in data.items()
+            if k != "_target_" and isinstance(v, str) and Path(v).expanduser().exists()]

@@ -19,14 +19,16 @@ and "shards" pool every example and deal them out again with `fedrun.data.partit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
+from fedrun.components import OneOf, Range
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
 from fedrun.data.examples import FederatedData, Labelled, PackedClients, pack_parts
-from fedrun.data.text import num_test
+from fedrun.data.text import TEST_FRACTION, num_test
 
 PARTITIONS = ("natural", "iid", "dirichlet", "shards")
 MIN_CLIENT_SIZE = 50  # the "+ 50" of the reference code's client sizes
@@ -125,41 +127,64 @@ def _rows(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def synthetic(*, alpha: float, beta: float, num_clients: int, num_features: int, num_classes: int,
-              iid: bool, partition: str, dirichlet_alpha: float, size_skew: float,
-              test_fraction: float, max_client_examples: int | None, seed: int) -> FederatedData:
+class Synthetic:
     """`data=synthetic`: Synthetic(alpha, beta) over `num_clients` clients."""
-    _check(partition=partition, num_clients=num_clients, dirichlet_alpha=dirichlet_alpha,
-           size_skew=size_skew, test_fraction=test_fraction, max_client_examples=max_client_examples)
-    pop = population(alpha=alpha, beta=beta, num_clients=num_clients, num_features=num_features,
-                     num_classes=num_classes, iid=iid, max_client_examples=max_client_examples,
-                     rng=numpy_rng(seed, Stream.PARTITION, _PARAMETERS))
-    if partition == "natural":
-        clients = generate(pop, seed=seed, test_fraction=test_fraction)
-    else:
-        pooled = generate(pop, seed=seed).train
-        del pop  # its (K, C, F) client models, before pack_parts copies the examples
+
+    data_kind = "labelled"
+
+    def __init__(self, *, alpha: Annotated[float, Range(ge=0)], beta: Annotated[float, Range(ge=0)],
+                 num_clients: Annotated[int, Range(ge=1)], num_features: Annotated[int, Range(ge=1)],
+                 num_classes: Annotated[int, Range(ge=2)], iid: bool, partition: Annotated[str, OneOf(*PARTITIONS)],
+                 dirichlet_alpha: Annotated[float, Range(gt=0)], size_skew: Annotated[float, Range(ge=0)],
+                 test_fraction: Annotated[float, TEST_FRACTION],
+                 max_client_examples: Annotated[int, Range(ge=1)] | None):
+        if size_skew > 0 and partition != "iid":
+            raise FedrunError(f"data.size_skew: applies to partition=iid only, got {size_skew} with partition={partition}")
+        self.alpha, self.beta, self.iid = alpha, beta, iid
+        self.num_clients, self.num_features, self.num_classes = num_clients, num_features, num_classes
+        self.partition, self.dirichlet_alpha, self.size_skew = partition, dirichlet_alpha, size_skew
+        self.test_fraction, self.max_client_examples = test_fraction, max_client_examples
+
+    def implicit_sources(self) -> list[dict[str, Any]]:
+        return []  # it reads nothing
+
+    def load(self, *, seed: int, insert: Any = None, tokenizer: Any = None) -> FederatedData:
+        """The federated data (`insert` and `tokenizer` are for text: the builder never gives them)."""
+        pop = population(alpha=self.alpha, beta=self.beta, num_clients=self.num_clients,
+                         num_features=self.num_features, num_classes=self.num_classes, iid=self.iid,
+                         max_client_examples=self.max_client_examples, rng=numpy_rng(seed, Stream.PARTITION, _PARAMETERS))
+        if self.partition == "natural":
+            clients = generate(pop, seed=seed, test_fraction=self.test_fraction)
+        else:
+            pooled = generate(pop, seed=seed).train
+            del pop  # its (K, C, F) client models, before pack_parts copies the examples
+            clients = self._repartition(pooled, seed)
+        return FederatedData(clients, self._fingerprint(clients, seed),
+                             model_dims={"num_features": self.num_features, "num_classes": self.num_classes})
+
+    def _repartition(self, pooled: Labelled, seed: int) -> PackedClients:
+        """Every example pooled and dealt out again by `partition`."""
         rng = numpy_rng(seed, Stream.PARTITION, _REPARTITION)
-        parts = _repartition(pooled.labels.numpy(), partition=partition, num_clients=num_clients,
-                             dirichlet_alpha=dirichlet_alpha, size_skew=size_skew, rng=rng)
+        parts = _repartition(pooled.labels.numpy(), partition=self.partition, num_clients=self.num_clients,
+                             dirichlet_alpha=self.dirichlet_alpha, size_skew=self.size_skew, rng=rng)
         # The text sources' split, by position, so both kinds hold out the same share.
-        cuts = [len(part) - num_test(len(part), test_fraction) for part in parts]
-        clients = pack_parts(pooled, [p[:n] for p, n in zip(parts, cuts)], pooled, [p[n:] for p, n in zip(parts, cuts)],
-                             names="synthetic_")
-    fingerprint = {
-        "source": "synthetic", "alpha": alpha, "beta": beta, "iid": iid,
-        "num_features": num_features, "num_classes": num_classes, "partition": partition,
-        "test_fraction": test_fraction,
-        **({"dirichlet_alpha": dirichlet_alpha} if partition == "dirichlet" else {}),
-        **({"size_skew": size_skew} if size_skew else {}),
-        **({"max_client_examples": max_client_examples} if max_client_examples is not None else {}),
-        "clients": len(clients),
-        "train_examples": len(clients.train),
-        "test_examples": len(clients.test),
-        "seed": seed,
-    }
-    return FederatedData(clients, fingerprint,
-                         model_dims={"num_features": num_features, "num_classes": num_classes})
+        cuts = [len(part) - num_test(len(part), self.test_fraction) for part in parts]
+        return pack_parts(pooled, [p[:n] for p, n in zip(parts, cuts)], pooled, [p[n:] for p, n in zip(parts, cuts)],
+                          names="synthetic_")
+
+    def _fingerprint(self, clients: PackedClients, seed: int) -> dict[str, Any]:
+        return {
+            "source": "synthetic", "alpha": self.alpha, "beta": self.beta, "iid": self.iid,
+            "num_features": self.num_features, "num_classes": self.num_classes, "partition": self.partition,
+            "test_fraction": self.test_fraction,
+            **({"dirichlet_alpha": self.dirichlet_alpha} if self.partition == "dirichlet" else {}),
+            **({"size_skew": self.size_skew} if self.size_skew else {}),
+            **({"max_client_examples": self.max_client_examples} if self.max_client_examples is not None else {}),
+            "clients": len(clients),
+            "train_examples": len(clients.train),
+            "test_examples": len(clients.test),
+            "seed": seed,
+        }
 
 
 def _repartition(labels: np.ndarray, *, partition: str, num_clients: int, dirichlet_alpha: float,
@@ -172,20 +197,3 @@ def _repartition(labels: np.ndarray, *, partition: str, num_clients: int, dirich
         return partitioners.iid(len(labels), num_clients, rng)
     sizes = partitioners.power_law_sizes(len(labels), num_clients, exponent=size_skew, rng=rng)
     return partitioners.split_by_sizes(rng.permutation(len(labels)), sizes)
-
-
-def _check(*, partition: str, num_clients: int, dirichlet_alpha: float, size_skew: float,
-           test_fraction: float, max_client_examples: int | None) -> None:
-    if partition not in PARTITIONS:
-        raise FedrunError(f"data.partition: unknown partition '{partition}'; allowed: {', '.join(PARTITIONS)}")
-    if num_clients < 1:
-        raise FedrunError(f"data.num_clients: must be at least 1, got {num_clients}")
-    if partition == "dirichlet" and not dirichlet_alpha > 0:
-        raise FedrunError(f"data.dirichlet_alpha: must be > 0, got {dirichlet_alpha}")
-    if size_skew < 0 or (size_skew > 0 and partition != "iid"):
-        raise FedrunError(f"data.size_skew: must be >= 0 and applies to partition=iid only, "
-                          f"got {size_skew} with partition={partition}")
-    if not 0 <= test_fraction < 1:
-        raise FedrunError(f"data.test_fraction: must be in [0, 1), got {test_fraction}")
-    if max_client_examples is not None and max_client_examples < 1:
-        raise FedrunError(f"data.max_client_examples: must be null or at least 1, got {max_client_examples}")

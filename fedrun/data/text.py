@@ -8,24 +8,21 @@ training data and the last ones its test data, as in LEAF's Shakespeare benchmar
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import sysconfig
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Any, Callable
 
 import torch
 
+from fedrun.components import OneOf, Range
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
 from fedrun.data.examples import ClientData, FederatedData, PackedClients, Windows, pack, pack_parts
 
 VOCAB_SIZE = 256
 PARTITIONS = ("natural", "iid")
-# Speaker lines look like "First Citizen:" alone on a line.
-_SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
-_NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+TEST_FRACTION = Range(gt=0, lt=1, words="a number in (0, 1): eval_loss, eval_ppl and eval_acc are measured on "
+                      "the held-out test examples")
+Documents = list[tuple[str, bytes]]  # (natural client's name, its text)
 
 
 def windows(text: bytes, seq_len: int, *, encode: Callable[[bytes], list[int]] | None = None) -> torch.Tensor:
@@ -52,49 +49,8 @@ def split_by_position(w: torch.Tensor, test_fraction: float) -> tuple[torch.Tens
     return w[: len(w) - n_test], w[len(w) - n_test :]
 
 
-def read_shakespeare(path: str) -> tuple[list[tuple[str, bytes]], bytes]:
-    """One document per speaker, in order of first appearance, from `SPEAKER:\\nlines\\n\\n`."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FedrunError(f"data.path: file not found: {path} (give data.path=/path/to/tinyshakespeare.txt)")
-    raw = file.read_bytes()
-    speeches: dict[str, list[bytes]] = {}
-    for block in re.split(rb"\r?\n\s*\n", raw):
-        lines = block.strip(b"\r\n").splitlines()
-        if len(lines) < 2 or not (m := _SPEAKER.match(lines[0].strip())):
-            continue
-        speaker = m.group(1).decode("utf-8", "replace").strip()
-        speeches.setdefault(speaker, []).append(b"\n".join(lines[1:]) + b"\n")
-    if not speeches:
-        raise FedrunError(f"data.path: no 'SPEAKER:' blocks found in {path}; expected the tinyshakespeare layout")
-    return [(name, b"".join(parts)) for name, parts in speeches.items()], raw
-
-
-def read_python_sources(root: str | None) -> tuple[list[tuple[str, bytes]], bytes]:
-    """One document per top-level module or package under `root` (tests excluded)."""
-    base = Path(root or sysconfig.get_paths()["stdlib"]).expanduser()
-    if not base.is_dir():
-        raise FedrunError(f"data.root: directory not found: {root}")
-    groups: dict[str, list[bytes]] = {}
-    digest = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB)
-        for fname in sorted(filenames):
-            if not fname.endswith(".py") or fname.startswith("test_"):
-                continue
-            path = Path(dirpath, fname)
-            rel = path.relative_to(base)
-            content = path.read_bytes()
-            digest.update(str(rel).encode() + b"\0" + content)
-            groups.setdefault(rel.parts[0].removesuffix(".py"), []).append(content)
-    if not groups:
-        raise FedrunError(f"data.root: no Python sources found under {base}")
-    docs = [(name, b"\n".join(groups[name])) for name in sorted(groups)]
-    return docs, digest.digest()
-
-
 def federate(
-    docs: list[tuple[str, bytes]],
+    docs: Documents,
     *,
     source: dict,
     seq_len: int,
@@ -104,8 +60,8 @@ def federate(
     num_clients: int | None,
     max_client_bytes: int | None,
     seed: int,
-    insert: Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]] | None = None,
-    tokenizer: "Tokenizer | None" = None,
+    insert: Callable[[Documents], Documents] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> FederatedData:
     """Window each document, keep those with >= min_samples windows, split and partition.
 
@@ -151,6 +107,37 @@ def _iid(natural: PackedClients, num_clients: int, seed: int) -> PackedClients:
     return pack_parts(train, train_parts, test, test_parts, names="iid_")
 
 
+class TextSource:
+    """A text data source: one document per natural client (`documents`, the subclass's part),
+    cut into windows, split by position and partitioned. Its keys, shared by every text source,
+    are conf/base/text.yaml's."""
+
+    data_kind = "text"
+
+    def __init__(self, *, seq_len: Annotated[int, Range(ge=1)], test_fraction: Annotated[float, TEST_FRACTION],
+                 min_samples: Annotated[int, Range(ge=1)], partition: Annotated[str, OneOf(*PARTITIONS)],
+                 num_clients: Annotated[int, Range(ge=1)] | None, max_client_bytes: Annotated[int, Range(ge=2)] | None):
+        self.seq_len, self.test_fraction, self.min_samples = seq_len, test_fraction, min_samples
+        self.partition, self.num_clients, self.max_client_bytes = partition, num_clients, max_client_bytes
+
+    def documents(self) -> tuple[Documents, dict[str, Any]]:
+        """The natural clients' texts, and what identifies them in the data's fingerprint."""
+        raise NotImplementedError
+
+    def implicit_sources(self) -> list[dict[str, Any]]:
+        """Identities of what it reads that no key names as a path (the data cache keys on them)."""
+        return []
+
+    def load(self, *, seed: int, insert: Callable[[Documents], Documents] | None = None,
+             tokenizer: Tokenizer | None = None) -> FederatedData:
+        """The federated data; `insert` (the canary audit) edits the documents, `tokenizer` (a
+        model's own) replaces bytes by its token ids."""
+        docs, source = self.documents()
+        return federate(docs, source=source, seed=seed, seq_len=self.seq_len, test_fraction=self.test_fraction,
+                        min_samples=self.min_samples, partition=self.partition, num_clients=self.num_clients,
+                        max_client_bytes=self.max_client_bytes, insert=insert, tokenizer=tokenizer)
+
+
 class Tokenizer:
     """A model's own tokenizer (Hugging Face), read from a local checkpoint directory."""
 
@@ -173,27 +160,3 @@ class Tokenizer:
 
 def has_tokenizer(path: str) -> bool:
     return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-
-
-def shakespeare(path: str, *, seq_len: int, test_fraction: float, min_samples: int, partition: str,
-               num_clients: int | None, max_client_bytes: int | None, seed: int = 0,
-               insert: Callable | None = None, tokenizer: "Tokenizer | None" = None) -> FederatedData:
-    """`data=shakespeare`: one client per speaker of a tinyshakespeare-style file."""
-    docs, raw = read_shakespeare(path)
-    source = {"source": "shakespeare", "path": str(Path(path).resolve()), "bytes": len(raw),
-              "sha256": hashlib.sha256(raw).hexdigest()}
-    return federate(docs, source=source, seed=seed, seq_len=seq_len, test_fraction=test_fraction,
-                    min_samples=min_samples, partition=partition, num_clients=num_clients,
-                    max_client_bytes=max_client_bytes, insert=insert, tokenizer=tokenizer)
-
-
-def pystdlib(root: str | None, *, seq_len: int, test_fraction: float, min_samples: int, partition: str,
-               num_clients: int | None, max_client_bytes: int | None, seed: int = 0,
-               insert: Callable | None = None, tokenizer: "Tokenizer | None" = None) -> FederatedData:
-    """`data=pystdlib`: one client per top-level module/package of the interpreter's stdlib."""
-    docs, digest = read_python_sources(root)
-    source = {"source": "pystdlib", "path": root or sysconfig.get_paths()["stdlib"],
-              "bytes": sum(len(t) for _, t in docs), "sha256": digest.hex()}
-    return federate(docs, source=source, seed=seed, seq_len=seq_len, test_fraction=test_fraction,
-                    min_samples=min_samples, partition=partition, num_clients=num_clients,
-                    max_client_bytes=max_client_bytes, insert=insert, tokenizer=tokenizer)

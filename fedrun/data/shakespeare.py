@@ -1,0 +1,44 @@
+"""`data=shakespeare`: one client per speaker of a file in the tinyshakespeare layout
+(`SPEAKER:\\nlines\\n\\n`), as in LEAF's Shakespeare benchmark (Caldas et al. 2018)."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from fedrun.core import FedrunError
+from fedrun.data.text import Documents, TextSource
+
+# Speaker lines look like "First Citizen:" alone on a line.
+_SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
+
+
+class Shakespeare(TextSource):
+    def __init__(self, *, path: str, **keys: Any):
+        super().__init__(**keys)
+        self.path = path
+
+    def documents(self) -> tuple[Documents, dict[str, Any]]:
+        docs, raw = read_shakespeare(self.path)
+        source = {"source": "shakespeare", "path": str(Path(self.path).resolve()), "bytes": len(raw),
+                  "sha256": hashlib.sha256(raw).hexdigest()}
+        return docs, source
+
+
+def read_shakespeare(path: str) -> tuple[Documents, bytes]:
+    """One document per speaker, in order of first appearance, from `SPEAKER:\\nlines\\n\\n`."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FedrunError(f"data.path: file not found: {path} (give data.path=/path/to/tinyshakespeare.txt)")
+    raw = file.read_bytes()
+    speeches: dict[str, list[bytes]] = {}
+    for block in re.split(rb"\r?\n\s*\n", raw):
+        lines = block.strip(b"\r\n").splitlines()
+        if len(lines) < 2 or not (m := _SPEAKER.match(lines[0].strip())):
+            continue
+        speaker = m.group(1).decode("utf-8", "replace").strip()
+        speeches.setdefault(speaker, []).append(b"\n".join(lines[1:]) + b"\n")
+    if not speeches:
+        raise FedrunError(f"data.path: no 'SPEAKER:' blocks found in {path}; expected the tinyshakespeare layout")
+    return [(name, b"".join(parts)) for name, parts in speeches.items()], raw
