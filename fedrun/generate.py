@@ -50,7 +50,7 @@ def run_tokenizer(cfg: DictConfig) -> Tokenizer | None:
 
 def model_dims(cfg: DictConfig) -> dict[str, int]:
     """What the model factory needs from the data, read from the config (as FederatedData.model_dims)."""
-    if "seq_len" in cfg.data:  # text: bytes, or the ids of the model's own tokenizer
+    if capability(cfg.data, "data", "data_kind") == "text":  # bytes, or the ids of the model's own tokenizer
         tokenizer = run_tokenizer(cfg)
         return {"vocab_size": tokenizer.vocab_size if tokenizer else VOCAB_SIZE, "seq_len": cfg.data.seq_len}
     return {"num_features": cfg.data.num_features, "num_classes": cfg.data.num_classes}

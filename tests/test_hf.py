@@ -1,6 +1,7 @@
 """HFCausalLM: tiny transformers models built from a config (nothing downloaded), LoRA via peft."""
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -15,7 +16,7 @@ from fedrun.client import ClientConfig, LocalTrainer  # noqa: E402
 from fedrun.core import ClientJob, FedrunError, RoundContext  # noqa: E402
 from fedrun.data.examples import ClientData, Windows  # noqa: E402
 from fedrun.evaluation import batch_loss  # noqa: E402
-from fedrun.models.hf import HFCausalLM, lora_aggregation_error, lora_pairs  # noqa: E402
+from fedrun.models.hf import HFCausalLM, LoRAConfig, lora_aggregation_error, lora_pairs  # noqa: E402
 from fedrun.params import flatten_parameters  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
          "num_attention_heads": 2, "num_key_value_heads": 1}
-LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
-NO_LORA = {**LORA, "enabled": False}
+LORA = LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=None)
+NO_LORA = dataclasses.replace(LORA, enabled=False)
 SEQ_LEN = 16
 
 
@@ -75,8 +76,8 @@ def test_only_adapters_train_and_their_size_is_the_closed_form(cfg):
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-    assert sum(p.numel() for p in trainable.values()) == lora_size_closed_form(cfg, LORA["r"])
-    assert flatten_parameters(model).numel() == lora_size_closed_form(cfg, LORA["r"])
+    assert sum(p.numel() for p in trainable.values()) == lora_size_closed_form(cfg, LORA.r)
+    assert flatten_parameters(model).numel() == lora_size_closed_form(cfg, LORA.r)
 
 
 def test_without_lora_everything_trains():
@@ -86,7 +87,7 @@ def test_without_lora_everything_trains():
 
 
 def test_target_modules_override():
-    model = build(LLAMA, {**LORA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    model = build(LLAMA, dataclasses.replace(LORA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     assert len(lora_pairs(model)) == 4 * LLAMA["num_hidden_layers"]
 
 
@@ -185,7 +186,7 @@ def test_unknown_model_type_and_targets_are_user_errors():
 
 
 def test_hydra_configs_are_accepted():
-    model = build(OmegaConf.create(LLAMA), OmegaConf.create({**LORA, "target_modules": ["q_proj"]}))
+    model = build(OmegaConf.create(LLAMA), OmegaConf.create(dataclasses.asdict(LORA) | {"target_modules": ["q_proj"]}))
     assert len(lora_pairs(model)) == LLAMA["num_hidden_layers"]
 
 
@@ -233,7 +234,7 @@ def test_local_trainer_trains_the_flat_adapter_vector():
                        local_epochs=None, local_steps=30)
     trainer = LocalTrainer(make_model, cfg, torch.device("cpu"))
     update = trainer.train(ClientJob(client_id=0), data, weights, RoundContext(round_idx=1, seed=0, num_clients=1))
-    assert update.delta.shape == weights.shape == (lora_size_closed_form(GPT2, LORA["r"]),)
+    assert update.delta.shape == weights.shape == (lora_size_closed_form(GPT2, LORA.r),)
     assert update.delta.abs().sum() > 0
     x, y = windows.inputs_targets(torch.device("cpu"))
     with torch.no_grad():
@@ -287,7 +288,8 @@ def test_a_local_checkpoint_trains_on_its_own_tokens(play, tmp_path):
     import pandas as pd
 
     from fedrun import config, train
-    from fedrun.data.text import read_shakespeare, windows
+    from fedrun.data.shakespeare import read_shakespeare
+    from fedrun.data.text import windows
 
     tokenizer = _local_checkpoint(tmp_path / "ckpt", play.read_text())
     cfg = config.compose(["model=hf", f"model.name_or_path={tmp_path / 'ckpt'}", "model.from_config=null",

@@ -16,16 +16,40 @@ is future work. Weights are never downloaded: `name_or_path` must be a local dir
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 from torch import nn
 
+from fedrun.components import Range
 from fedrun.core import FedrunError
 
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """`model.lora`: the adapters peft adds to the frozen base."""
+
+    enabled: bool  # false: full fine-tuning, every weight trained and sent
+    r: Annotated[int, Range(ge=1)]
+    alpha: Annotated[int, Range(ge=1)]
+    dropout: Annotated[float, Range(ge=0, lt=1)]
+    target_modules: list[str] | None = None  # None: DEFAULT_TARGET_MODULES of the model type
+
+    @classmethod
+    def of(cls, value: LoRAConfig | Mapping[str, Any]) -> LoRAConfig:
+        """The record itself, or one made from the config node Hydra passes (or a plain dict)."""
+        if isinstance(value, LoRAConfig):
+            return value
+        plain = dict(_plain(value))
+        if plain.get("target_modules") is not None:
+            plain["target_modules"] = list(plain["target_modules"])
+        return cls(**plain)
 
 
 def _offline() -> None:
@@ -54,16 +78,16 @@ class HFCausalLM(nn.Module):
     """
 
     def __init__(self, *, vocab_size: int, seq_len: int, name_or_path: str | None,
-                 from_config: dict | None, lora: dict, init_seed: int):
+                 from_config: dict | None, lora: LoRAConfig, init_seed: int):
         super().__init__()
         _offline()
         self.vocab_size = vocab_size
         self.seq_len = seq_len
-        from_config, lora = _plain(from_config), _plain(lora)
+        from_config, lora = _plain(from_config), LoRAConfig.of(lora)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             base = _load_base(name_or_path, from_config, vocab_size=vocab_size, seq_len=seq_len)
-        self.lora_enabled = bool(lora["enabled"])
+        self.lora_enabled = bool(lora.enabled)
         self.model = _with_lora(base, lora) if self.lora_enabled else base
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -123,18 +147,18 @@ def _pretrained(name_or_path: str, *, vocab_size: int, seq_len: int) -> nn.Modul
     return model
 
 
-def _with_lora(base: nn.Module, lora: dict) -> nn.Module:
+def _with_lora(base: nn.Module, lora: LoRAConfig) -> nn.Module:
     """Freeze `base` and add trainable adapters to the target modules (peft)."""
     import peft
     from transformers.pytorch_utils import Conv1D
 
-    targets = lora.get("target_modules") or DEFAULT_TARGET_MODULES.get(base.config.model_type)
+    targets = lora.target_modules or DEFAULT_TARGET_MODULES.get(base.config.model_type)
     if targets is None:
         raise FedrunError(f"model.lora.target_modules: no default for model_type "
                           f"{base.config.model_type!r}; list the module names to adapt")
     # GPT-2's Conv1D stores its weight as (in, out): peft must know to transpose.
     conv1d = any(isinstance(m, Conv1D) and name.split(".")[-1] in targets for name, m in base.named_modules())
-    config = peft.LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(targets), fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
     try:
         return peft.get_peft_model(base, config)

@@ -4,13 +4,19 @@ an 8-dimensional embedding, two LSTM layers of 256 units, a dense output layer.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
+from fedrun.components import Range
+
+AtLeastOne = Annotated[int, Range(ge=1)]
+
 
 class CharLSTM(nn.Module):
-    def __init__(self, *, vocab_size: int, seq_len: int, embed_dim: int, hidden_size: int,
-                 num_layers: int):
+    def __init__(self, *, vocab_size: int, seq_len: int, embed_dim: AtLeastOne, hidden_size: AtLeastOne,
+                 num_layers: AtLeastOne):
         super().__init__()
         self.seq_len = seq_len
         self.embed = nn.Embedding(vocab_size, embed_dim)

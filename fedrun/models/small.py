@@ -7,8 +7,12 @@ logits; the loss applies the softmax.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
+
+from fedrun.components import Range
 
 
 class LogReg(nn.Module):
@@ -26,7 +30,7 @@ class LogReg(nn.Module):
 class MLP(nn.Module):
     elementwise_forward = True
 
-    def __init__(self, *, num_features: int, num_classes: int, hidden: int):
+    def __init__(self, *, num_features: int, num_classes: int, hidden: Annotated[int, Range(ge=1)]):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 

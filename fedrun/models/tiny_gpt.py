@@ -6,10 +6,16 @@ learned positions, and an output layer tied to the token embedding (Press & Wolf
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedrun.components import Range
+
+AtLeastOne = Annotated[int, Range(ge=1)]
+Dropout = Annotated[float, Range(ge=0, lt=1)]
 
 
 class CausalSelfAttention(nn.Module):
@@ -45,8 +51,8 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, *, vocab_size: int, seq_len: int, n_layer: int, n_head: int, n_embd: int,
-                 dropout: float):
+    def __init__(self, *, vocab_size: int, seq_len: int, n_layer: AtLeastOne, n_head: AtLeastOne,
+                 n_embd: Annotated[int, Range(ge=1, words="a positive multiple of model.n_head")], dropout: Dropout):
         super().__init__()
         self.seq_len = seq_len
         self.wte = nn.Embedding(vocab_size, n_embd)
