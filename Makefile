@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-all bench clean
+.PHONY: install train lint test test-all bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 
 train: install
 	$(BIN)/fedrun train
+
+# ruff's and mypy's settings are in pyproject.toml; mypy checks the fedrun package and
+# tests/typing_protocols.py (each Protocol of fedrun/core.py against its implementations).
+lint: install
+	$(BIN)/ruff check fedrun tests benchmarks
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q

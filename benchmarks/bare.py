@@ -7,7 +7,7 @@ the last T, and labelled features (N, F) with labels (N,).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

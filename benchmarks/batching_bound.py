@@ -71,7 +71,8 @@ def bound(model_name: str, threads: int) -> dict:
         for k, batches in kinds.items():
             best[k] = min(best[k], seconds_per_step(model, batches) / k)  # per client-step
     gain = {k: best[1] / best[k] for k in GROUPS}
-    return {"model": model_name, "threads": threads, "ms_per_client_step": {k: round(1e3 * s, 2) for k, s in best.items()},
+    return {"model": model_name, "threads": threads,
+            "ms_per_client_step": {k: round(1e3 * s, 2) for k, s in best.items()},
             "gain": {k: round(v, 3) for k, v in gain.items()}, "bound": max(gain.values())}
 
 

@@ -98,7 +98,8 @@ def targets(results: list[dict], extra: dict | None = None) -> str:
     for w in sorted({r["workload"] for r in results if r["group"] == "W1"}):
         seq, floor = find(results, w, "fedrun-sequential"), find(results, w, "floor")
         vec = find(results, w, "fedrun-vectorized")
-        rows.append((f"{w}: fedrun-sequential / floor, s/round", "<= 1.05", *check(ratio(seq, floor), lambda v: v <= 1.05)))
+        rows.append((f"{w}: fedrun-sequential / floor, s/round", "<= 1.05",
+                     *check(ratio(seq, floor), lambda v: v <= 1.05)))
         rows.append((f"{w}: fedrun-sequential / floor, peak RSS", "<= 1.25",
                      *check(ratio(seq, floor, "peak_rss_mb"), lambda v: v <= 1.25)))
         rows.append((f"{w}: fedrun-vectorized / floor, client-steps/s", ">= 1.5 (one model suffices)",
@@ -161,12 +162,12 @@ def markdown(results: list[dict], meta: dict, extra: dict | None = None) -> str:
     for w in dict.fromkeys(r["workload"] for r in results if r["group"] != "W3"):
         parts += ["", f"### {w}", "", workload_table(results, w)]
     if bound:
-        parts += ["", "### W1, the most that training the cohort together could gain (`python -m benchmarks.batching_bound`)",
-                  "", bound_table(bound)]
+        parts += ["", "### W1, the most that training the cohort together could gain"
+                      " (`python -m benchmarks.batching_bound`)", "", bound_table(bound)]
     parts += ["", "### W3 scale", "", w3_table(results)]
     if interleaved:
-        parts += ["", "### W3, the populations' rounds interleaved in one process (`python -m benchmarks.w3_interleaved`)",
-                  "", interleaved_table(interleaved)]
+        parts += ["", "### W3, the populations' rounds interleaved in one process"
+                      " (`python -m benchmarks.w3_interleaved`)", "", interleaved_table(interleaved)]
     if not meta.get("synthetic_cap"):
         parts += ["", "The 100,000-client point needs `data.max_client_examples` (not in fedrun.data.synthetic "
                   "yet): uncapped, 100,000 Synthetic(1, 1) clients hold about 38M examples (~9 GB)."]

@@ -79,7 +79,8 @@ def measure_all(*backends: str) -> dict:
         timed = {n: s[1:-1] for n, s in seconds.items()}  # no warm-up, no last round (it evaluates)
         base = timed[min(timed)]
         # Round r at N ran right after round r at 1,000: their ratio cancels the machine's drift.
-        out[backend] = {str(n): {"median": statistics.median(s), "ratio": statistics.median(a / b for a, b in zip(s, base)),
+        out[backend] = {str(n): {"median": statistics.median(s),
+                                 "ratio": statistics.median(a / b for a, b in zip(s, base)),
                                  "rounds": seconds[n]} for n, s in timed.items()}
     return out
 

@@ -18,11 +18,14 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from omegaconf import OmegaConf
 
 from fedrun.core import FedrunError
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard.writer import FileWriter
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def summary_metrics(summary: dict) -> tuple[int, dict[str, float]]:
 
 
 def plain_config(cfg: Mapping) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    return cast(dict, OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 class TensorBoardLogger:
@@ -139,7 +142,7 @@ class TensorBoardLogger:
         earlier writer (a crashed run, now resumed) logged at this step and after."""
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        self._writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        self._file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
     def log_summary(self, summary: dict) -> None:
         step, metrics = summary_metrics(summary)
@@ -168,7 +171,12 @@ class TensorBoardLogger:
         data.version = metadata.PLUGIN_DATA_VERSION
         plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
         value = Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))
-        self._writer.file_writer.add_summary(Summary(value=[value]))
+        self._file_writer().add_summary(Summary(value=[value]))
+
+    def _file_writer(self) -> FileWriter:
+        writer = self._writer.file_writer
+        assert writer is not None, "SummaryWriter opens its file writer in __init__ and drops it only in close()"
+        return writer
 
 
 def _mlflow_client(tracking_uri: str):

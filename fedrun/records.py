@@ -69,7 +69,8 @@ def resumed_history(rows: list[dict[str, str]], round_idx: int) -> list[dict]:
     rounds = [r["round"] for r in history]
     if rounds != list(range(round_idx + 1)):
         missing = sorted(set(range(round_idx + 1)) - set(rounds))
-        problem = f"the rows of rounds {_spans(missing)} are missing" if missing else "rows are repeated or out of order"
+        problem = (f"the rows of rounds {_spans(missing)} are missing" if missing
+                   else "rows are repeated or out of order")
         raise FedrunError(f"metrics.csv: {problem} up to the checkpoint of round {round_idx} (lost in a crash); "
                           "the run cannot resume exactly; start it again with `fedrun train`")
     return history

@@ -18,8 +18,9 @@ import os
 import re
 import stat
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -128,7 +129,7 @@ class RunDir:
         self._lock_fd: int | None = None
 
     @classmethod
-    def create(cls, path: str | Path, cfg: DictConfig) -> "RunDir":
+    def create(cls, path: str | Path, cfg: DictConfig) -> RunDir:
         """A new run in an empty (or absent) folder, locked before anything is written into it."""
         run = cls(Path(path))
         with writing(run.path):

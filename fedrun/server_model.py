@@ -7,8 +7,9 @@ Both offer the same few methods, so the loop does not care which it has.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -19,8 +20,12 @@ from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
 from fedrun.privacy.audit import CanaryAudit
 
+if TYPE_CHECKING:
+    from fedrun.models.hf import HFCausalLM
 
-def initial_model(make_model: Callable[[], nn.Module], device: torch.device, seed: int) -> tuple[nn.Module, torch.Tensor]:
+
+def initial_model(make_model: Callable[[], nn.Module], device: torch.device,
+                  seed: int) -> tuple[nn.Module, torch.Tensor]:
     """The global model (seeded from the INIT stream) and its flat weight vector."""
     torch.manual_seed(derive_seed(seed, Stream.INIT))
     model = make_model().to(device)
@@ -42,7 +47,8 @@ class GlobalModel:
 
     def evaluate(self, weights: torch.Tensor, test: Examples) -> dict:
         self.flat.copy_(weights)
-        audit = {"canary_exposure": self.audit.measure(self.model, self.device)["canary_exposure"]} if self.audit else {}
+        measured = self.audit.measure(self.model, self.device) if self.audit else {}
+        audit = {"canary_exposure": measured["canary_exposure"]} if self.audit else {}
         return evaluate(self.model, test, self.device) | audit
 
     def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict:
@@ -57,7 +63,7 @@ class GlobalModel:
         self.flat.copy_(weights)
         rundir.save_model(self.model, {"round": str(round_idx)})
         if self.lora:  # peft's layout, loadable with PeftModel.from_pretrained
-            self.model.save_adapter(Path(rundir.path) / "adapter")
+            cast("HFCausalLM", self.model).save_adapter(Path(rundir.path) / "adapter")
 
     def summary(self) -> dict:
         return {"audit": self.audit.summary(self.model, self.device)} if self.audit else {}

@@ -5,8 +5,9 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import cast
 
 import torch
 from omegaconf import OmegaConf
@@ -103,7 +104,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         names = [name for name in LOGGER_NAMES if exp.cfg.logger.get(name)]
         loggers = make_loggers(names, rundir.path, tracking_uri=exp.cfg.logger.get("tracking_uri"))
         for logger in loggers:
-            logger.log_config(OmegaConf.to_container(exp.cfg))
+            logger.log_config(cast(dict, OmegaConf.to_container(exp.cfg)))
         summary = loop.run(exp, rundir, on_round=each_round, checkpoint=checkpoint)
         summary |= {
             "name": exp.cfg.name,
@@ -143,6 +144,7 @@ def _record_end(rundir: RunDir, state: str, *, round_idx: int, error: str | None
 def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:
     """partition.csv: each client's name and its numbers of train and test examples (written at once)."""
     data = exp.data
-    rows = ({"client_id": i, "name": name, "train_examples": train, "test_examples": test} for i, (name, train, test)
-            in enumerate(zip(data.client_names(), data.client_sizes("train").tolist(), data.client_sizes("test").tolist())))
+    sizes = zip(data.client_names(), data.client_sizes("train").tolist(), data.client_sizes("test").tolist())
+    rows = ({"client_id": i, "name": name, "train_examples": train, "test_examples": test}
+            for i, (name, train, test) in enumerate(sizes))
     rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples"]).replace(rows)

@@ -47,5 +47,6 @@ for model in ("tiny_gpt", "lstm", "mlp", "logreg"):
             dev,
             model,
             a.client_id,
-            f"max|d_seq - d_vec| = {err:.2e}  max|d_seq| = {scale:.2e}  rel {err / scale:.1e}  loss {a.train_loss:.6f} {b.train_loss:.6f}",
+            f"max|d_seq - d_vec| = {err:.2e}  max|d_seq| = {scale:.2e}  rel {err / scale:.1e}"
+            f"  loss {a.train_loss:.6f} {b.train_loss:.6f}",
         )

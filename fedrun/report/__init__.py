@@ -13,8 +13,8 @@ set apart, never averaged with them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 from rich.console import Group, RenderableType

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -93,7 +94,7 @@ def filter_runs(runs: pd.DataFrame, where: Iterable[str]) -> pd.DataFrame:
     mask = pd.Series(True, index=runs.index)
     for key, values in wanted.items():
         shown = shown_column(runs, key)
-        mask &= shown.map(lambda v: any(matches(v, want) for want in values))
+        mask &= shown.map(lambda v, values=values: any(matches(v, want) for want in values))
     return runs[mask]
 
 
@@ -159,7 +160,7 @@ def set_apart(runs: pd.DataFrame, keys: list[str], *, statuses: Iterable[str] = 
     table = pd.DataFrame({**{n: display_values(k, runs[k]) for n, k in zip(names, keys)}, "status": runs["status"],
                           "rounds": runs["rounds"], "planned": planned, "path": runs["path"], "error": runs["error"]},
                          columns=[*names, "status", "rounds", "planned", "path", "error"])
-    order = sorted(table.index, key=lambda i: [*(natural(table.at[i, n]) for n in names), table.at[i, "path"]])
+    order = sorted(table.index, key=lambda i: [*(natural(str(table.at[i, n])) for n in names), table.at[i, "path"]])
     return table.loc[order].reset_index(drop=True)
 
 

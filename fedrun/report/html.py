@@ -7,9 +7,9 @@ bytes per round, the epsilon curve where the run has one, and the error of a fai
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from html import escape
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 

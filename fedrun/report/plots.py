@@ -5,6 +5,7 @@ and a single group, and returns None when there is nothing to draw.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -90,8 +91,9 @@ def histogram(values: np.ndarray, *, xlabel: str, title: str) -> bytes | None:
         return None
     fig = Figure(figsize=(4, 2.5), dpi=80)
     ax = fig.add_subplot()
+    bins: int | Sequence[float]
     if np.all(values == np.round(values)) and values.max() - values.min() <= 40:  # counts: one bar per value
-        bins = np.arange(values.min() - 0.5, values.max() + 1.5)
+        bins = np.arange(values.min() - 0.5, values.max() + 1.5).tolist()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         bins = min(30, max(1, len(np.unique(values))))
