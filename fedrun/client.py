@@ -1,8 +1,8 @@
 """Local training of one client, on a model that is reused for every client of a worker.
 
-Gradients, like weights, live in one flat buffer, so the strategy's corrections are single
-vector operations on it: FedProx (Li et al. 2020) adds mu * (w - w_global), SCAFFOLD
-(Karimireddy et al. 2020) adds c - c_i to every local gradient.
+Gradients, like weights, live in one flat buffer, so the strategy's client-side rule (its
+`local_rule`, fedrun.core.LocalRule) is a vector operation on it: a term added to every local
+gradient, and extra vectors sent beside the update.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
+from fedrun.core import (ClientJob, ClientUpdate, GradientTerm, LocalRule, RoundContext, Stream, derive_seed,
+                         seed_global_rng, torch_generator)
 from fedrun.data.examples import ClientData, Examples
 from fedrun.evaluation import batch_loss
 from fedrun.flat_optim import descend, flat_optimizer
@@ -54,8 +55,9 @@ class LocalTrainer:
     """One worker's model, flat weight and gradient buffers and optimizer, reset for each client."""
 
     def __init__(self, make_model: Callable[[], nn.Module], cfg: ClientConfig, device: torch.device,
-                 example_dp: ExampleDP | None = None):
+                 example_dp: ExampleDP | None = None, *, local_rule: LocalRule | None = None):
         self.model = make_model().to(device)
+        self.local_rule = local_rule  # the strategy's client side; None: plain local training
         self.flat = flatten_parameters(self.model)
         self.flat_grad = attach_flat_grads(self.model, self.flat)
         self.optimizer = flat_optimizer(self.flat.view(1, -1), cfg)
@@ -76,7 +78,7 @@ class LocalTrainer:
         # do not depend on which clients a worker trained before this one.
         seed_global_rng(derive_seed(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id, 1), self.device)
         steps = self.cfg.num_steps(data.num_examples, order)
-        correction = None if job.control is None else scaffold_correction(job)
+        term = None if self.local_rule is None else self.local_rule.gradient_term([job], weights)
         self.model.train()
         loss_sum, losses = torch.zeros((), device=self.device), 0
         for s, batch in enumerate(self._batches(data.train, steps, order)):
@@ -84,9 +86,9 @@ class LocalTrainer:
             loss = self._gradient(x, y, order, data.num_examples)
             if loss is not None:
                 loss_sum, losses = loss_sum + loss, losses + 1
-            self.step(s, weights=weights, prox_mu=job.prox_mu or None, correction=correction)
+            self.step(s, term=term)
         delta = self.flat.detach() - weights
-        extras = {} if job.control is None else {"control_delta": scaffold_control_delta(job, delta, steps, self.cfg.lr)}
+        extras = self.client_extras(job, delta, steps)
         return ClientUpdate(
             client_id=job.client_id,
             delta=delta,
@@ -98,12 +100,15 @@ class LocalTrainer:
             extras=extras,
         )
 
-    def step(self, step: int, *, weights: torch.Tensor | None = None, prox_mu: float | None = None,
-             correction: torch.Tensor | None = None) -> None:
-        """Local step number `step` from the gradient in flat_grad, with FedProx's pull towards
-        `weights` and SCAFFOLD's correction when given."""
-        descend(self.optimizer, self.flat.view(1, -1), self.flat_grad.view(1, -1), weights, active=1, step=step,
-                prox_mu=prox_mu, correction=correction)
+    def step(self, step: int, *, term: GradientTerm | None = None) -> None:
+        """Local step number `step` from the gradient in flat_grad, plus the local rule's `term`."""
+        descend(self.optimizer, self.flat.view(1, -1), self.flat_grad.view(1, -1), active=1, step=step, term=term)
+
+    def client_extras(self, job: ClientJob, delta: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+        """What the local rule sends beside `delta` (nothing without one)."""
+        if self.local_rule is None:
+            return {}
+        return self.local_rule.client_extras(job, delta, steps=steps, lr=self.cfg.lr)
 
     def _batches(self, examples: Examples, steps: int, order: torch.Generator) -> Iterator[Examples]:
         if self.dp_sgd is None:
@@ -142,12 +147,3 @@ def attach_flat_grads(model: nn.Module, flat: torch.Tensor) -> torch.Tensor:
             p.grad = flat_grad[offset : offset + p.numel()].view_as(p)
     return flat_grad
 
-
-def scaffold_correction(job: ClientJob) -> torch.Tensor:
-    """SCAFFOLD's drift correction c - c_i, added to every local gradient (c_i = 0 at first)."""
-    return job.control if job.client_control is None else job.control - job.client_control
-
-
-def scaffold_control_delta(job: ClientJob, delta: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """Option II: c_i+ = c_i - c + (x - y_i) / (K lr); the client sends c_i+ - c_i = -c - delta / (K lr)."""
-    return -job.control - delta / (max(steps, 1) * lr)

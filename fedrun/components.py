@@ -292,6 +292,18 @@ RENAMED_TARGETS: dict[str, str] = {
     # privacy
     "fedrun.privacy.central": "fedrun.privacy.central.CentralPrivacy",
     # strategies
+    "fedrun.strategies.fedavg": "fedrun.strategies.fedavg.FedAvg",
+    "fedrun.strategies.fedavgm": "fedrun.strategies.fedavgm.FedAvgM",
+    "fedrun.strategies.fedadam": "fedrun.strategies.fedadam.FedAdam",
+    "fedrun.strategies.fedyogi": "fedrun.strategies.fedyogi.FedYogi",
+    "fedrun.strategies.fedadagrad": "fedrun.strategies.fedadagrad.FedAdagrad",
+    "fedrun.strategies.fedprox": "fedrun.strategies.fedprox.FedProx",
+    "fedrun.strategies.scaffold": "fedrun.strategies.scaffold.Scaffold",
+    "fedrun.strategies.median": "fedrun.strategies.median.Median",
+    "fedrun.strategies.trimmed_mean": "fedrun.strategies.trimmed_mean.TrimmedMean",
+    "fedrun.strategies.krum": "fedrun.strategies.krum.Krum",
+    "fedrun.strategies.feddf": "fedrun.strategies.feddf.FedDF",
+    "fedrun.strategies.fed_distill.fed_distill": "fedrun.strategies.fed_distill.FedDistill",
     # data, models, backends, attacks, compression, sampler, audit
     "fedrun.data.text.pystdlib": "fedrun.data.pystdlib.PyStdlib",
     "fedrun.data.text.shakespeare": "fedrun.data.shakespeare.Shakespeare",

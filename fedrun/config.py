@@ -243,7 +243,8 @@ def build(cfg: DictConfig) -> Experiment:
     if hasattr(strategy, "make_trainer"):  # clients that keep their own models (fed_distill)
         make_trainer = strategy.make_trainer(*trainer_args)
     else:
-        make_trainer = partial(LocalTrainer, make_model, *trainer_args)
+        rule = getattr(strategy, "local_rule", None)  # the strategy's client side (fedrun.core.LocalRule)
+        make_trainer = partial(LocalTrainer, make_model, *trainer_args, local_rule=rule)
     public = getattr(strategy, "public_fingerprint", None)
     if public is not None and public.get("sha256") == data.fingerprint.get("sha256"):
         raise FedrunError("strategy.public: the public corpus is the clients' own data; distillation must use "

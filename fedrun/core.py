@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -72,17 +72,36 @@ def make_deterministic(device: torch.device) -> None:
 
 @dataclass
 class ClientJob:
-    """What the server sends one client besides the global weights."""
+    """What the server sends one client besides the global weights, and what the client keeps."""
 
     client_id: int
-    prox_mu: float = 0.0  # FedProx: weight of (mu/2)||w - w_global||^2 in the local objective
-    control: torch.Tensor | None = None  # SCAFFOLD: the server control variate c (sent down)
-    client_control: torch.Tensor | None = None  # SCAFFOLD: c_i, state that lives on the client
+    payload: dict[str, torch.Tensor] = field(default_factory=dict)  # sent down, counted in bytes_down
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # what the client keeps: never sent
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes sent down besides the weights (c_i stays on the client: not counted)."""
-        return 0 if self.control is None else self.control.numel() * self.control.element_size()
+        """Bytes sent down besides the weights: the payload (the state stays on the client)."""
+        return sum(t.numel() * t.element_size() for t in self.payload.values())
+
+
+# Adds a local rule's term, in place, to the gradients (a, D) of the first a rows (a, D) of a stack.
+GradientTerm = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class LocalRule(Protocol):
+    """A strategy's client side (`strategy.local_rule`; None when its clients just train): a term
+    it adds to every local gradient and the vectors its clients send besides the update. The
+    trainer calls it for one client, the vectorized backend for a stack of clients; it reads each
+    client's inputs from its job (`payload`, `state`). It lives in the strategy's own module."""
+
+    def gradient_term(self, jobs: Sequence[ClientJob], weights: torch.Tensor) -> GradientTerm | None:
+        """The term for the stacked rows of these clients (row k: jobs[k]), who all start from
+        `weights` (D,); prepared once before their local steps. None: nothing to add."""
+        ...
+
+    def client_extras(self, job: ClientJob, delta: torch.Tensor, *, steps: int, lr: float) -> dict[str, torch.Tensor]:
+        """What the client sends besides `delta`, after `steps` local steps of rate `lr`."""
+        ...
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fedrun.client_config import OPTIMIZERS, ClientConfig
-from fedrun.core import FedrunError
+from fedrun.core import FedrunError, GradientTerm
 
 
 class FlatSGD:
@@ -83,14 +83,10 @@ def flat_optimizer(stack: torch.Tensor, cfg: ClientConfig) -> FlatOptimizer:
     raise FedrunError(f"client.optimizer: unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
-def descend(optimizer: FlatOptimizer, stack: torch.Tensor, grad: torch.Tensor, weights: torch.Tensor | None, *,
-            active: int, step: int, prox_mu: torch.Tensor | float | None = None,
-            correction: torch.Tensor | None = None) -> None:
-    """One optimizer step of rows [:active], after adding each client's FedProx term (the
-    gradient of (mu/2)||w - w_global||^2; mu a float or per row (K, 1)) and SCAFFOLD's
-    correction c - c_i (D,) or per row (K, D) to the gradient."""
-    if prox_mu is not None:
-        grad.add_((stack[:active] - weights) * (prox_mu[:active] if isinstance(prox_mu, torch.Tensor) else prox_mu))
-    if correction is not None:
-        grad.add_(correction if correction.dim() == 1 else correction[:active])
+def descend(optimizer: FlatOptimizer, stack: torch.Tensor, grad: torch.Tensor, *, active: int, step: int,
+            term: GradientTerm | None = None) -> None:
+    """One optimizer step of rows [:active], after adding the strategy's local term
+    (`fedrun.core.LocalRule.gradient_term`) to their gradients `grad` (active, D)."""
+    if term is not None:
+        term(grad, stack[:active])
     optimizer.step(stack, grad, active=active, step=step)

@@ -3,7 +3,7 @@ import torch
 
 from fedrun.core import ClientUpdate
 from fedrun.strategies.aggregate import weighted_mean
-from fedrun.strategies import fedavg
+from fedrun.strategies.fedavg import FedAvg
 
 
 def _update(cid, delta, n):
@@ -23,7 +23,7 @@ def test_weighted_mean_matches_numpy_for_unequal_sizes():
 def test_fedavg_new_weights_are_example_weighted_average_of_client_models():
     # Hand-computed: clients at w=[1, 2] (n=1) and w=[4, 8] (n=3) from global [0, 0]
     # -> w = 1/4 * [1, 2] + 3/4 * [4, 8] = [3.25, 6.5].
-    strategy = fedavg()
+    strategy = FedAvg()
     weights = torch.zeros(2)
     updates = [_update(0, torch.tensor([1.0, 2.0]), 1), _update(1, torch.tensor([4.0, 8.0]), 3)]
     new = strategy.apply(weights, strategy.aggregate(updates))
@@ -33,4 +33,4 @@ def test_fedavg_new_weights_are_example_weighted_average_of_client_models():
 def test_fedavg_of_identical_clients_is_that_client():
     delta = torch.randn(10)
     updates = [_update(i, delta.clone(), n) for i, n in enumerate([3, 5, 9])]
-    torch.testing.assert_close(fedavg().aggregate(updates), delta, rtol=0, atol=1e-7)
+    torch.testing.assert_close(FedAvg().aggregate(updates), delta, rtol=0, atol=1e-7)

@@ -191,7 +191,7 @@ def test_process_carries_any_trainer_tensor_jobs_and_weights_of_changing_shape()
                 for cls, kw in ((SequentialBackend, {}), (ProcessBackend, {"workers": 2}))]
     try:
         for round_idx, weights in enumerate([torch.arange(6.0), torch.ones(2, 3) * 2, torch.arange(4)], 1):
-            jobs = [ClientJob(c, control=torch.full((3,), float(c))) for c in (8, 1, 5, 0, 3, 7, 2)]
+            jobs = [ClientJob(c, payload={"control": torch.full((3,), float(c))}) for c in (8, 1, 5, 0, 3, 7, 2)]
             ctx = RoundContext(round_idx=round_idx, seed=0, num_clients=9, cohort=[j.client_id for j in jobs])
             expected, got = (b.train_cohort(weights, jobs, ctx) for b in backends)
             assert [u.client_id for u in got] == [j.client_id for j in jobs]

@@ -52,13 +52,15 @@ def test_reset_forgets_the_state_as_a_new_optimizer_would(kind):
     assert torch.equal(used, fresh)
 
 
-def test_descend_adds_fedprox_and_scaffold_terms_before_the_step():
-    # w' = w - lr * (g + mu (w - w0) + c), by hand for one row
-    w, w0 = torch.tensor([[1.0, -2.0]]), torch.tensor([0.5, 0.0])
-    g, c = torch.tensor([[0.25, 1.0]]), torch.tensor([0.1, -0.1])
-    descend(FlatSGD(w, lr=0.5), w, g, w0, active=1, step=0, prox_mu=2.0, correction=c)
-    expected = torch.tensor([1.0 - 0.5 * (0.25 + 2.0 * 0.5 + 0.1), -2.0 - 0.5 * (1.0 + 2.0 * -2.0 - 0.1)])
-    torch.testing.assert_close(w[0], expected)
+def test_descend_adds_the_local_rules_term_to_the_active_rows_before_the_step():
+    # w' = w - lr * (g + 2 w) for the active row; the finished second row is left as it was
+    w = torch.tensor([[1.0, -2.0], [5.0, 5.0]])
+    g = torch.tensor([[0.25, 1.0]])
+    seen = []
+    descend(FlatSGD(w, lr=0.5), w, g, active=1, step=0,
+            term=lambda grad, rows: seen.append(rows.shape) or grad.add_(2.0 * rows))
+    torch.testing.assert_close(w, torch.tensor([[1.0 - 0.5 * (0.25 + 2.0), -2.0 - 0.5 * (1.0 - 4.0)], [5.0, 5.0]]))
+    assert seen == [(1, 2)]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

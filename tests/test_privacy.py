@@ -13,7 +13,7 @@ from fedrun import config, train
 from fedrun.core import ClientUpdate, RoundContext, Stream, torch_generator
 from fedrun.privacy.central import CentralPrivacy as central
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise
-from fedrun.strategies import fedavg
+from fedrun.strategies.fedavg import FedAvg
 from tests.conftest import TINY
 
 DP = ["privacy=central_dp", "sampler.kind=poisson"]
@@ -47,7 +47,7 @@ def test_clients_clip_to_the_norm_and_the_server_divides_the_sum_by_expected_cli
         np.testing.assert_allclose(u.delta.numpy(), expected, rtol=2e-6)  # clipped a millionth below C
     assert [float(u.extras["unclipped"]) for u in updates] == [1.0, 0.0, 0.0]
     total = sum(r * min(1.0, 1.0 / np.linalg.norm(r.astype(np.float64))) for r in raw)
-    got = mech.aggregate(updates, ctx, fedavg())
+    got = mech.aggregate(updates, ctx, FedAvg())
     np.testing.assert_allclose(got.numpy(), total / (0.25 * 20), rtol=1e-5, atol=1e-7)  # q N = 5, not 3
 
 
@@ -55,11 +55,11 @@ def test_noise_has_std_z_c_over_expected_clients_and_is_seeded():
     mech = _mechanism(noise_multiplier=2.0, clip_norm=0.5, num_params=20000)
     ctx = RoundContext(round_idx=3, seed=0, num_clients=20, cohort=[0])
     zero = [_update(0, torch.zeros(20000))]
-    a = mech.aggregate(zero, ctx, fedavg())
+    a = mech.aggregate(zero, ctx, FedAvg())
     expected_std = 2.0 * 0.5 / 5
     assert abs(float(a.std()) - expected_std) < 4 * expected_std / math.sqrt(2 * 20000)
     assert abs(float(a.mean())) < 4 * expected_std / math.sqrt(20000)
-    assert torch.equal(a, _mechanism(noise_multiplier=2.0, clip_norm=0.5, num_params=20000).aggregate(zero, ctx, fedavg()))
+    assert torch.equal(a, _mechanism(noise_multiplier=2.0, clip_norm=0.5, num_params=20000).aggregate(zero, ctx, FedAvg()))
 
 
 def test_ledger_epsilon_equals_opacus_accountants_stepped_directly():
@@ -85,7 +85,7 @@ def test_adaptive_clipping_follows_andrew_et_al():
     assert mech.update_noise == pytest.approx((1 - 1 / 2.56) ** -0.5)
     ctx = RoundContext(round_idx=2, seed=0, num_clients=20, cohort=[0, 1, 2, 3])
     updates = _clipped_updates(mech, [torch.full((50,), v) for v in (0.01, 0.05, 1.0, 2.0)], ctx)
-    mech.aggregate(updates, ctx, fedavg())
+    mech.aggregate(updates, ctx, FedAvg())
     draw = float(torch.randn((), generator=torch_generator(0, Stream.NOISE, 2, 1)))
     noisy_fraction = ((2 - 4 * 0.5) + draw * 0.8) / 5 + 0.5  # 2 of 4 unclipped, centred at 1/2
     assert mech.clip_norm == pytest.approx(1.0 * math.exp(-0.5 * (noisy_fraction - 0.3)))
@@ -96,10 +96,10 @@ def test_secure_aggregation_gives_the_clipped_sum_within_the_quantisation_bound(
     deltas = [torch.randn(50, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     plain, secure = _mechanism(), _mechanism(secure_agg=True, secagg_bits=12)
     secure.begin_round(ctx)
-    a = plain.aggregate(_clipped_updates(plain, deltas, ctx), ctx, fedavg())
+    a = plain.aggregate(_clipped_updates(plain, deltas, ctx), ctx, FedAvg())
     sent = _clipped_updates(secure, deltas, ctx)
     assert all(u.delta.dtype == torch.uint32 for u in sent)  # all the server ever sees
-    b = secure.aggregate(sent, ctx, fedavg())
+    b = secure.aggregate(sent, ctx, FedAvg())
     scale = 2 * 1.0 / (2**12 - 1)
     assert (a - b).abs().max() <= 5 * scale / 5 + 1e-7  # n steps of the grid, over q N = 5
     assert secure.round_metrics(tight=False)["secagg_bytes_per_client"] > 0

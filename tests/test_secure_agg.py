@@ -17,7 +17,8 @@ from fedrun.privacy.masking import SecAggAbort
 from fedrun.privacy.secagg_skips import epsilon_with_skips, flip_probability
 from fedrun.privacy.secure_agg import SecureAggregation
 from fedrun.privacy.secure_round import SecureSumRound, most_bits, shamir_threshold
-from fedrun.strategies import fedavg, median
+from fedrun.strategies.fedavg import FedAvg
+from fedrun.strategies.median import Median
 from tests.conftest import central_mechanism
 
 SYNTHETIC = ["device=cpu", "data=synthetic", "model=logreg", "data.num_clients=30", "sampler.clients_per_round=6",
@@ -26,7 +27,7 @@ SYNTHETIC = ["device=cpu", "data=synthetic", "model=logreg", "data.num_clients=3
 
 def _secure(strategy=None, **kw):
     opts = dict(secagg_bits=None, secagg_threshold=0.5, secagg_min_clients=3, secagg_range=1.0,
-                log_client_stats=False, noise_source="seed", strategy=strategy or fedavg(), num_params=40,
+                log_client_stats=False, noise_source="seed", strategy=strategy or FedAvg(), num_params=40,
                 max_examples=50, seed=0)
     return SecureAggregation(**(opts | kw))
 
@@ -42,7 +43,7 @@ def _secure_mean(mech, updates, ctx, *, report=None):
     sent = [mech.on_client(ClientUpdate(**{**u.__dict__, "delta": u.delta.clone()}), ctx) for u in updates]
     assert all(s.delta.dtype == torch.uint32 for s in sent)  # the server sees masked words only
     reporting = [s for s in sent if report is None or s.client_id in report]
-    return mech.aggregate(reporting, ctx, fedavg())
+    return mech.aggregate(reporting, ctx, FedAvg())
 
 
 def test_the_secure_mean_is_fedavgs_weighted_mean_within_the_fixed_point_bound():
@@ -75,7 +76,7 @@ def test_a_cohort_below_the_minimum_is_skipped_and_sends_nothing():
     mech.begin_round(ctx)
     sent = [mech.on_client(u, ctx) for u in _updates(2)]
     assert all(u.delta.numel() == 0 and u.bytes_up == 0 for u in sent)
-    assert mech.aggregate(sent, ctx, fedavg()) is None
+    assert mech.aggregate(sent, ctx, FedAvg()) is None
     assert mech.round_metrics(tight=False)["secagg_skipped"] == 1 and mech.summary()["skipped_rounds"] == 1
 
 
@@ -86,7 +87,7 @@ def test_the_shamir_threshold_is_never_below_two():
 
 def test_strategies_that_need_individual_updates_are_refused():
     with pytest.raises(FedrunError, match="needs the individual client updates"):
-        _secure(strategy=median())
+        _secure(strategy=Median())
 
 
 def test_a_client_refuses_a_second_unmasking_request_that_contradicts_the_first():
@@ -204,7 +205,7 @@ def test_the_adaptive_clipping_bit_is_summed_inside_the_masked_vector():
                 for i, s in enumerate(scales)]
         if secure:
             assert all("unclipped" not in u.extras and u.delta.dtype == torch.uint32 for u in sent)
-        mech.aggregate(sent, ctx, fedavg())
+        mech.aggregate(sent, ctx, FedAvg())
         outcomes.append(mech.clip_norm)
     assert outcomes[0] == outcomes[1] != 1.0  # the same count, read from the secure sum
 
@@ -264,7 +265,7 @@ def test_os_noise_is_fresh_and_seed_noise_repeats():
     zero = [ClientUpdate(client_id=0, delta=torch.zeros(40), num_examples=1, train_loss=0.0, seconds=0.0, bytes_up=0)]
 
     def noise(source):
-        return _central(adaptive=False, noise_source=source).aggregate(list(zero), ctx, fedavg())
+        return _central(adaptive=False, noise_source=source).aggregate(list(zero), ctx, FedAvg())
 
     assert torch.equal(noise("seed"), noise("seed"))
     assert not torch.equal(noise("os"), noise("os"))

@@ -14,10 +14,15 @@ import torch
 from torch import nn
 
 from fedrun import client as client_module
-from fedrun import config, strategies, train
+from fedrun import config, train
 from fedrun.client import ClientConfig, LocalTrainer
 from fedrun.core import ClientUpdate, RoundContext
 from fedrun.data.examples import ClientData, Labelled
+from fedrun.strategies.fedadam import FedAdam
+from fedrun.strategies.fedavg import FedAvg
+from fedrun.strategies.fedavgm import FedAvgM
+from fedrun.strategies.fedprox import FedProx
+from fedrun.strategies.scaffold import Scaffold
 
 
 class Scalar(nn.Module):
@@ -40,10 +45,11 @@ def _client(a: float, o: float, n: int = 4) -> ClientData:
 def quadratic(monkeypatch):
     monkeypatch.setattr(client_module, "batch_loss", quadratic_loss)
 
-    def trainer(steps: int, lr: float) -> LocalTrainer:
+    def trainer(steps: int, lr: float, strategy=None) -> LocalTrainer:
+        """The client side of `strategy`, as config.build makes it: its local rule goes to the trainer."""
         cfg = ClientConfig(optimizer="sgd", lr=lr, momentum=0.0, weight_decay=0.0, batch_size=4,
                            local_epochs=None, local_steps=steps)
-        return LocalTrainer(Scalar, cfg, torch.device("cpu"))
+        return LocalTrainer(Scalar, cfg, torch.device("cpu"), local_rule=getattr(strategy, "local_rule", None))
 
     return trainer
 
@@ -61,12 +67,48 @@ def _run(strategy, trainer, clients, rounds, w0=0.0):
 
 def test_fedprox_adds_mu_times_distance_to_global_to_every_local_gradient(quadratic):
     a, o, mu, lr, w0 = 2.0, 3.0, 0.5, 0.1, 1.0
-    update = quadratic(steps=3, lr=lr).train(strategies.fedprox(mu=mu).client_job(0), _client(a, o),
-                                             torch.tensor([w0]), RoundContext(1, 0, 1))
+    fedprox = FedProx(mu=mu)
+    update = quadratic(steps=3, lr=lr, strategy=fedprox).train(fedprox.client_job(0), _client(a, o),
+                                                               torch.tensor([w0]), RoundContext(1, 0, 1))
     w = w0
     for _ in range(3):  # hand-computed: grad = a (w - o) + mu (w - w0)
         w = w - lr * (a * (w - o) + mu * (w - w0))
     assert float(update.delta) == pytest.approx(w - w0, abs=1e-6)
+
+
+def test_local_rules_act_on_the_active_rows_of_a_stack_as_on_each_client_alone():
+    """The vectorized backend's (K, D) stack, rows [:active], against one client at a time."""
+    g = torch.Generator().manual_seed(0)
+    weights, rows, grads = torch.randn(5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    control = torch.randn(5, generator=g)
+    own = {1: torch.randn(5, generator=g)}  # client 0 has no c_i yet (its first round), client 1 has one
+    for strategy in (FedProx(mu=0.3), Scaffold(server_lr=1.0, num_clients=3, num_params=5, device=torch.device("cpu"))):
+        if isinstance(strategy, Scaffold):
+            strategy.control, strategy.client_controls = control, dict(own)
+        jobs = [strategy.client_job(c) for c in range(3)]
+        rule = strategy.local_rule
+        stacked = grads.clone()
+        rule.gradient_term(jobs, weights)(stacked[:2], rows[:2])
+        for k in range(2):
+            alone = grads[k : k + 1].clone()
+            rule.gradient_term([jobs[k]], weights)(alone, rows[k : k + 1])
+            assert torch.equal(stacked[k], alone[0])
+        assert torch.equal(stacked[2], grads[2])  # a finished row is not touched
+    expected = grads[1] + control - own[1]  # SCAFFOLD: c - c_i
+    torch.testing.assert_close(stacked[1], expected)
+    torch.testing.assert_close(stacked[0], grads[0] + control)
+
+
+def test_what_scaffold_sends_down_is_counted_and_what_the_client_keeps_is_not():
+    s = Scaffold(server_lr=1.0, num_clients=2, num_params=7, device=torch.device("cpu"))
+    s.client_controls[0] = torch.ones(7)
+    job = s.client_job(0)
+    assert torch.equal(job.state["control"], torch.ones(7)) and job.extra_bytes == 7 * 4
+    assert FedProx(mu=0.1).client_job(0).extra_bytes == FedAvg().client_job(0).extra_bytes == 0
+    delta = torch.full((7,), 0.5)
+    sent = s.local_rule.client_extras(job, delta, steps=5, lr=0.1)  # -c - delta / (K lr), c = 0
+    torch.testing.assert_close(sent["control_delta"], -delta / 0.5)
+    assert FedProx(mu=0.1).local_rule.client_extras(job, delta, steps=5, lr=0.1) == {}
 
 
 def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts(quadratic):
@@ -75,18 +117,18 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts(quadratic):
     # reaches its own optimum, so FedAvg settles near the mean of the optima, 0.
     clients = [_client(1.0, 1.0), _client(3.0, -1.0)]
     optimum = -0.5
-    fedavg = _run(strategies.fedavg(), quadratic(50, 0.1), clients, rounds=50)
-    scaffold = _run(strategies.scaffold(server_lr=1.0, num_clients=2, num_params=1, device=torch.device("cpu")),
-                    quadratic(50, 0.1), clients, rounds=50)
+    fedavg = _run(FedAvg(), quadratic(50, 0.1), clients, rounds=50)
+    scaffold = Scaffold(server_lr=1.0, num_clients=2, num_params=1, device=torch.device("cpu"))
+    scaffold = _run(scaffold, quadratic(50, 0.1, scaffold), clients, rounds=50)
     assert abs(fedavg - optimum) > 0.4
     assert abs(scaffold - optimum) < 1e-3
 
 
 def test_scaffold_resumed_from_its_checkpoint_continues_exactly(quadratic):
     clients = [_client(1.0, 1.0), _client(3.0, -1.0)]
-    make = lambda: strategies.scaffold(server_lr=1.0, num_clients=2, num_params=1, device=torch.device("cpu"))
-    trainer = quadratic(5, 0.1)
+    make = lambda: Scaffold(server_lr=1.0, num_clients=2, num_params=1, device=torch.device("cpu"))
     first = make()
+    trainer = quadratic(5, 0.1, first)
     w = _run(first, trainer, clients, rounds=3)
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
@@ -102,7 +144,7 @@ def _updates(deltas, sizes):
 
 
 def test_fedavg_server_step_is_exactly_w_plus_weighted_delta():
-    s = strategies.fedavg()
+    s = FedAvg()
     w = torch.tensor([0.1, -0.3, 7.0])
     ups = _updates([[1.0, 2.0, 3.0], [0.5, 0.25, -1.0]], [1, 3])
     expected = w + (1 * ups[0].delta + 3 * ups[1].delta) / 4
@@ -113,7 +155,7 @@ def test_fedavgm_and_fedadam_strategies_follow_their_papers_over_three_rounds():
     rng = np.random.default_rng(1)
     rounds = [rng.normal(size=(2, 4)).astype(np.float32) for _ in range(3)]
     sizes = [2, 6]
-    mom, adam = strategies.fedavgm(server_lr=0.5, momentum=0.9), strategies.fedadam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    mom, adam = FedAvgM(server_lr=0.5, momentum=0.9), FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
     w_mom = w_adam = torch.zeros(4)
     x_mom, v_mom = np.zeros(4), np.zeros(4)
     x_adam, m, v = np.zeros(4), np.zeros(4), np.full(4, 1e-6)

@@ -117,8 +117,8 @@ def test_scaffold_corrections_and_control_deltas(compose_cfg):
         g = torch.Generator().manual_seed(1)
         control = 0.01 * torch.randn(weights.shape, generator=g)
         # Clients 0 and 3 have no c_i yet (their first round); the others have their own.
-        return [ClientJob(c, control=control, client_control=None if c in (0, 3) else 0.01 * torch.randn(
-            weights.shape, generator=g)) for c in range(exp.data.num_clients)]
+        return [ClientJob(c, payload={"control": control}, state={} if c in (0, 3) else {"control": 0.01 * torch.randn(
+            weights.shape, generator=g)}) for c in range(exp.data.num_clients)]
 
     seq, vec = _both(compose_cfg, "strategy=scaffold", "client.optimizer=sgd", "client.lr=0.5", jobs=jobs)
     assert all("control_delta" in u.extras for u in seq)

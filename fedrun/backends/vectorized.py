@@ -4,8 +4,8 @@ Each client's weights are a row of a (K, D) stack; one batched forward pass (gro
 vmap) and one backward pass per local step give every row its own gradient (`StackedModel`),
 and a functional optimizer updates all rows in a few tensor ops (`fedrun.flat_optim`). Each
 client keeps its own data order (the same generator draws as `LocalTrainer.train`), its own
-optimizer state and its own FedProx / SCAFFOLD correction, so the updates equal sequential
-training's to float tolerance.
+optimizer state and its own row of the strategy's local term (`LocalRule.gradient_term`), so
+the updates equal sequential training's to float tolerance.
 
 Ragged work is padded and masked: a short batch is padded with weight-0 examples, and clients
 are ordered by their number of steps, longest first, so the clients still training at step s
@@ -24,8 +24,9 @@ from torch import nn
 from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.sequential import SequentialBackend
 from fedrun.backends.stacked_model import StackedModel
-from fedrun.client import LocalTrainer, batch_indices, scaffold_control_delta, scaffold_correction
-from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
+from fedrun.client import LocalTrainer, batch_indices
+from fedrun.core import (ClientHook, ClientJob, ClientUpdate, FedrunError, GradientTerm, RoundContext, Stream,
+                         derive_seed, seed_global_rng, torch_generator)
 from fedrun.data.examples import ClientData, FederatedData, concat
 from fedrun.flat_optim import FlatOptimizer, descend, flat_optimizer
 
@@ -178,26 +179,23 @@ class VectorizedBackend:
         index, share = steps.index.to(device), steps.share.to(device)
         stack = weights.expand(len(plans), -1).clone()  # (K, D): row k is client k's weights
         optimizer = flat_optimizer(stack, cfg)
-        prox_mu = torch.tensor([[p.job.prox_mu] for p in plans], device=device)  # (K, 1)
-        prox_mu = prox_mu if prox_mu.any() else None
-        correction = scaffold_corrections(plans, weights)
+        rule = self.trainer.local_rule
+        term = None if rule is None else rule.gradient_term([p.job for p in plans], weights)  # row k: plans[k]
         loss_sum = torch.zeros(len(plans), device=device)
         for s, (active, width) in enumerate(zip(steps.active, steps.width)):
             if active == 1:  # the longest client alone: often most of a round's steps (power-law sizes)
-                self.finish_alone(stack, optimizer, plans[0], s, weights, loss_sum, prox_mu=prox_mu,
-                                  correction=correction)
+                self.finish_alone(stack, optimizer, plans[0], s, loss_sum, term=term)
                 break
             idx = index[s, :active, :width]  # (a, B)
             grad, loss = self.stacked.gradients(stack[:active], gather(x_all, idx), gather(y_all, idx),
                                                 share[s, :active, :width])
             loss_sum[:active] += loss
-            descend(optimizer, stack, grad, weights, active=active, step=s, prox_mu=prox_mu, correction=correction)
+            descend(optimizer, stack, grad, active=active, step=s, term=term)
         seconds = (time.perf_counter() - start) / len(plans)
         return [self.client_update(p, stack[k] - weights, float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
 
     def finish_alone(self, stack: torch.Tensor, optimizer: FlatOptimizer, plan: ClientPlan, first: int,
-                     weights: torch.Tensor, loss_sum: torch.Tensor, *, prox_mu: torch.Tensor | None,
-                     correction: torch.Tensor | None) -> None:
+                     loss_sum: torch.Tensor, *, term: GradientTerm | None) -> None:
         """Row 0's steps from `first` on, as sequential training takes them: the row lives in the
         trainer's flat buffer meanwhile, a step's gradient is `LocalTrainer.gradient` on the
         plain model, and the group's optimizer steps it with row 0's state."""
@@ -209,14 +207,13 @@ class VectorizedBackend:
             for s in range(first, len(plan.batches)):
                 x, y = train[plan.batches[s]].inputs_targets(trainer.device)
                 loss_sum[0] += trainer.gradient(x, y)
-                descend(optimizer, row, grad, weights, active=1, step=s, prox_mu=prox_mu, correction=correction)
+                descend(optimizer, row, grad, active=1, step=s, term=term)
         stack[0].copy_(trainer.flat)
 
     def client_update(self, plan: ClientPlan, delta: torch.Tensor, loss_sum: float, seconds: float) -> ClientUpdate:
         """The fields `LocalTrainer.train` fills, from the batched results."""
         steps, job = len(plan.batches), plan.job
-        extras = {} if job.control is None else {
-            "control_delta": scaffold_control_delta(job, delta, steps, self.trainer.cfg.lr)}
+        extras = self.trainer.client_extras(job, delta, steps)
         return ClientUpdate(
             client_id=job.client_id,
             delta=delta,
@@ -236,10 +233,3 @@ def gather(examples: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """examples[idx] for an (a, B) index: index_select costs a third of advanced indexing."""
     return examples.index_select(0, idx.reshape(-1)).view(*idx.shape, *examples.shape[1:])
 
-
-def scaffold_corrections(plans: Sequence[ClientPlan], weights: torch.Tensor) -> torch.Tensor | None:
-    """SCAFFOLD's c - c_i per client (K, D), or None when no client has a control variate."""
-    if all(p.job.control is None for p in plans):
-        return None
-    return torch.stack([torch.zeros_like(weights) if p.job.control is None else scaffold_correction(p.job)
-                        for p in plans])

@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from fedrun.core import ClientUpdate
+
 
 def weighted_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_i (w_i / sum_j w_j) * delta_i, accumulated in float64 and returned as float32."""
@@ -15,3 +17,13 @@ def weighted_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     for delta, w in zip(deltas, weights):
         acc.add_(delta, alpha=w / total)
     return acc.to(deltas[0].dtype)
+
+
+def example_weighted(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """FedAvg's aggregate: the clients' deltas weighted by their numbers of training examples."""
+    return weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+
+
+def stacked(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """(K, D) the clients' deltas, row k client k's: what the robust rules (robust.py) take."""
+    return torch.stack([u.delta for u in updates])

@@ -19,17 +19,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from fedrun.client_config import ClientConfig
+from fedrun.components import OneOf, Range
 from fedrun.core import ClientUpdate, RoundContext, Stream, torch_generator
 from fedrun.data.examples import FederatedData, concat
+from fedrun.privacy.local_dp import ExampleDP
 from fedrun.strategies.client_models import ClientModels, ModelSpec
 from fedrun.strategies.fed_distill_client import DistillJob, DistillTrainer
 
 AGGREGATIONS = ("mean", "era")
+DIGESTS = ("before", "after")  # when clients digest the consensus: before local training (FedMD) or after (DS-FL)
 
 
 def era(mean: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,20 +63,31 @@ class Digest:
 class FedDistill:
     """The server of logit exchange: picks public windows, averages predictions, keeps no weights."""
 
-    def __init__(self, *, public: FederatedData, models: ClientModels, aggregation: str, era_temperature: float,
-                 public_batch: int, digest: Digest, seed: int):
+    exchanges = "logits"
+    config_nodes = {"public": "data"}  # the public corpus, a data source the run builds
+
+    def __init__(self, *, aggregation: Annotated[str, OneOf(*AGGREGATIONS)],
+                 era_temperature: Annotated[float, Range(gt=0)], temperature: Annotated[float, Range(gt=0)],
+                 public_batch: Annotated[int, Range(ge=1)], digest_steps: Annotated[int, Range(ge=0)],
+                 digest_batch: Annotated[int, Range(ge=1)], digest: Annotated[str, OneOf(*DIGESTS)],
+                 topk_logits: Annotated[int, Range(ge=1)] | None, eval_clients: Annotated[int, Range(ge=1)],
+                 public: FederatedData, model_specs: list[ModelSpec], num_clients: int, seed: int,
+                 device: torch.device):
+        models = ClientModels(model_specs, num_clients=num_clients, seed=seed, device=device, eval_clients=eval_clients)
         self.public_fingerprint = public.fingerprint
         self.public = concat([c.train for c in public.clients])
         self.server_model = self.client_state = models  # what the loop evaluates; the clients' own weights
         self.aggregation, self.era_temperature = aggregation, era_temperature
         self.batch = min(public_batch, len(self.public))
-        self.digest, self.seed = digest, seed
+        self.digest = Digest(temperature, digest_steps, digest_batch, digest == "after", topk_logits)
+        self.seed = seed
         seq_len = self.public.tokens.shape[1] - 1  # windows hold T + 1 bytes
         self.update_size = self.batch * seq_len * models.vocab_size  # B * T * V probabilities
         self._round = 0  # the round in progress
         self._consensus_round = 0  # the round whose public windows the consensus predicts (0: none yet)
 
-    def make_trainer(self, cfg, device: torch.device, example_dp=None) -> Callable[[], DistillTrainer]:
+    def make_trainer(self, cfg: ClientConfig, device: torch.device,
+                     example_dp: ExampleDP | None = None) -> Callable[[], DistillTrainer]:
         d = self.digest
         return partial(DistillTrainer, self.server_model.make_models, cfg, device, example_dp,
                        temperature=d.temperature, digest_steps=d.steps, digest_batch=d.batch,
@@ -90,8 +105,8 @@ class FedDistill:
         self._digest_x = self.windows(self._consensus_round) if self._consensus_round else None
 
     def client_job(self, client_id: int) -> DistillJob:
-        return DistillJob(client_id=client_id, arch=int(self.server_model.arch_of[client_id]),
-                          start=self.server_model.weights_of(client_id), digest_x=self._digest_x,
+        return DistillJob(client_id=client_id, state={"weights": self.server_model.weights_of(client_id)},
+                          arch=int(self.server_model.arch_of[client_id]), digest_x=self._digest_x,
                           predict_x=self._predict_x)
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -112,13 +127,3 @@ class FedDistill:
         self._consensus_round = state["consensus_round"]
         self.server_model.load_state_dict(state["clients"])
 
-
-def fed_distill(*, aggregation: str, era_temperature: float, temperature: float, public_batch: int,
-                digest_steps: int, digest_batch: int, digest: str, topk_logits: int | None, eval_clients: int,
-                public: FederatedData, model_specs: list[ModelSpec], num_clients: int, seed: int,
-                device: torch.device) -> FedDistill:
-    models = ClientModels(model_specs, num_clients=num_clients, seed=seed, device=device, eval_clients=eval_clients)
-    return FedDistill(public=public, models=models, aggregation=aggregation, era_temperature=era_temperature,
-                      public_batch=public_batch, seed=seed,
-                      digest=Digest(temperature, digest_steps, digest_batch, digest == "after", topk_logits))
-fed_distill.config_nodes = {"public": "data"}  # type: ignore[attr-defined]

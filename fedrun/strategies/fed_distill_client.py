@@ -1,7 +1,7 @@
 """The client side of logit-exchange distillation (`strategy=fed_distill`).
 
-A client keeps its own model across rounds (its weights come in the job: state that lives on
-the client). Each round it distils from the server's consensus on the previous round's public
+A client keeps its own model across rounds (its weights come in the job's `state`: state that
+lives on the client, never sent). Each round it distils from the server's consensus on the previous round's public
 windows (`digest_steps`, before or after local training, as FedMD's "digest" and "revisit"),
 trains on its own data with the usual LocalTrainer, then sends its softened predictions
 softmax(logits / T) on this round's public windows: B x T x V probabilities, or only the top k
@@ -29,16 +29,17 @@ INDEX_BYTES = 8  # the server names public windows by int64 index: the corpus it
 
 @dataclass
 class DistillJob(ClientJob):
-    """What a fed_distill client gets besides the consensus (which comes as the round's `weights`)."""
+    """What a fed_distill client gets besides the consensus (which comes as the round's `weights`)
+    and its own weights (`state["weights"]`, kept on the client)."""
 
     arch: int = 0  # index of the client's architecture in the strategy's model list
-    start: torch.Tensor | None = None  # the client's own weights (state kept on the client)
     digest_x: torch.Tensor | None = None  # (B, T) public windows the consensus predicts
     predict_x: torch.Tensor | None = None  # (B, T) this round's public windows
 
     @property
     def extra_bytes(self) -> int:
-        """The indices of the public windows: the consensus's and this round's."""
+        """The indices of the public windows, the consensus's and this round's: the server names
+        windows of a corpus every client holds, so the windows themselves are not sent."""
         return INDEX_BYTES * sum(len(x) for x in (self.digest_x, self.predict_x) if x is not None)
 
 
@@ -77,7 +78,7 @@ class DistillTrainer:
         """`weights` is the consensus (flat B*T*V probabilities; empty before the first exchange)."""
         start = time.perf_counter()
         trainer = self.trainer(job.arch)
-        own = job.start
+        own = job.state["weights"]
         if not self.digest_after:
             own = self.digest(trainer, own, job, weights, ctx)
         update = trainer.train(job, data, own, ctx)

@@ -8,12 +8,13 @@ the weights that score best on a held-out part of the public corpus (early stopp
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedrun.components import Range
 from fedrun.core import ClientUpdate, Stream, torch_generator
 from fedrun.data.examples import FederatedData, concat
 from fedrun.params import flatten_parameters
@@ -41,10 +42,14 @@ def distillation_loss(student_logits: torch.Tensor, target: torch.Tensor, temper
 class FedDF(ServerStrategy):
     """FedAvg, then ensemble distillation of the round's client models into the average."""
 
-    def __init__(self, aggregator, make_optimizer, *, make_model: Callable[[], nn.Module], public: FederatedData,
-                 temperature: float, distill_steps: int, distill_lr: float, distill_batch: int,
-                 eval_every: int, seed: int, device: torch.device):
-        super().__init__(aggregator, make_optimizer)
+    needs_individual_updates = True  # the teachers are the clients' own models
+    config_nodes = {"public": "data"}  # the public corpus, a data source the run builds
+
+    def __init__(self, *, temperature: Annotated[float, Range(gt=0)], distill_steps: Annotated[int, Range(ge=0)],
+                 distill_lr: Annotated[float, Range(gt=0)], distill_batch: Annotated[int, Range(ge=1)],
+                 eval_every: Annotated[int, Range(ge=1)], public: FederatedData, make_model: Callable[[], nn.Module],
+                 seed: int, device: torch.device):
+        super().__init__()
         self.student, self.teacher = make_model().to(device), make_model().to(device)
         self.student_flat, self.teacher_flat = flatten_parameters(self.student), flatten_parameters(self.teacher)
         self.public_fingerprint = public.fingerprint

@@ -1,31 +1,30 @@
-"""A server strategy: an aggregator, then a server optimizer fed `-delta` as its gradient.
+"""The base of the server strategies: an aggregate, then a server optimizer fed `-delta`.
 
 Following Reddi et al. 2021 ("Adaptive Federated Optimization", Algorithm 1, FedOpt), the
 aggregated client delta is a pseudo-gradient; the server takes one step of a real
-`torch.optim` optimizer with it. SGD with lr 1 gives FedAvg exactly, SGD with momentum FedAvgM
-(Hsu et al. 2019), `FedOpt` the adaptive FedAdam, FedYogi and FedAdagrad.
+`torch.optim` optimizer with it. The base is FedAvg's two halves, the example-weighted mean and
+SGD with lr 1 (which adds the mean exactly); an option overrides `aggregate` (robust rules) or
+`make_optimizer` (FedAvgM's momentum, the adaptive FedAdam, FedYogi and FedAdagrad), and may
+bring a client-side rule (`local_rule`: FedProx).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from fedrun.core import ClientJob, ClientUpdate, RoundContext
-
-Aggregator = Callable[[Sequence[ClientUpdate]], torch.Tensor]
-OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+from fedrun.core import ClientJob, ClientUpdate, LocalRule, RoundContext
+from fedrun.strategies.aggregate import example_weighted
 
 
 class ServerStrategy:
-    def __init__(self, aggregator: Aggregator, make_optimizer: OptimizerFactory, *, prox_mu: float = 0.0,
-                 secure_sum_weighting: str | None = None):
-        self.aggregator = aggregator
-        # How the aggregate weighs clients when it is a weighted mean ("examples", "uniform"), so
-        # secure aggregation can compute it from sums; None: it needs the individual updates.
-        self.secure_sum_weighting = secure_sum_weighting
-        self.make_optimizer = make_optimizer
-        self.prox_mu = prox_mu
+    """FedAvg's aggregate and server step; the capabilities of a strategy that declares none."""
+
+    needs_individual_updates = False
+    secure_sum_weighting: str | None = None  # see fedrun.components.CAPABILITIES["strategy"]
+    local_rule: LocalRule | None = None  # its clients train plainly
+
+    def __init__(self) -> None:
         self._param: torch.nn.Parameter | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict | None = None
@@ -34,10 +33,13 @@ class ServerStrategy:
         pass
 
     def client_job(self, client_id: int) -> ClientJob:
-        return ClientJob(client_id=client_id, prox_mu=self.prox_mu)
+        return ClientJob(client_id=client_id)
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
-        return self.aggregator(updates)
+        return example_weighted(updates)
+
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=1.0, momentum=0.0)
 
     def apply(self, weights: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         param, optimizer = self._server_optimizer(weights)
@@ -54,6 +56,7 @@ class ServerStrategy:
             self._optimizer = self.make_optimizer([self._param])
             if self._pending_state is not None:
                 self._optimizer.load_state_dict(self._pending_state)
+        assert self._param is not None
         return self._param, self._optimizer
 
     def state_dict(self) -> dict:

@@ -16,14 +16,18 @@ Algorithm 2 asks only for v_{-1} >= τ²; we start from v_{-1} = τ², the small
 allows. There is no bias correction, as in the paper, so early Adam steps are damped
 by (1 - β1) rather than rescaled.
 
-FedAvgM (Hsu et al. 2019) needs no class of its own: it is `torch.optim.SGD` with
-`momentum=μ`, fed the same `-delta` gradient.
+`FedOptStrategy` is the server strategy of the three options (fedadam.py, fedyogi.py,
+fedadagrad.py), which differ only in `kind`. FedAvgM (Hsu et al. 2019) needs no optimizer of
+its own: it is `torch.optim.SGD` with `momentum=μ`, fed the same `-delta` gradient.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable
 
 import torch
+
+from fedrun.components import Range
+from fedrun.strategies.server import ServerStrategy
 
 KINDS = ("adam", "yogi", "adagrad")
 
@@ -83,3 +87,18 @@ class FedOpt(torch.optim.Optimizer):
         m.mul_(group["beta1"]).add_(delta, alpha=1.0 - group["beta1"])
         _second_moment(v, delta.square(), kind=group["kind"], beta2=group["beta2"])
         p.addcdiv_(m, v.sqrt().add_(group["tau"]), value=group["lr"])
+
+
+class FedOptStrategy(ServerStrategy):
+    """The example-weighted mean, then a step of the adaptive server optimizer of `kind`."""
+
+    kind: str  # one of KINDS, set by each option
+    secure_sum_weighting = "examples"
+
+    def __init__(self, *, server_lr: Annotated[float, Range(gt=0)], beta1: Annotated[float, Range(ge=0, lt=1)],
+                 beta2: Annotated[float, Range(ge=0, lt=1)], tau: Annotated[float, Range(gt=0)]):
+        super().__init__()
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return FedOpt(params, kind=self.kind, lr=self.server_lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
