@@ -11,10 +11,13 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fedrun.privacy.accounting import DPEvent
 
 
 class FedrunError(Exception):
@@ -161,12 +164,15 @@ class Strategy(Protocol):
 
 
 class Mechanism(ClientHook, Protocol):
-    """A privacy mechanism: acts on each client's update (`on_client`, client side) and on how
-    updates are combined (`aggregate`, server side); owns its accounting."""
+    """A privacy mechanism: a client hook (`on_client`: clip, mask, or account the client's own
+    DP-SGD steps) and a server hook (`aggregate`: noise, unmask), each adding to the round's
+    metrics (`round_metrics`); its accounting is a ledger of DPEvents (fedrun.privacy.accounting)."""
 
     metric_columns: list[str]  # extra metrics.csv columns it fills each round
 
-    def allows_round(self, ctx: RoundContext) -> bool: ...
+    def allows_round(self, ctx: RoundContext) -> bool:
+        """False to stop before the round (its budget would be exceeded)."""
+        ...
 
     def begin_round(self, ctx: RoundContext) -> None:
         """Called once the cohort is sampled, before any client trains."""
@@ -177,11 +183,13 @@ class Mechanism(ClientHook, Protocol):
         """The round's aggregate delta, or None to keep the global model this round."""
         ...
 
-    def round_metrics(self, *, tight: bool) -> dict[str, float]: ...
+    def round_metrics(self, *, tight: bool) -> dict[str, float | None]: ...
+
+    def round_events(self, round_idx: int) -> Sequence[DPEvent]:
+        """The DPEvents the server recorded in round `round_idx` (privacy_ledger.csv's rows)."""
+        ...
 
     def summary(self) -> dict: ...
-
-    def ledger_rows(self) -> list[dict]: ...
 
     def state_dict(self) -> dict: ...
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -83,7 +83,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         metrics.append([row])
         clients.append(client_table)
         if ledger is not None:
-            ledger.append(r for r in exp.mechanism.ledger_rows() if r["round"] == round_idx)
+            ledger.append(asdict(e) for e in exp.mechanism.round_events(round_idx))
         if round_idx % cfg.checkpoint_every == 0 or round_idx == cfg.rounds:
             rundir.save_checkpoint(round_idx, checkpoint_state(exp, weights, round_idx), keep=cfg.checkpoint_keep)
         history.append(row)

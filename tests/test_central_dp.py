@@ -74,3 +74,16 @@ def test_a_target_epsilon_that_would_be_ignored_is_refused():
                         "privacy.target_epsilon=1"])
     config.compose(["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.3",
                     "privacy.target_epsilon=1", "privacy.stop_at_budget=true"])
+
+
+def test_a_ledger_written_before_events_had_steps_loads_as_one_step_each():
+    """Checkpoints of central DP runs hold their DPEvents without `steps`: each was one round."""
+    from fedrun.privacy.accounting import DPEvent, Ledger
+
+    events = [DPEvent(round=r, sample_rate=0.1, noise_multiplier=1.1, clip_norm=1.0, participants=3,
+                      mechanism="dp_fedavg") for r in range(1, 6)]
+    old = {"events": [{k: v for k, v in vars(e).items() if k != "steps"} for e in events]}
+    mechanism = central_mechanism(adaptive=False)
+    mechanism.load_state_dict({"clip_norm": 1.0, "ledger": old})
+    assert mechanism.ledger.events == events and mechanism.ledger.counts == {(1.1, 0.1): 5}
+    assert mechanism.round_metrics(tight=False)["epsilon"] == Ledger(events).epsilon(mechanism.delta, accountant="rdp")

@@ -239,3 +239,58 @@ def test_client_epsilon_edge_cases():
     assert client_epsilon(noise_multiplier=0.0, sample_rate=0.1, steps=5, delta=1e-5) == math.inf
     with pytest.raises(FedrunError, match="accountant"):
         client_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=5, delta=1e-5, accountant="gdp")
+
+
+# ---- privacy=local_dp's accounting: one Ledger of DPEvents per client --------------------------
+
+def _local(**kw):
+    from fedrun.privacy.local import LocalPrivacy
+
+    return LocalPrivacy(**({"max_grad_norm": 1.0, "noise_multiplier": 0.9, "delta": 1e-5, "accountant": "rdp",
+                            "batch_size": 4, "noise_source": "seed"} | kw))
+
+
+def _participations(mechanism, rounds: int = 6):
+    """Clients of different sizes and step counts, some twice a round's worth, one with no steps."""
+    from fedrun.core import ClientUpdate, RoundContext
+
+    for r in range(1, rounds + 1):
+        for cid in (r % 3, 3 + r % 2, 7):
+            update = ClientUpdate(client_id=cid, delta=torch.zeros(3), num_examples=10 + 7 * cid, train_loss=0.0,
+                                  seconds=0.0, bytes_up=0, num_steps=(cid + r) % 4)
+            mechanism.on_client(update, RoundContext(round_idx=r, seed=0, num_clients=8, cohort=[cid]))
+
+
+def test_local_dp_epsilon_is_each_clients_steps_composed_as_before():
+    """Each client's DPEvents compose to what its (z, q) -> steps Counter gave (bit for bit)."""
+    from collections import Counter
+
+    from fedrun.privacy.accounting import epsilon_of
+
+    mechanism = _local()
+    _participations(mechanism)
+    for cid, ledger in mechanism.ledgers.items():
+        counts: Counter = Counter()
+        for e in ledger.events:
+            assert (e.noise_multiplier, e.clip_norm, e.mechanism) == (0.9, 1.0, "dp_sgd")
+            counts[(0.9, min(1.0, 4 / (10 + 7 * cid)))] += e.steps
+        for accountant in ("rdp", "prv"):
+            assert ledger.epsilon(1e-5, accountant=accountant) == epsilon_of(counts, 1e-5, accountant=accountant)
+    worst, eps = mechanism.worst_client()
+    assert eps == max(ledger.epsilon(1e-5, accountant="rdp") for ledger in mechanism.ledgers.values()) > 0
+    assert mechanism.round_events(1) == []  # privacy_ledger.csv keeps the server's events only
+
+
+def test_local_dp_state_loads_in_both_layouts_to_the_same_epsilons():
+    """A checkpoint written before the DPEvents ({"client_steps": [[z, q, steps], ...]}) still resumes."""
+    mechanism = _local()
+    _participations(mechanism)
+    before = mechanism.round_metrics(tight=True)
+    restored = _local()
+    restored.load_state_dict(mechanism.state_dict())
+    assert restored.round_metrics(tight=True) == before
+    old_layout = {"client_steps": {c: [[z, q, n] for (z, q), n in ledger.counts.items()]
+                                   for c, ledger in mechanism.ledgers.items()}}
+    from_old = _local()
+    from_old.load_state_dict(old_layout)
+    assert from_old.round_metrics(tight=True) == before and from_old.worst_client() == mechanism.worst_client()

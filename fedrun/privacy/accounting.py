@@ -33,37 +33,48 @@ PRV_EPS_ERROR = 0.01  # opacus' PRV epsilon is an upper bound: its estimate plus
 
 @dataclass(frozen=True)
 class DPEvent:
-    """One round's DP mechanism, as the accountant needs it (plus what a reader wants)."""
+    """`steps` compositions of one subsampled Gaussian mechanism, as the accountant needs them
+    (plus what a reader wants): one round of central DP (a step), or one client's DP-SGD steps in
+    a round (local DP, one ledger per client)."""
 
     round: int
-    sample_rate: float
-    noise_multiplier: float
+    sample_rate: float  # q: Poisson sampling rate of the clients (central) or of the client's examples (local)
+    noise_multiplier: float  # z: noise std / clip norm
     clip_norm: float
-    participants: int
+    participants: int  # clients in the round's sum (central); 1 for a client's own steps (local)
     mechanism: str
+    steps: int = 1  # a checkpoint's events from before local DP recorded events have none: 1 each
 
 
 class Ledger:
+    """The DP events of one accountant (the run's for central DP, one client's for local DP),
+    and their composition (z, q) -> steps, kept as they are recorded so epsilon costs no replay."""
+
     def __init__(self, events: list[DPEvent] | None = None):
-        self.events = list(events or [])
+        self.events: list[DPEvent] = []
+        self.counts: Counter = Counter()
+        for event in events or []:
+            self.record(event)
 
     def record(self, event: DPEvent) -> None:
         self.events.append(event)
+        self.counts[(event.noise_multiplier, event.sample_rate)] += event.steps
 
     def epsilon(self, delta: float, *, accountant: str, extra: DPEvent | None = None) -> float:
         """epsilon at `delta` after every recorded event (and `extra`, to look one round ahead)."""
-        events = self.events + ([extra] if extra is not None else [])
-        if not events:
-            return 0.0
-        if any(e.noise_multiplier == 0 for e in events):
-            return math.inf
-        return epsilon_of(Counter((e.noise_multiplier, e.sample_rate) for e in events), delta, accountant=accountant)
+        counts = self.counts
+        if extra is not None:
+            counts = counts.copy()
+            counts[(extra.noise_multiplier, extra.sample_rate)] += extra.steps
+        return epsilon_of(counts, delta, accountant=accountant)
 
     def state_dict(self) -> dict:
         return {"events": [asdict(e) for e in self.events]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.events = [DPEvent(**e) for e in state["events"]]
+        self.events, self.counts = [], Counter()
+        for event in state["events"]:
+            self.record(DPEvent(**event))
 
 
 def epsilon_of(counts: Counter, delta: float, *, accountant: str) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
 from typing import Annotated, Sequence
 
 import torch
@@ -255,5 +254,5 @@ class CentralPrivacy:
         self.clip_norm = state["clip_norm"]
         self.ledger.load_state_dict(state["ledger"])
 
-    def ledger_rows(self) -> list[dict]:
-        return [asdict(e) for e in self.ledger.events]
+    def round_events(self, round_idx: int) -> list[DPEvent]:
+        return [e for e in self.ledger.events if e.round == round_idx]

@@ -2,18 +2,19 @@
 with its own accountant; the run reports the worst client's epsilon.
 
 Each participation of client i runs K DP-SGD steps with Poisson sampling rate
-q_i = batch_size / n_i and noise multiplier z, i.e. K subsampled Gaussian steps, replayed
-into opacus' accountants. This protects each example of a client's data (example-level DP),
+q_i = batch_size / n_i and noise multiplier z, i.e. K subsampled Gaussian steps: one DPEvent
+in the client's own Ledger (the model central DP's ledger uses, fedrun.privacy.accounting),
+replayed into opacus' accountants. This protects each example of a client's data (example-level DP),
 not the client as a whole: see the README's Privacy section.
 """
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import replace
 from typing import Annotated
 
 from fedrun.components import Range
 from fedrun.core import ClientUpdate, RoundContext
-from fedrun.privacy.accounting import epsilon_of
+from fedrun.privacy.accounting import DPEvent, Ledger
 from fedrun.privacy.keys import Accountant, Delta, NoiseSource
 from fedrun.privacy.local_dp import ExampleDP
 from fedrun.privacy.none import NoPrivacy
@@ -30,26 +31,29 @@ class LocalPrivacy(NoPrivacy):
         self.example_dp = ExampleDP(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                                     noise_source=noise_source)
         self.delta, self.accountant, self.batch_size = delta, accountant, batch_size
-        self.client_steps: dict[int, Counter] = {}
+        self.ledgers: dict[int, Ledger] = {}  # each client's own accountant
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         """The client's own accountant: its steps at its sampling rate (no data is touched)."""
         rate = min(1.0, self.batch_size / update.num_examples)
-        steps = self.client_steps.setdefault(update.client_id, Counter())
-        steps[(self.example_dp.noise_multiplier, rate)] += update.num_steps
+        self.ledgers.setdefault(update.client_id, Ledger()).record(self._event(ctx.round_idx, rate, update.num_steps))
         return update
 
+    def _event(self, round_idx: int, rate: float, steps: int) -> DPEvent:
+        return DPEvent(round=round_idx, sample_rate=rate, noise_multiplier=self.example_dp.noise_multiplier,
+                       clip_norm=self.example_dp.max_grad_norm, participants=1, mechanism="dp_sgd", steps=steps)
+
     def worst_client(self) -> tuple[int | None, float]:
-        if not self.client_steps:
+        if not self.ledgers:
             return None, 0.0
-        eps = {c: epsilon_of(steps, self.delta, accountant="rdp") for c, steps in self.client_steps.items()}
-        worst = max(eps, key=eps.get)
+        eps = {c: ledger.epsilon(self.delta, accountant="rdp") for c, ledger in self.ledgers.items()}
+        worst = max(eps, key=eps.__getitem__)
         return worst, eps[worst]
 
-    def round_metrics(self, *, tight: bool) -> dict[str, float]:
+    def round_metrics(self, *, tight: bool) -> dict[str, float | None]:
         """Worst client's RDP epsilon every round; its PRV epsilon where `tight` (slower)."""
         worst, rdp = self.worst_client()
-        prv = epsilon_of(self.client_steps[worst], self.delta, accountant="prv") if tight and worst is not None else None
+        prv = self.ledgers[worst].epsilon(self.delta, accountant="prv") if tight and worst is not None else None
         return {"epsilon": prv if self.accountant == "prv" else rdp, "epsilon_rdp": rdp, "epsilon_prv": prv}
 
     def summary(self) -> dict:
@@ -61,8 +65,15 @@ class LocalPrivacy(NoPrivacy):
                 "noise_multiplier": self.example_dp.noise_multiplier}
 
     def state_dict(self) -> dict:
-        return {"client_steps": {c: [[z, q, n] for (z, q), n in steps.items()] for c, steps in self.client_steps.items()}}
+        return {"ledgers": {c: ledger.state_dict() for c, ledger in self.ledgers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.client_steps = {int(c): Counter({(z, q): int(n) for z, q, n in rows})
-                             for c, rows in state["client_steps"].items()}
+        if "client_steps" in state:  # written before local DP recorded DPEvents: (z, q, steps) per client,
+            # in the order first taken; their rounds were not kept (round 0 here)
+            self.ledgers = {int(c): Ledger([replace(self._event(0, q, int(n)), noise_multiplier=z) for z, q, n in rows])
+                            for c, rows in state["client_steps"].items()}
+            return
+        self.ledgers = {}
+        for c, ledger_state in state["ledgers"].items():
+            self.ledgers[int(c)] = Ledger()
+            self.ledgers[int(c)].load_state_dict(ledger_state)

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from fedrun.core import ClientUpdate, RoundContext, Strategy
+from fedrun.privacy.accounting import DPEvent
 
 
 class NoPrivacy:
@@ -29,7 +30,7 @@ class NoPrivacy:
     def summary(self) -> dict:
         return {"mechanism": "none"}
 
-    def ledger_rows(self) -> list[dict]:
+    def round_events(self, round_idx: int) -> list[DPEvent]:
         return []
 
     def state_dict(self) -> dict:

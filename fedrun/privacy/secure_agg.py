@@ -31,6 +31,7 @@ from fedrun.core import ClientUpdate, FedrunError, RoundContext, Strategy, Strea
 from fedrun.privacy.keys import NoiseSource, SecaggBits, SecaggMinClients, SecaggThreshold
 from fedrun.privacy.fixedpoint import MODULUS
 from fedrun.privacy.masking import SecAggAbort
+from fedrun.privacy.none import NoPrivacy
 from fedrun.privacy.randomness import stream_seed
 from fedrun.privacy.secure_round import SecureSumRound, most_bits, shamir_threshold
 
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 WEIGHTS = ("examples", "uniform")  # what a strategy's `secure_sum_weighting` may say
 
 
-class SecureAggregation:
+class SecureAggregation(NoPrivacy):
+    """Not DP: nothing is accounted and every round is allowed (NoPrivacy's)."""
+
     secure_sum = True
     hides_client_stats = True  # clients.csv keeps only what the server sees (see log_client_stats)
 
@@ -66,9 +69,6 @@ class SecureAggregation:
     @property
     def metric_columns(self) -> list[str]:
         return ["secagg_clamped", "secagg_skipped", "secagg_bits", "secagg_bytes_per_client", "secagg_seconds"]
-
-    def allows_round(self, ctx: RoundContext) -> bool:
-        return True
 
     # ---- set-up, before local training ------------------------------------------------------
 
@@ -141,9 +141,6 @@ class SecureAggregation:
     def summary(self) -> dict:
         return {"mechanism": "secure_agg", "secure_agg": True, "secagg_range": self.value_range,
                 "skipped_rounds": self.skipped, "noise_source": self.noise_source}
-
-    def ledger_rows(self) -> list[dict]:
-        return []
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped}

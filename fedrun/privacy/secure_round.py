@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedrun.privacy.fixedpoint import MODULUS, dequantize_sum, quantize, validate_capacity
+from fedrun.privacy.fixedpoint import MAX_BITS, MODULUS, dequantize_sum, quantize, validate_capacity
 from fedrun.privacy.masking import SEALED_SHARES_BYTES, PublicKeys, client_secret
 from fedrun.privacy.secagg import ClientSecAgg, ServerSecAgg
 
@@ -38,7 +38,7 @@ def shamir_threshold(cohort_size: int, fraction: float) -> int:
 
 def most_bits(cohort_size: int) -> int:
     """The most fixed-point bits whose sum over `cohort_size` clients cannot wrap modulo 2^32."""
-    return min(32, 32 - (cohort_size - 1).bit_length()) if cohort_size > 1 else 32
+    return min(MAX_BITS, 32 - (cohort_size - 1).bit_length()) if cohort_size > 1 else MAX_BITS
 
 
 @dataclass
