@@ -8,34 +8,40 @@ client replaces its honest update before sending it:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from typing import Annotated
 
 import torch
 
+from fedrun.components import OneOf, Range
 from fedrun.core import ClientUpdate, RoundContext, Stream, numpy_rng, torch_generator
 
 KINDS = ("sign_flip", "scale", "gaussian")
 
 
 class NoAttack:
+    """`attack=none`: every client is honest."""
+
+    is_noop = True
     malicious: frozenset[int] = frozenset()
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         return update
 
 
-@dataclass
 class ModelPoisoning:
-    kind: str
-    fraction: float
-    scale: float
-    num_clients: int
-    seed: int
-    malicious: frozenset[int] = field(init=False)
+    """A fixed `fraction` of the population, drawn from the seed, sends a poisoned update.
 
-    def __post_init__(self) -> None:
-        count = int(round(self.fraction * self.num_clients))
-        chosen = numpy_rng(self.seed, Stream.ATTACK).choice(self.num_clients, size=count, replace=False)
+    `scale` multiplies the update (sign_flip, scale) or is the noise's standard deviation
+    (gaussian): a finite number >= 0 (a negative one would turn sign_flip into scale and back)."""
+
+    def __init__(self, *, kind: Annotated[str, OneOf(*KINDS)], fraction: Annotated[float, Range(ge=0, le=1)],
+                 scale: Annotated[float, Range(ge=0, lt=math.inf, words="a finite number >= 0")],
+                 num_clients: int, seed: int):
+        self.kind, self.fraction, self.scale = kind, fraction, scale
+        self.num_clients, self.seed = num_clients, seed
+        count = int(round(fraction * num_clients))
+        chosen = numpy_rng(seed, Stream.ATTACK).choice(num_clients, size=count, replace=False)
         self.malicious = frozenset(int(c) for c in chosen)
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:

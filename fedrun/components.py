@@ -308,6 +308,8 @@ RENAMED_TARGETS: dict[str, str] = {
     "fedrun.data.text.pystdlib": "fedrun.data.pystdlib.PyStdlib",
     "fedrun.data.text.shakespeare": "fedrun.data.shakespeare.Shakespeare",
     "fedrun.data.synthetic.synthetic": "fedrun.data.synthetic.Synthetic",
+    "fedrun.sampling.make_sampler": "fedrun.sampling.ClientSampler",
+    "fedrun.privacy.audit.no_audit": "fedrun.privacy.audit.NoAudit",
 }
 
 

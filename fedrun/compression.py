@@ -16,9 +16,11 @@ carried besides its dense float32 delta (e.g. SCAFFOLD's control delta) are kept
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
+from fedrun.components import Range
 from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, torch_generator
 
 QUANTIZE_KEY = 7  # extra key of the quantiser's stream, after (round, client), within Stream.CLIENT
@@ -39,6 +41,10 @@ def _extra_bytes(update: ClientUpdate) -> int:
 
 
 class NoCompression:
+    """`compression=none`: updates are sent as dense float32 vectors."""
+
+    is_noop = True
+
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         return update
 
@@ -52,9 +58,7 @@ class NoCompression:
 class TopK:
     """Top-k sparsification with error feedback; residuals persist per client across rounds."""
 
-    def __init__(self, fraction: float, num_clients: int) -> None:
-        if not 0.0 < fraction <= 1.0:
-            raise FedrunError(f"compression.fraction: must be in (0, 1], got {fraction}")
+    def __init__(self, *, fraction: Annotated[float, Range(gt=0, le=1)], num_clients: int) -> None:
         self.fraction = fraction
         self.num_clients = num_clients
         self.residual: dict[int, torch.Tensor] = {}  # client_id -> (D,) what it has not sent yet
@@ -95,9 +99,7 @@ class StochasticQuantizer:
     probability t - j, else to j: E[decoded] = x, Var = step^2 (t - j)(1 - t + j).
     """
 
-    def __init__(self, bits: int) -> None:
-        if not 1 <= bits <= 16:
-            raise FedrunError(f"compression.bits: must be in 1..16, got {bits}")
+    def __init__(self, *, bits: Annotated[int, Range(ge=1, le=16)]) -> None:
         self.bits = bits
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:

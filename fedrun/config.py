@@ -217,8 +217,9 @@ def build_data(cfg: DictConfig, *, audit: Any = None) -> FederatedData:
 def build(cfg: DictConfig) -> Experiment:
     device = resolve_device(cfg.device, cfg.backend.get("_target_", ""))
     make_deterministic(device)
-    audit = instantiate(cfg.audit, _partial_=True)
-    audit = with_context(audit, {"seed": cfg.seed})
+    audit = None  # audit=none (is_noop): no secrets planted, nothing measured
+    if not capability(cfg.audit, "audit", "is_noop"):
+        audit = with_context(instantiate(cfg.audit, _partial_=True), {"seed": cfg.seed})
     data = build_data(cfg, audit=audit)
     k = cfg.sampler.clients_per_round
     if k > data.num_clients:

@@ -9,53 +9,37 @@ sent the model but never reports (Bonawitz et al. 2019, "Towards Federated Learn
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
+from fedrun.components import OneOf, Range
 from fedrun.core import RoundContext, Stream, numpy_rng
 
 KINDS = ("uniform", "poisson", "weighted")
 
 
-@dataclass
-class UniformSampler:
-    clients_per_round: int
-    dropout: float = 0.0
+class ClientSampler:
+    """`sampler=default`: each round's cohort, drawn the way `kind` says, from the round's stream."""
 
-    def sample(self, num_examples: np.ndarray, ctx: RoundContext) -> list[int]:
-        rng = numpy_rng(ctx.seed, Stream.SAMPLE, ctx.round_idx)
-        return sorted(rng.choice(len(num_examples), size=self.clients_per_round, replace=False).tolist())
-
-
-@dataclass
-class PoissonSampler:
-    clients_per_round: int  # the expected cohort size q * N
-    dropout: float = 0.0
+    def __init__(self, *, kind: Annotated[str, OneOf(*KINDS)], clients_per_round: Annotated[int, Range(ge=1)],
+                 dropout: Annotated[float, Range(ge=0, lt=1)]):
+        self.kind = kind
+        self.clients_per_round = clients_per_round  # poisson: the expected cohort size q * N
+        self.dropout = dropout  # read by the round loop (drop_out)
 
     def rate(self, num_clients: int) -> float:
+        """poisson's sampling rate q."""
         return self.clients_per_round / num_clients
 
     def sample(self, num_examples: np.ndarray, ctx: RoundContext) -> list[int]:
+        """The sampled clients' ids, ascending; `num_examples` holds every client's examples."""
         rng = numpy_rng(ctx.seed, Stream.SAMPLE, ctx.round_idx)
-        return np.flatnonzero(rng.random(len(num_examples)) < self.rate(len(num_examples))).tolist()
-
-
-@dataclass
-class WeightedSampler:
-    clients_per_round: int
-    dropout: float = 0.0
-
-    def sample(self, num_examples: np.ndarray, ctx: RoundContext) -> list[int]:
-        rng = numpy_rng(ctx.seed, Stream.SAMPLE, ctx.round_idx)
-        p = num_examples / num_examples.sum()
-        return sorted(rng.choice(len(num_examples), size=self.clients_per_round, replace=False, p=p).tolist())
-
-
-def make_sampler(*, kind: str, clients_per_round: int, dropout: float):
-    """`sampler=default`: the sampler named by `sampler.kind`."""
-    samplers = {"uniform": UniformSampler, "poisson": PoissonSampler, "weighted": WeightedSampler}
-    return samplers[kind](clients_per_round=clients_per_round, dropout=dropout)
+        n = len(num_examples)
+        if self.kind == "poisson":
+            return np.flatnonzero(rng.random(n) < self.rate(n)).tolist()
+        p = num_examples / num_examples.sum() if self.kind == "weighted" else None
+        return sorted(rng.choice(n, size=self.clients_per_round, replace=False, p=p).tolist())
 
 
 def drop_out(cohort: list[int], rate: float, ctx: RoundContext) -> tuple[list[int], list[int]]:

@@ -27,3 +27,20 @@ def test_each_attack_replaces_only_malicious_updates():
     attack = ModelPoisoning(kind="gaussian", fraction=1.0, scale=3.0, num_clients=10, seed=0)
     noise = attack.on_client(_update(0, torch.zeros(20000)), ctx)
     assert noise.malicious and abs(float(noise.delta.std()) - 3.0) < 0.1
+
+
+def test_out_of_range_keys_are_refused_by_the_signature():
+    import pytest
+    from omegaconf import OmegaConf
+
+    from fedrun.components import check_values
+    from fedrun.core import FedrunError
+
+    cases = {"kind": ("flip", "attack.kind: 'flip' is not allowed; allowed: one of sign_flip, scale, gaussian"),
+             "fraction": (1.5, "attack.fraction: 1.5 is not allowed; allowed: a number in [0, 1]"),
+             "scale": (-1.0, "attack.scale: -1.0 is not allowed; allowed: a finite number >= 0")}
+    for key, (value, message) in cases.items():
+        node = OmegaConf.create({"kind": "scale", "fraction": 0.2, "scale": 1.0, key: value})
+        with pytest.raises(FedrunError) as e:
+            check_values(node, ModelPoisoning, "attack", "attack")
+        assert str(e.value) == message

@@ -222,3 +222,20 @@ def test_tiny_gpt_exposes_an_inserted_canary_but_not_the_others(one_thread):
     exposures = audit.exposure(model, c, device=CPU)
     assert exposures[0] > 0.8 * audit.max_exposure(c)
     assert max(exposures[1:]) < 0.5 * audit.max_exposure(c)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_canaries", 0, "audit.num_canaries: 0 is not allowed; allowed: an integer >= 1"),
+    ("repeats", 0, "audit.repeats: 0 is not allowed; allowed: an integer >= 1"),
+    ("num_references", 0, "audit.num_references: 0 is not allowed; allowed: an integer >= 1"),
+    ("secret_digits", 19, "audit.secret_digits: 19 is not allowed; allowed: an integer in [1, 18]"),
+])
+def test_out_of_range_keys_are_refused_by_the_signature(key, value, message):
+    from omegaconf import OmegaConf
+
+    from fedrun.components import check_values
+
+    node = OmegaConf.create({"num_canaries": 10, "repeats": 10, "num_references": 1000, "secret_digits": 9, key: value})
+    with pytest.raises(FedrunError) as e:
+        check_values(node, audit.CanaryAudit, "audit", "audit")
+    assert str(e.value) == message

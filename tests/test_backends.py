@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -269,9 +270,22 @@ def test_ctrl_c_mid_round_stops_the_workers(play_file, tmp_path, monkeypatch):
     assert children() <= before
 
 
-def test_bad_worker_count_is_one_line(play_file, tmp_path):
-    with pytest.raises(FedrunError, match="^backend.workers: 0 is not allowed; allowed: null \\(one per core\\)"):
-        config.build(compose(play_file, tmp_path, "backend=process", "backend.workers=0"))
+@pytest.mark.parametrize("overrides, message", [
+    (["backend=process", "backend.workers=0"],
+     "backend.workers: 0 is not allowed; allowed: null (one per core) or an integer >= 1"),
+    (["backend=ray", "backend.workers=0"], "backend.workers: 0 is not allowed; allowed: null (the cluster's CPUs"),
+    (["backend=ray", "backend.num_cpus_per_worker=0"],
+     "backend.num_cpus_per_worker: 0.0 is not allowed; allowed: a number > 0"),
+    (["backend=vectorized", "backend.max_clients=0"],
+     "backend.max_clients: 0 is not allowed; allowed: null (the whole cohort)"),
+])
+def test_bad_backend_settings_are_one_line(overrides, message):
+    """Refused by the backend's signature, whose ranges are checked when the config is composed."""
+    from fedrun.components import check_values, component
+
+    cfg = config.compose(overrides, check_ranges=False)
+    with pytest.raises(FedrunError, match="^" + re.escape(message)):
+        check_values(cfg.backend, component(cfg.backend), "backend", "backend")
 
 
 def test_null_workers_means_one_per_core(play_file, tmp_path):

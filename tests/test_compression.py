@@ -26,7 +26,7 @@ def ctx(round_idx: int = 1, seed: int = 0) -> RoundContext:
 @pytest.mark.parametrize("fraction,dim", [(0.1, 100), (0.25, 37), (0.5, 1), (1.0, 8), (0.3, 10)])
 def test_topk_keeps_the_k_largest_of_delta_plus_residual(fraction, dim):
     rng = np.random.default_rng(dim)
-    topk = TopK(fraction, num_clients=4)
+    topk = TopK(fraction=fraction, num_clients=4)
     residual = np.zeros(dim, np.float32)
     for round_idx in range(1, 4):
         delta = rng.normal(size=dim).astype(np.float32)
@@ -42,7 +42,7 @@ def test_topk_keeps_the_k_largest_of_delta_plus_residual(fraction, dim):
 
 
 def test_error_feedback_residual_is_per_client():
-    topk = TopK(0.5, num_clients=3)
+    topk = TopK(fraction=0.5, num_clients=3)
     a, b = np.array([4.0, 1.0, 0.0, 0.0]), np.array([0.0, 0.0, 2.0, 8.0])
     topk.on_client(make_update(a, client_id=0), ctx(1))
     topk.on_client(make_update(b, client_id=1), ctx(1))
@@ -59,7 +59,7 @@ def test_error_feedback_residual_is_per_client():
 def test_error_feedback_telescopes_exactly():
     # integer-valued deltas: every float32 sum is exact, so the identity holds bit for bit
     rng = np.random.default_rng(0)
-    topk, dim = TopK(0.05, num_clients=1), 200
+    topk, dim = TopK(fraction=0.05, num_clients=1), 200
     total_sent, total_delta = np.zeros(dim), np.zeros(dim)
     for round_idx in range(1, 101):
         delta = rng.integers(-1000, 1000, size=dim).astype(np.float32)
@@ -71,7 +71,7 @@ def test_error_feedback_telescopes_exactly():
 
 def test_error_feedback_telescopes_for_float_deltas():
     rng = np.random.default_rng(1)
-    topk, dim = TopK(0.1, num_clients=1), 64
+    topk, dim = TopK(fraction=0.1, num_clients=1), 64
     total_sent, total_delta = np.zeros(dim), np.zeros(dim)
     for round_idx in range(1, 51):
         delta = rng.normal(size=dim).astype(np.float32)
@@ -82,7 +82,7 @@ def test_error_feedback_telescopes_for_float_deltas():
 
 
 def test_topk_bytes_count_values_indices_and_extras():
-    update = TopK(0.1, num_clients=1).on_client(make_update(np.ones(95), extra_bytes=12), ctx())
+    update = TopK(fraction=0.1, num_clients=1).on_client(make_update(np.ones(95), extra_bytes=12), ctx())
     assert update.bytes_up == 10 * (4 + 4) + 12  # k = ceil(9.5) = 10 values and int32 indices
     assert update.delta.shape == (95,)
 
@@ -90,15 +90,15 @@ def test_topk_bytes_count_values_indices_and_extras():
 def test_topk_state_dict_round_trip_continues_identically():
     rng = np.random.default_rng(3)
     deltas = [(c, rng.normal(size=50).astype(np.float32)) for _ in range(6) for c in range(3)]
-    straight = TopK(0.2, num_clients=3)
+    straight = TopK(fraction=0.2, num_clients=3)
     first = [straight.on_client(make_update(d, c), ctx(i // 3 + 1)).delta for i, (c, d) in enumerate(deltas)]
-    resumed = TopK(0.2, num_clients=3)
+    resumed = TopK(fraction=0.2, num_clients=3)
     for i, (c, d) in enumerate(deltas[:9]):
         resumed.on_client(make_update(d, c), ctx(i // 3 + 1))
     buf = io.BytesIO()
     torch.save(resumed.state_dict(), buf)
     buf.seek(0)
-    fresh = TopK(0.2, num_clients=3)
+    fresh = TopK(fraction=0.2, num_clients=3)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     for i, (c, d) in enumerate(deltas[9:], start=9):
         assert torch.equal(fresh.on_client(make_update(d, c), ctx(i // 3 + 1)).delta, first[i])
@@ -106,12 +106,21 @@ def test_topk_state_dict_round_trip_continues_identically():
         assert torch.equal(fresh.residual[c], straight.residual[c])
 
 
+def _check(option: str, key: str, value) -> None:
+    """The option's signature refuses `value` (as composing the config does)."""
+    from fedrun import config
+    from fedrun.components import check_values, component
+
+    cfg = config.compose([f"compression={option}", f"compression.{key}={value}"], check_ranges=False)
+    check_values(cfg.compression, component(cfg.compression), "compression", "compression")
+
+
 def test_topk_rejects_bad_config():
     for fraction in (0.0, -0.1, 1.5):
-        with pytest.raises(FedrunError, match="compression.fraction"):
-            TopK(fraction, num_clients=2)
+        with pytest.raises(FedrunError, match=r"compression.fraction: .* is not allowed; allowed: a number in \(0, 1]"):
+            _check("topk", "fraction", fraction)
     with pytest.raises(FedrunError, match="client id"):
-        TopK(0.5, num_clients=2).on_client(make_update(np.ones(4), client_id=2), ctx())
+        TopK(fraction=0.5, num_clients=2).on_client(make_update(np.ones(4), client_id=2), ctx())
 
 
 def float32_slack(delta: np.ndarray) -> float:
@@ -133,7 +142,7 @@ def grid_levels(decoded: np.ndarray, delta: np.ndarray, bits: int) -> np.ndarray
 def test_quantizer_is_unbiased_and_on_the_grid(bits):
     rng = np.random.default_rng(bits)
     delta = rng.normal(size=40).astype(np.float32)
-    quantizer, draws = StochasticQuantizer(bits), 4000
+    quantizer, draws = StochasticQuantizer(bits=bits), 4000
     decoded = np.stack([quantizer.on_client(make_update(delta, client_id=1), ctx(r)).delta.numpy()
                         for r in range(draws)])  # (draws, D): one seeded draw per round
     # oracle: x between levels with fractional part p -> Var = step^2 p (1 - p)
@@ -154,15 +163,15 @@ def test_quantizer_is_unbiased_and_on_the_grid(bits):
 
 def test_quantizer_keeps_extremes_and_constants():
     delta = np.array([-2.0, 0.3, 5.0, 1.1], np.float32)
-    out = StochasticQuantizer(4).on_client(make_update(delta), ctx()).delta.numpy()
+    out = StochasticQuantizer(bits=4).on_client(make_update(delta), ctx()).delta.numpy()
     assert out[0] == -2.0 and out[2] == 5.0
     const = np.full(7, 0.25, np.float32)
-    np.testing.assert_array_equal(StochasticQuantizer(8).on_client(make_update(const), ctx()).delta.numpy(), const)
+    np.testing.assert_array_equal(StochasticQuantizer(bits=8).on_client(make_update(const), ctx()).delta.numpy(), const)
 
 
 def test_quantizer_is_seeded_per_round_and_client():
     delta = np.random.default_rng(0).normal(size=100).astype(np.float32)
-    q = StochasticQuantizer(2)
+    q = StochasticQuantizer(bits=2)
 
     def draw(client_id: int, round_idx: int, seed: int = 0) -> torch.Tensor:
         return q.on_client(make_update(delta, client_id=client_id), ctx(round_idx, seed)).delta
@@ -176,19 +185,19 @@ def test_quantizer_is_seeded_per_round_and_client():
 @pytest.mark.parametrize("bits,dim,expected", [(8, 100, 100 + 8), (4, 101, 51 + 8), (1, 9, 2 + 8), (16, 3, 6 + 8)])
 def test_quantizer_bytes(bits, dim, expected):
     update = make_update(np.arange(dim, dtype=np.float32), extra_bytes=20)
-    assert StochasticQuantizer(bits).on_client(update, ctx()).bytes_up == expected + 20
+    assert StochasticQuantizer(bits=bits).on_client(update, ctx()).bytes_up == expected + 20
 
 
 def test_quantizer_rejects_bad_bits():
     for bits in (0, 17):
-        with pytest.raises(FedrunError, match="compression.bits"):
-            StochasticQuantizer(bits)
+        with pytest.raises(FedrunError, match=r"compression.bits: .* is not allowed; allowed: an integer in \[1, 16\]"):
+            _check("quantize", "bits", bits)
 
 
 def test_compressing_twice_is_refused():
-    update = TopK(0.1, num_clients=1).on_client(make_update(np.ones(80)), ctx())
+    update = TopK(fraction=0.1, num_clients=1).on_client(make_update(np.ones(80)), ctx())
     with pytest.raises(FedrunError, match="already"):
-        StochasticQuantizer(8).on_client(update, ctx())
+        StochasticQuantizer(bits=8).on_client(update, ctx())
 
 
 def test_no_compression_is_identity():

@@ -62,7 +62,7 @@ def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
 
 def test_defaults_compose_to_the_documented_values():
     cfg = config.compose([])
-    assert cfg.data._target_.endswith("pystdlib") and cfg.model._target_.endswith("TinyGPT")
+    assert cfg.data._target_.endswith("PyStdlib") and cfg.model._target_.endswith("TinyGPT")
     assert cfg.data.seq_len == 80 and cfg.data.test_fraction == 0.2
     assert cfg.run_dir.startswith("runs/") and cfg.run_dir.endswith("_fedavg")
 

@@ -18,16 +18,18 @@ import os
 import pickle
 import signal
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any
 
 import torch
 
 from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.vectorized import VectorizedBackend
+from fedrun.components import Range
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext
 from fedrun.data.examples import FederatedData
 
@@ -41,7 +43,8 @@ class ProcessBackend:
     trains_on_cpu = True  # device=auto means the CPU with this backend: forked workers cannot use CUDA
 
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData,
-                 client_hooks: Sequence[ClientHook], workers: int | None, vectorized: bool = False):
+                 client_hooks: Sequence[ClientHook], workers: Annotated[int, Range(ge=1, null="one per core")] | None,
+                 vectorized: bool):
         self.workers = resolve_workers(workers)
         self.vectorized = vectorized  # each worker trains its share as one batched group
         self.make_trainer = make_trainer
@@ -78,11 +81,7 @@ class ProcessBackend:
 
 def resolve_workers(workers: int | None) -> int:
     """`backend.workers`: null means one per core."""
-    if workers is None:
-        return os.cpu_count() or 1
-    if workers < 1:
-        raise FedrunError(f"backend.workers: {workers} is not allowed; allowed: null (one per core) or an integer >= 1")
-    return workers
+    return (os.cpu_count() or 1) if workers is None else workers
 
 
 def cohort_chunks(costs: Sequence[int], count: int) -> list[list[int]]:

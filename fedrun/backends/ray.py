@@ -16,12 +16,14 @@ import io
 import logging
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 import torch
 
 from fedrun.backends.hooks import apply_client_hooks
-from fedrun.backends.process import CHUNKS_PER_WORKER, cohort_chunks, one_line, resolve_workers, train_share
+from fedrun.backends.process import CHUNKS_PER_WORKER, cohort_chunks, one_line, train_share
+from fedrun.components import Range
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext
 from fedrun.data.examples import FederatedData
 
@@ -35,13 +37,11 @@ class RayBackend:
     trains_on_cpu = True  # device=auto means the CPU with this backend: its actors ask Ray for CPUs only
 
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, client_hooks: Sequence[ClientHook],
-                 workers: int | None, address: str | None, num_cpus_per_worker: float):
+                 workers: Annotated[int, Range(ge=1, null="the cluster's CPUs / num_cpus_per_worker")] | None,
+                 address: str | None, num_cpus_per_worker: Annotated[float, Range(gt=0)]):
         if importlib.util.find_spec("ray") is None:
             raise FedrunError(EXTRA)
-        if num_cpus_per_worker <= 0:
-            raise FedrunError(f"backend.num_cpus_per_worker: {num_cpus_per_worker} is not allowed; "
-                              "allowed: a number > 0")
-        self.workers = None if workers is None else resolve_workers(workers)
+        self.workers = workers
         self.address = address
         self.num_cpus_per_worker = num_cpus_per_worker
         self.make_trainer = make_trainer

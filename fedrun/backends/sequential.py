@@ -1,7 +1,7 @@
 """`backend=sequential`: the round's clients train one after another on one reused model."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -25,8 +26,19 @@ from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.sequential import SequentialBackend
 from fedrun.backends.stacked_model import StackedModel
 from fedrun.client import LocalTrainer, batch_indices
-from fedrun.core import (ClientHook, ClientJob, ClientUpdate, FedrunError, GradientTerm, RoundContext, Stream,
-                         derive_seed, seed_global_rng, torch_generator)
+from fedrun.components import Range
+from fedrun.core import (
+    ClientHook,
+    ClientJob,
+    ClientUpdate,
+    FedrunError,
+    GradientTerm,
+    RoundContext,
+    Stream,
+    derive_seed,
+    seed_global_rng,
+    torch_generator,
+)
 from fedrun.data.examples import ClientData, FederatedData, concat
 from fedrun.flat_optim import FlatOptimizer, descend, flat_optimizer
 
@@ -113,7 +125,8 @@ class VectorizedBackend:
     """Trains the cohort in groups of at most `max_clients` clients, each group as one batch."""
 
     def __init__(self, *, make_trainer: Callable[[], LocalTrainer], data: FederatedData,
-                 client_hooks: Sequence[ClientHook], max_clients: int | None):
+                 client_hooks: Sequence[ClientHook],
+                 max_clients: Annotated[int, Range(ge=1, null="the whole cohort")] | None):
         if max_clients is not None and max_clients < 1:
             raise FedrunError(f"backend.max_clients: {max_clients} is not allowed; allowed: null or an integer >= 1")
         trainer = make_trainer()

@@ -2,7 +2,8 @@
 
 An entry is keyed by a sha256 of everything that determines the data: the data config (less
 `cache`), the seed, the identity of every source it reads (a file's resolved path, size and
-mtime; a folder's files' too; what the source declares it reads besides, its `implicit_sources()`), the tokenizer's folder if any, FORMAT_VERSION, the source
+mtime; a folder's files' too; and what the source declares it reads besides, its
+`implicit_sources()`), the tokenizer's folder if any, FORMAT_VERSION, the source
 code of fedrun/data and the torch and numpy versions (whose random streams generate data), so
 a change to how data is made never serves stale data.
 Entries live in $FEDRUN_CACHE, default ~/.cache/fedrun/data, one `<key>.pt` file each
@@ -20,8 +21,9 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,7 +106,8 @@ def save(data: FederatedData, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     clients = pack(data.clients)
     state = {"format": FORMAT_VERSION, "train": _examples_state(clients.train), "test": _examples_state(clients.test),
-             "train_offsets": torch.from_numpy(clients.train_offsets), "test_offsets": torch.from_numpy(clients.test_offsets),
+             "train_offsets": torch.from_numpy(clients.train_offsets),
+             "test_offsets": torch.from_numpy(clients.test_offsets),
              "names": clients.names, "fingerprint": data.fingerprint, "model_dims": data.model_dims}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:

@@ -8,8 +8,8 @@ Models map inputs to logits whose last dimension is the class (or vocabulary) ax
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ class Windows:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def __getitem__(self, idx) -> "Windows":
+    def __getitem__(self, idx) -> Windows:
         return Windows(self.tokens[idx])
 
     def inputs_targets(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,14 +39,14 @@ class Labelled:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, idx) -> "Labelled":
+    def __getitem__(self, idx) -> Labelled:
         return Labelled(self.features[idx], self.labels[idx])
 
     def inputs_targets(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features.to(device, non_blocking=True), self.labels.to(device, non_blocking=True)
 
 
-Examples = Union[Windows, Labelled]
+Examples = Windows | Labelled
 
 
 def concat(parts: Sequence[Examples]) -> Examples:
@@ -114,7 +114,8 @@ def pack(clients: Sequence[ClientData]) -> PackedClients:
     """Separate clients packed into one tensor per split (same order, names and examples)."""
     if isinstance(clients, PackedClients):
         return clients
-    offsets = [np.concatenate([[0], np.cumsum([len(getattr(c, split)) for c in clients])]) for split in ("train", "test")]
+    offsets = [np.concatenate([[0], np.cumsum([len(getattr(c, split)) for c in clients])])
+               for split in ("train", "test")]
     return PackedClients(concat([c.train for c in clients]), concat([c.test for c in clients]),
                          train_offsets=offsets[0], test_offsets=offsets[1], names=[c.name for c in clients])
 

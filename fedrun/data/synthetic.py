@@ -139,7 +139,8 @@ class Synthetic:
                  test_fraction: Annotated[float, TEST_FRACTION],
                  max_client_examples: Annotated[int, Range(ge=1)] | None):
         if size_skew > 0 and partition != "iid":
-            raise FedrunError(f"data.size_skew: applies to partition=iid only, got {size_skew} with partition={partition}")
+            raise FedrunError(f"data.size_skew: applies to partition=iid only, got {size_skew} with "
+                              f"partition={partition}")
         self.alpha, self.beta, self.iid = alpha, beta, iid
         self.num_clients, self.num_features, self.num_classes = num_clients, num_features, num_classes
         self.partition, self.dirichlet_alpha, self.size_skew = partition, dirichlet_alpha, size_skew
@@ -150,9 +151,10 @@ class Synthetic:
 
     def load(self, *, seed: int, insert: Any = None, tokenizer: Any = None) -> FederatedData:
         """The federated data (`insert` and `tokenizer` are for text: the builder never gives them)."""
+        rng = numpy_rng(seed, Stream.PARTITION, _PARAMETERS)
         pop = population(alpha=self.alpha, beta=self.beta, num_clients=self.num_clients,
                          num_features=self.num_features, num_classes=self.num_classes, iid=self.iid,
-                         max_client_examples=self.max_client_examples, rng=numpy_rng(seed, Stream.PARTITION, _PARAMETERS))
+                         max_client_examples=self.max_client_examples, rng=rng)
         if self.partition == "natural":
             clients = generate(pop, seed=seed, test_fraction=self.test_fraction)
         else:

@@ -16,10 +16,10 @@ is future work. Weights are never downloaded: `name_or_path` must be a local dir
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 import torch
 from torch import nn

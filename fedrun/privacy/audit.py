@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedrun.components import Range
 from fedrun.core import FedrunError, Stream, numpy_rng
 
 LINE_START = b"\n"  # canaries are inserted right after this byte, and scored after it
@@ -38,6 +40,7 @@ SCORE_BATCH = 512  # sequences per forward pass
 # Keys of the audit's random streams (under Stream.PARTITION: they place data, like a partition).
 _AUDIT = 0xA0D17
 _SECRETS, _CLIENTS, _POSITIONS = 0, 1, 2
+AtLeastOne = Annotated[int, Range(ge=1)]
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,8 @@ def _slots(text: bytes, inserted: int) -> np.ndarray:
     return after_newline[after_newline <= (len(text) - inserted) // 2]
 
 
-def _choose_clients(docs: list[tuple[str, bytes]], num_canaries: int, inserted: int, repeats: int, seed: int) -> list[int]:
+def _choose_clients(docs: list[tuple[str, bytes]], num_canaries: int, inserted: int, repeats: int,
+                    seed: int) -> list[int]:
     eligible = [i for i, (_, text) in enumerate(docs) if len(_slots(text, inserted)) >= repeats]
     if num_canaries and not eligible:
         raise FedrunError(f"audit: no client has {repeats} line starts in the first half of its text "
@@ -204,7 +208,8 @@ def exposure(model: nn.Module, canaries: Canaries, *, device: torch.device) -> l
 class CanaryAudit:
     """`audit=canaries`: secrets planted in chosen clients' training text, measured after training."""
 
-    def __init__(self, *, num_canaries: int, repeats: int, num_references: int, secret_digits: int, seed: int):
+    def __init__(self, *, num_canaries: AtLeastOne, repeats: AtLeastOne, num_references: AtLeastOne,
+                 secret_digits: Annotated[int, Range(ge=1, le=18)], seed: int):
         self.canaries = make_canaries(num_canaries=num_canaries, num_references=num_references, seed=seed,
                                       secret_digits=secret_digits)
         self.repeats, self.seed = repeats, seed
@@ -216,7 +221,8 @@ class CanaryAudit:
 
     def measure(self, model: nn.Module, device: torch.device) -> dict:
         values = exposure(model, self.canaries, device=device)
-        return {"canary_exposure": float(np.mean(values)), "exposures": values, "max_exposure": max_exposure(self.canaries)}
+        return {"canary_exposure": float(np.mean(values)), "exposures": values,
+                "max_exposure": max_exposure(self.canaries)}
 
     def summary(self, model: nn.Module, device: torch.device) -> dict:
         return self.measure(model, device) | {"canaries": [c.decode() for c in self.canaries.secrets],
@@ -224,6 +230,7 @@ class CanaryAudit:
                                               "references": len(self.canaries.references)}
 
 
-def no_audit() -> None:
-    """`audit=none`."""
-    return None
+class NoAudit:
+    """`audit=none`: no secrets planted, nothing measured (the run builds no audit for it)."""
+
+    is_noop = True
