@@ -167,7 +167,7 @@ class EchoTrainer:
     """Not a LocalTrainer: its update echoes the weights it saw (any shape) and the job's tensor."""
 
     def train(self, job, data, weights, ctx):
-        delta = weights.flatten().float() * job.client_id + job.control.sum()
+        delta = weights.flatten().float() * job.client_id + job.payload["control"].sum()
         return ClientUpdate(client_id=job.client_id, delta=delta, num_examples=data.num_examples,
                             train_loss=float(weights.sum()), seconds=0.0, bytes_up=0, extras={"seen": weights.clone()})
 
@@ -189,7 +189,7 @@ def test_process_carries_any_trainer_tensor_jobs_and_weights_of_changing_shape()
                           Labelled(torch.randn(1, 2), torch.zeros(1, dtype=torch.long))) for i in range(9)]
     data = FederatedData(clients, fingerprint={})
     backends = [cls(make_trainer=EchoTrainer, data=data, client_hooks=[OrderHook()], **kw)
-                for cls, kw in ((SequentialBackend, {}), (ProcessBackend, {"workers": 2}))]
+                for cls, kw in ((SequentialBackend, {}), (ProcessBackend, {"workers": 2, "vectorized": False}))]
     try:
         for round_idx, weights in enumerate([torch.arange(6.0), torch.ones(2, 3) * 2, torch.arange(4)], 1):
             jobs = [ClientJob(c, payload={"control": torch.full((3,), float(c))}) for c in (8, 1, 5, 0, 3, 7, 2)]
