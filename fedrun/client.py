@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from fedrun.core import (ClientJob, ClientUpdate, GradientTerm, LocalRule, RoundContext, Stream, derive_seed,
-                         seed_global_rng, torch_generator)
+from fedrun.client_config import ClientConfig
+from fedrun.core import (
+    ClientJob,
+    ClientUpdate,
+    GradientTerm,
+    LocalRule,
+    RoundContext,
+    Stream,
+    derive_seed,
+    seed_global_rng,
+    torch_generator,
+)
 from fedrun.data.examples import ClientData, Examples
 from fedrun.evaluation import batch_loss
 from fedrun.flat_optim import descend, flat_optimizer
 from fedrun.params import flatten_parameters
-from fedrun.client_config import ClientConfig
 from fedrun.privacy.local_dp import DPSGDStep, ExampleDP, poisson_batches
 
 

@@ -61,5 +61,5 @@ def test_distillation_keeps_the_weights_that_fit_the_ensemble_best_on_held_out_t
 
 def test_the_public_corpus_must_not_be_the_clients_data(tmp_path):
     with pytest.raises(FedrunError, match="strategy.public: the public corpus is the clients' own data"):
-        config.build(config.compose(["strategy=feddf", "data.max_client_bytes=1500", "strategy.public.max_client_bytes=1500",
-                                     f"run_dir={tmp_path}"]))
+        config.build(config.compose(["strategy=feddf", "data.max_client_bytes=1500",
+                                     "strategy.public.max_client_bytes=1500", f"run_dir={tmp_path}"]))

@@ -8,6 +8,7 @@ from fedrun.core import ClientJob, RoundContext, Stream, torch_generator
 from fedrun.data.examples import ClientData, Labelled
 from fedrun.flat_optim import FlatAdam, FlatSGD, descend
 
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_flat_optimizers_match_torch_optim_row_by_row(kind):
     g = torch.Generator().manual_seed(0)

@@ -38,7 +38,8 @@ def quadratic_loss(model, x, y):
 
 def _client(a: float, o: float, n: int = 4) -> ClientData:
     x = torch.tensor([[a, o]] * n)
-    return ClientData(f"a={a},o={o}", Labelled(x, torch.zeros(n, dtype=torch.long)), Labelled(x, torch.zeros(n, dtype=torch.long)))
+    labels = torch.zeros(n, dtype=torch.long)
+    return ClientData(f"a={a},o={o}", Labelled(x, labels), Labelled(x, labels))
 
 
 @pytest.fixture
@@ -126,7 +127,9 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts(quadratic):
 
 def test_scaffold_resumed_from_its_checkpoint_continues_exactly(quadratic):
     clients = [_client(1.0, 1.0), _client(3.0, -1.0)]
-    make = lambda: Scaffold(server_lr=1.0, num_clients=2, num_params=1, device=torch.device("cpu"))
+    def make() -> Scaffold:
+        return Scaffold(server_lr=1.0, num_clients=2, num_params=1, device=torch.device("cpu"))
+
     first = make()
     trainer = quadratic(5, 0.1, first)
     w = _run(first, trainer, clients, rounds=3)

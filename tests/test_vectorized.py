@@ -76,8 +76,9 @@ def test_tiny_gpt_adam_with_weight_decay(compose_cfg):
     assert_same_updates(seq, vec, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model, optimizer", [("logreg", ["client.optimizer=sgd", "client.lr=0.1", "client.momentum=0.5"]),
-                                              ("mlp", ["client.optimizer=adam", "client.lr=0.01"])])
+@pytest.mark.parametrize("model, optimizer", [
+    ("logreg", ["client.optimizer=sgd", "client.lr=0.1", "client.momentum=0.5"]),
+    ("mlp", ["client.optimizer=adam", "client.lr=0.01"])])
 def test_small_models_with_local_epochs_of_ragged_clients(synthetic_cfg, monkeypatch, model, optimizer):
     alone = []  # the steps from which the longest client finished alone, on the plain model
     finish_alone = VectorizedBackend.finish_alone

@@ -1,7 +1,7 @@
 """Aggregators: pure functions from client deltas to one delta."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

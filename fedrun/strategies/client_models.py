@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,9 @@ class ClientModels:
         return torch.zeros(0, device=self.device)  # no consensus before the first exchange
 
     def evaluate(self, weights: torch.Tensor, test: Examples) -> dict:
-        per_arch, losses, accs = {}, [], []
+        per_arch: dict[str, float] = {}
+        losses: list[float] = []
+        accs: list[float] = []
         for k, spec in enumerate(self.specs):
             trained = [c for c in self.eval_order[k] if int(c) in self.weights][: self.eval_clients]
             states = [self.weights[int(c)] for c in trained] or [self.initial[k]]

@@ -17,17 +17,18 @@ and reports each architecture's test metrics.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Callable, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from fedrun.client_config import ClientConfig
 from fedrun.components import OneOf, Range
-from fedrun.core import ClientUpdate, RoundContext, Stream, torch_generator
-from fedrun.data.examples import FederatedData, concat
+from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, torch_generator
+from fedrun.data.examples import FederatedData, Windows, concat
 from fedrun.privacy.local_dp import ExampleDP
 from fedrun.strategies.client_models import ClientModels, ModelSpec
 from fedrun.strategies.fed_distill_client import DistillJob, DistillTrainer
@@ -75,7 +76,11 @@ class FedDistill:
                  device: torch.device):
         models = ClientModels(model_specs, num_clients=num_clients, seed=seed, device=device, eval_clients=eval_clients)
         self.public_fingerprint = public.fingerprint
-        self.public = concat([c.train for c in public.clients])
+        windows = concat([c.train for c in public.clients])
+        if not isinstance(windows, Windows):
+            raise FedrunError("strategy.public: logit exchange predicts public text; the public corpus must be a "
+                              "text source (e.g. pystdlib), not labelled examples")
+        self.public = windows
         self.server_model = self.client_state = models  # what the loop evaluates; the clients' own weights
         self.aggregation, self.era_temperature = aggregation, era_temperature
         self.batch = min(public_batch, len(self.public))

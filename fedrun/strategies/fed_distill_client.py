@@ -10,8 +10,8 @@ of each distribution (values and indices; the receiver spreads the remaining mas
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,9 @@ from torch import nn
 
 from fedrun.client import LocalTrainer, batch_indices
 from fedrun.client_config import ClientConfig
-from fedrun.privacy.local_dp import ExampleDP
 from fedrun.core import ClientJob, ClientUpdate, RoundContext, Stream, derive_seed, seed_global_rng, torch_generator
 from fedrun.data.examples import ClientData
+from fedrun.privacy.local_dp import ExampleDP
 from fedrun.strategies.feddf import distillation_loss
 
 INDEX_BYTES = 8  # the server names public windows by int64 index: the corpus itself is shared
@@ -85,6 +85,7 @@ class DistillTrainer:
         own = own + update.delta
         if self.digest_after:
             own = self.digest(trainer, own, job, weights, ctx)
+        assert job.predict_x is not None  # the strategy sends this round's windows with every job
         sent, nbytes = topk_message(self.predict(trainer, own, job.predict_x), self.topk)
         return replace(update, delta=sent.reshape(-1), bytes_up=nbytes, seconds=time.perf_counter() - start,
                        extras={"weights": own})

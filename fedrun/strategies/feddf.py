@@ -8,7 +8,8 @@ the weights that score best on a held-out part of the public corpus (early stopp
 """
 from __future__ import annotations
 
-from typing import Annotated, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,13 @@ from fedrun.strategies.server import ServerStrategy
 def ensemble_target(teacher: nn.Module, teacher_flat: torch.Tensor, client_weights: Sequence[torch.Tensor],
                     x: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over clients of softmax(logits / T): (B, T, V). One reused model, weights swapped in."""
-    total = None
+    total: torch.Tensor | None = None
     with torch.no_grad():
         for w in client_weights:
             teacher_flat.copy_(w)
             probs = F.softmax(teacher(x) / temperature, dim=-1)
             total = probs if total is None else total + probs
+    assert total is not None, "an ensemble needs at least one client"
     return total / len(client_weights)
 
 

@@ -3,7 +3,8 @@ clients minimise f_i(w) + (mu / 2) ||w - w_global||^2, i.e. add mu (w - w_global
 local gradient. The server half is FedAvg's."""
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 

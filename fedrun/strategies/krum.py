@@ -3,7 +3,8 @@ Descent"), or Multi-Krum's mean of the `multi` best-scored updates (El Mhamdi et
 A round needs at least 2 num_byzantine + 3 clients (fedrun/checks.py)."""
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 

@@ -2,7 +2,7 @@
 Learning: Towards Optimal Statistical Rates"): robust to Byzantine clients."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -14,7 +14,8 @@ on the client side (`client_state`, run before anything leaves the client).
 """
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 

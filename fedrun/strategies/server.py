@@ -9,7 +9,7 @@ bring a client-side rule (`local_rule`: FedProx).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

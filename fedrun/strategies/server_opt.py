@@ -22,7 +22,8 @@ its own: it is `torch.optim.SGD` with `momentum=μ`, fed the same `-delta` gradi
 """
 from __future__ import annotations
 
-from typing import Annotated, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Annotated
 
 import torch
 
@@ -64,7 +65,7 @@ class FedOpt(torch.optim.Optimizer):
         super().__init__(params, dict(kind=kind, lr=lr, beta1=beta1, beta2=beta2, tau=tau))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -76,14 +77,16 @@ class FedOpt(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
-        if p.grad.is_sparse:
+        grad = p.grad
+        assert grad is not None  # step() skips parameters without one
+        if grad.is_sparse:
             raise RuntimeError("FedOpt does not support sparse gradients")
         state = self.state[p]
         if not state:
             state["m"] = torch.zeros_like(p)
             state["v"] = torch.full_like(p, group["tau"] ** 2)
         m, v = state["m"], state["v"]
-        delta = -p.grad
+        delta = -grad
         m.mul_(group["beta1"]).add_(delta, alpha=1.0 - group["beta1"])
         _second_moment(v, delta.square(), kind=group["kind"], beta2=group["beta2"])
         p.addcdiv_(m, v.sqrt().add_(group["tau"]), value=group["lr"])

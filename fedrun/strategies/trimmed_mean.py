@@ -2,7 +2,8 @@
 Towards Optimal Statistical Rates"): the `trim` fraction of the values cut at each side."""
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
