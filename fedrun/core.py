@@ -179,7 +179,7 @@ class Mechanism(ClientHook, Protocol):
         ...
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext,
-                  strategy: "Strategy") -> torch.Tensor | None:
+                  strategy: Strategy) -> torch.Tensor | None:
         """The round's aggregate delta, or None to keep the global model this round."""
         ...
 

@@ -69,7 +69,8 @@ def test_a_large_delta_is_warned_about(caplog):
 def test_a_target_epsilon_that_would_be_ignored_is_refused():
     from fedrun import config
 
-    with pytest.raises(FedrunError, match="privacy.target_epsilon: 1.0 would be ignored with privacy.noise_multiplier=0.3"):
+    with pytest.raises(FedrunError,
+                       match="privacy.target_epsilon: 1.0 would be ignored with privacy.noise_multiplier=0.3"):
         config.compose(["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.3",
                         "privacy.target_epsilon=1"])
     config.compose(["privacy=central_dp", "sampler.kind=poisson", "privacy.noise_multiplier=0.3",

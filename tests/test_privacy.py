@@ -11,8 +11,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedrun import config, train
 from fedrun.core import ClientUpdate, RoundContext, Stream, torch_generator
-from fedrun.privacy.central import CentralPrivacy as central
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise
+from fedrun.privacy.central import CentralPrivacy as central
 from fedrun.strategies.fedavg import FedAvg
 from tests.conftest import TINY
 
@@ -59,7 +59,8 @@ def test_noise_has_std_z_c_over_expected_clients_and_is_seeded():
     expected_std = 2.0 * 0.5 / 5
     assert abs(float(a.std()) - expected_std) < 4 * expected_std / math.sqrt(2 * 20000)
     assert abs(float(a.mean())) < 4 * expected_std / math.sqrt(20000)
-    assert torch.equal(a, _mechanism(noise_multiplier=2.0, clip_norm=0.5, num_params=20000).aggregate(zero, ctx, FedAvg()))
+    again = _mechanism(noise_multiplier=2.0, clip_norm=0.5, num_params=20000)
+    assert torch.equal(a, again.aggregate(zero, ctx, FedAvg()))
 
 
 def test_ledger_epsilon_equals_opacus_accountants_stepped_directly():
@@ -162,7 +163,8 @@ def test_resumed_dp_run_has_exactly_the_same_epsilon(compose_cfg, tmp_path):
     train.resume(exp, rundir, ckpt)
     for name in ("metrics.csv", "privacy_ledger.csv"):
         a, b = pd.read_csv(whole / name), pd.read_csv(cut / name)
-        pd.testing.assert_frame_equal(a.drop(columns="seconds", errors="ignore"), b.drop(columns="seconds", errors="ignore"))
+        pd.testing.assert_frame_equal(a.drop(columns="seconds", errors="ignore"),
+                                      b.drop(columns="seconds", errors="ignore"))
 
 
 def test_secure_agg_run_with_dropouts_recovers_and_reports_its_cost(compose_cfg, tmp_path):
@@ -176,7 +178,8 @@ def test_secure_agg_run_with_dropouts_recovers_and_reports_its_cost(compose_cfg,
 
 def test_secure_agg_below_threshold_aborts_the_round_and_keeps_the_model(compose_cfg, tmp_path, caplog):
     run_dir, _ = _run(compose_cfg, tmp_path, "abort", "privacy=secure_agg", "sampler.kind=uniform", "rounds=4",
-                      "eval_every=1", "sampler.dropout=0.5", "sampler.clients_per_round=5", "privacy.secagg_threshold=1.0")
+                      "eval_every=1", "sampler.dropout=0.5", "sampler.clients_per_round=5",
+                      "privacy.secagg_threshold=1.0")
     m = pd.read_csv(run_dir / "metrics.csv")
     aborted = m.index[(m["dropped"] > 0) & (m["round"] > 0)]
     assert len(aborted) > 0 and "secure aggregation aborted" in caplog.text
@@ -260,7 +263,8 @@ def test_the_fixed_point_width_has_one_range():
 
 
 @pytest.mark.parametrize("option, dp_level, secure_sum", [
-    ("none", None, False), ("central_dp", "user", "secure_agg"), ("secure_agg", None, True), ("local_dp", "example", False),
+    ("none", None, False), ("central_dp", "user", "secure_agg"), ("secure_agg", None, True),
+    ("local_dp", "example", False),
 ])
 def test_mechanisms_declare_their_capabilities(option, dp_level, secure_sum):
     from fedrun.components import CAPABILITIES, capability
@@ -327,7 +331,8 @@ def test_target_epsilon_out_of_reach_is_one_line_exit_2(play, tmp_path, value, e
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_tiny_target_epsilon_at_a_large_delta_runs_and_reports_epsilon_0(compose_cfg, tmp_path, accountant):
     """6 clients: delta = 6^-1.1 = 0.14, which heavy noise satisfies at epsilon 0 (opacus: about -0.009)."""
-    run_dir, summary = _run(compose_cfg, tmp_path, accountant, "rounds=2", "eval_every=1", "privacy.noise_multiplier=null",
+    run_dir, summary = _run(compose_cfg, tmp_path, accountant, "rounds=2", "eval_every=1",
+                            "privacy.noise_multiplier=null",
                             "privacy.target_epsilon=1e-9", f"privacy.accountant={accountant}")
     m = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
     assert (m["epsilon"] == 0).all() and (m[["epsilon_rdp", "epsilon_prv"]] >= 0).all().all()

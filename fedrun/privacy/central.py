@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 
 from fedrun.components import Range
 from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream
 from fedrun.privacy.accounting import DPEvent, Ledger, calibrate_noise, default_delta
-from fedrun.privacy.keys import (Accountant, ClipNorm, Delta, NoiseMultiplier, NoiseSource, SecaggBits,
-                                 SecaggMinClients, SecaggThreshold, TargetEpsilon)
+from fedrun.privacy.keys import (
+    Accountant,
+    ClipNorm,
+    Delta,
+    NoiseMultiplier,
+    NoiseSource,
+    SecaggBits,
+    SecaggMinClients,
+    SecaggThreshold,
+    TargetEpsilon,
+)
 from fedrun.privacy.masking import SecAggAbort
 from fedrun.privacy.randomness import stream_generator, stream_seed
 from fedrun.privacy.secagg_skips import calibration_delta, epsilon_with_skips, flip_probability
@@ -66,6 +76,9 @@ class CentralPrivacy:
             threshold_fraction=secagg_threshold, bits=secagg_bits) if secure_agg and dp else 0.0
         self._check_skip_budget(rounds)
         if noise_multiplier is None:  # calibrate: spend target_epsilon over the planned rounds
+            if target_epsilon is None:
+                raise FedrunError("privacy.noise_multiplier: null means calibrate it from privacy.target_epsilon, "
+                                  "which is not set; give one of them")
             delta = calibration_delta(delta=self.delta, target_epsilon=target_epsilon,
                                       gamma_total=self.skip_gamma * rounds) if self.skip_gamma else self.delta
             noise_multiplier = calibrate_noise(target_epsilon=target_epsilon, delta=delta,
@@ -221,12 +234,13 @@ class CentralPrivacy:
     def _event(self, ctx: RoundContext, *, participants: int) -> DPEvent:
         return DPEvent(round=ctx.round_idx, sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier,
                        clip_norm=self.clip_norm, participants=participants,
-                       mechanism="dp_fedavg" + ("+adaptive" if self.adaptive else "") + ("+secagg" if self.secure_agg else ""))
+                       mechanism="dp_fedavg" + ("+adaptive" if self.adaptive else "")
+                       + ("+secagg" if self.secure_agg else ""))
 
-    def round_metrics(self, *, tight: bool) -> dict[str, float]:
+    def round_metrics(self, *, tight: bool) -> dict[str, float | None]:
         """RDP epsilon every round (milliseconds); the PRV epsilon (a numerical composition of
         ~0.3-1 s) only where `tight` (evaluation rounds and the last)."""
-        row = {"clip_norm": self.clip_norm, **self.round_cost}
+        row: dict[str, float | None] = {"clip_norm": self.clip_norm, **self.round_cost}
         if self.is_dp:
             rdp = self._epsilon("rdp")
             prv = self._epsilon("prv") if tight else None
@@ -235,7 +249,7 @@ class CentralPrivacy:
         return row
 
     def summary(self) -> dict:
-        out = {"mechanism": "central_dp" if self.is_dp else "secure_agg", "clip_norm": self.clip_norm,
+        out: dict[str, Any] = {"mechanism": "central_dp" if self.is_dp else "secure_agg", "clip_norm": self.clip_norm,
                "secure_agg": self.secure_agg}
         if self.is_dp:
             final = self.round_metrics(tight=True)

@@ -1,7 +1,7 @@
 """`privacy=none`: updates are combined by the strategy, unchanged; nothing is accounted."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ class NoPrivacy:
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy: Strategy) -> torch.Tensor | None:
         return strategy.aggregate(updates) if updates else None
 
-    def round_metrics(self, *, tight: bool) -> dict[str, float]:
+    def round_metrics(self, *, tight: bool) -> dict[str, float | None]:
         return {}
 
     def summary(self) -> dict:

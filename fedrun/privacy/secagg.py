@@ -22,15 +22,23 @@ encrypted shares, masked uint32 vectors and the shares it asks for. The one driv
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
 from fedrun.privacy import shamir
 from fedrun.privacy.masking import (
-    MODULUS, PublicKeys, SecAggAbort, client_secret, mask_seed, open_shares,
-    private_key, prg_mask, public_bytes, seal_shares,
+    MODULUS,
+    PublicKeys,
+    SecAggAbort,
+    client_secret,
+    mask_seed,
+    open_shares,
+    prg_mask,
+    private_key,
+    public_bytes,
+    seal_shares,
 )
 
 __all__ = ["ClientSecAgg", "Reveal", "SecAggAbort", "ServerSecAgg"]

@@ -19,7 +19,7 @@ total is the run's delta.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

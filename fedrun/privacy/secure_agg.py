@@ -22,14 +22,15 @@ the round is counted in `secagg_skipped`): a "sum" of one client is that client'
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
 from fedrun.components import Range
 from fedrun.core import ClientUpdate, FedrunError, RoundContext, Strategy, Stream
-from fedrun.privacy.keys import NoiseSource, SecaggBits, SecaggMinClients, SecaggThreshold
 from fedrun.privacy.fixedpoint import MODULUS
+from fedrun.privacy.keys import NoiseSource, SecaggBits, SecaggMinClients, SecaggThreshold
 from fedrun.privacy.masking import SecAggAbort
 from fedrun.privacy.none import NoPrivacy
 from fedrun.privacy.randomness import stream_seed
@@ -44,6 +45,7 @@ class SecureAggregation(NoPrivacy):
     """Not DP: nothing is accounted and every round is allowed (NoPrivacy's)."""
 
     secure_sum = True
+    metric_columns = ["secagg_clamped", "secagg_skipped", "secagg_bits", "secagg_bytes_per_client", "secagg_seconds"]
     hides_client_stats = True  # clients.csv keeps only what the server sees (see log_client_stats)
 
     def __init__(self, *, secagg_bits: SecaggBits | None, secagg_threshold: SecaggThreshold,
@@ -65,10 +67,6 @@ class SecureAggregation(NoPrivacy):
         self.secure_round: SecureSumRound | None = None
         self.row: dict[str, float] = {}
         self.skipped = 0
-
-    @property
-    def metric_columns(self) -> list[str]:
-        return ["secagg_clamped", "secagg_skipped", "secagg_bits", "secagg_bytes_per_client", "secagg_seconds"]
 
     # ---- set-up, before local training ------------------------------------------------------
 
@@ -133,9 +131,10 @@ class SecureAggregation(NoPrivacy):
         mean = (parts[0] * (self.weight_max / total_weight)).to(torch.float32)
         if not self.extras:
             return mean
-        return strategy.aggregate_sums(mean, {name: part.to(torch.float32) for name, part in zip(self.extras, parts[1:])})
+        extras = {name: part.to(torch.float32) for name, part in zip(self.extras, parts[1:])}
+        return strategy.aggregate_sums(mean, extras)
 
-    def round_metrics(self, *, tight: bool) -> dict[str, float]:
+    def round_metrics(self, *, tight: bool) -> dict[str, float | None]:
         return dict(self.row)
 
     def summary(self) -> dict:

@@ -9,7 +9,7 @@ projects (several over GF(256) only), and the whole scheme is the ~40 lines belo
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
