@@ -90,7 +90,8 @@ def cohort_chunks(costs: Sequence[int], count: int) -> list[list[int]]:
     order = sorted(range(len(costs)), key=lambda i: -costs[i])
     count = min(count, len(order))
     per_chunk = sum(costs) / count
-    chunks, total = [[]], 0.0
+    chunks: list[list[int]] = [[]]
+    total = 0.0
     for i in order:
         if total >= per_chunk * len(chunks) and len(chunks) < count:
             chunks.append([])

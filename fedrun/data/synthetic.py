@@ -159,6 +159,7 @@ class Synthetic:
             clients = generate(pop, seed=seed, test_fraction=self.test_fraction)
         else:
             pooled = generate(pop, seed=seed).train
+            assert isinstance(pooled, Labelled)
             del pop  # its (K, C, F) client models, before pack_parts copies the examples
             clients = self._repartition(pooled, seed)
         return FederatedData(clients, self._fingerprint(clients, seed),

@@ -8,8 +8,9 @@ training data and the last ones its test data, as in LEAF's Shakespeare benchmar
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import torch
 
@@ -155,7 +156,7 @@ class Tokenizer:
         return self._tokenizer(text.decode("utf-8", "replace"), add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> bytes:
-        return self._tokenizer.decode(ids).encode()
+        return str(self._tokenizer.decode(ids)).encode()
 
 
 def has_tokenizer(path: str) -> bool:

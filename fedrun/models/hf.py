@@ -115,6 +115,7 @@ def _load_base(name_or_path: str | None, from_config: dict | None, *, vocab_size
 
     if name_or_path is not None:
         return _pretrained(name_or_path, vocab_size=vocab_size, seq_len=seq_len)
+    assert from_config is not None  # exactly one of the two, checked above
     options = dict(from_config)
     model_type = options.pop("model_type", None)
     options["vocab_size"] = vocab_size
