@@ -197,3 +197,21 @@ def test_every_strategy_trains_through_the_cli_path_and_checkpoints_its_state(na
         assert state["optimizer"]["state"], "server optimizer state must be checkpointed"
     if name == "scaffold":
         assert state["control"].abs().sum() > 0 and len(state["client_controls"]) >= 3
+
+
+def test_capabilities_are_declared_where_the_rules_between_components_read_them():
+    from fedrun.components import capability
+
+    def caps(option: str) -> tuple:
+        node = config.compose([f"strategy={option}"], check_ranges=False).strategy
+        return tuple(capability(node, "strategy", name) for name in
+                     ("needs_individual_updates", "secure_sum_weighting", "client_sends_extras", "needs_plain_sgd",
+                      "exchanges"))
+
+    for option in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"):
+        assert caps(option) == (False, "examples", False, False, "weights"), option
+    for option in ("median", "trimmed_mean", "krum", "feddf"):
+        assert caps(option) == (True, None, False, False, "weights"), option
+    assert caps("scaffold") == (False, "uniform", True, True, "weights")
+    assert caps("fed_distill") == (False, None, False, False, "logits")
+    assert Scaffold.secure_sum_extras == ("control_delta",)
