@@ -6,7 +6,6 @@ Each failure is one line naming the key, what is wrong and what is allowed.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
@@ -14,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedrun.attacks import KINDS as ATTACK_KINDS
 from fedrun.client_config import OPTIMIZERS, ClientConfig
-from fedrun.components import capability, check_values, component
+from fedrun.components import capability, check_values, component, option_name
 from fedrun.core import FedrunError
 from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
 from fedrun.data.text import PARTITIONS
@@ -145,17 +144,6 @@ def check_component(node: DictConfig, group: str, where: str) -> None:
     check_values(node, target, where, group)
     for name, node_group in getattr(target, "config_nodes", {}).items():
         check_component(node[name], node_group, f"{where}.{name}")
-
-
-@functools.cache
-def option_name(group: str, target: str) -> str:
-    """The `group=option` name whose YAML names `target` (for messages), else the class's name."""
-    from fedrun.config import conf_dir
-
-    for path in sorted((conf_dir() / group).glob("*.yaml")):
-        if OmegaConf.load(path).get("_target_") == target:
-            return path.stem
-    return target.rsplit(".", 1)[-1]
 
 
 def _named(cfg: DictConfig, group: str) -> str:

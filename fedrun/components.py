@@ -270,7 +270,8 @@ def check_values(node: DictConfig, target: Any, where: str, group: str = "") -> 
                 continue
         elif all(m.allows(value) for m in key.markers):
             continue
-        raise FedrunError(f"{where}.{key.name}: {value!r} is not allowed; allowed: {key.describe()}")
+        name = f"{where}.{key.name}" if where else key.name
+        raise FedrunError(f"{name}: {value!r} is not allowed; allowed: {key.describe()}")
 
 
 def _source_of(target: Any, name: str) -> Any:
@@ -311,6 +312,18 @@ RENAMED_TARGETS: dict[str, str] = {
     "fedrun.sampling.make_sampler": "fedrun.sampling.ClientSampler",
     "fedrun.privacy.audit.no_audit": "fedrun.privacy.audit.NoAudit",
 }
+
+
+@functools.cache
+def option_name(group: str, target: str) -> str:
+    """The `group=option` whose YAML names `target` (an earlier name read as today's), for
+    messages and reports; the class's name when no single option does."""
+    from fedrun.config import conf_dir
+
+    target = RENAMED_TARGETS.get(target, target)
+    names = [path.stem for path in sorted((conf_dir() / group).glob("*.yaml"))
+             if OmegaConf.load(path).get("_target_") == target] if (conf_dir() / group).is_dir() else []
+    return names[0] if len(names) == 1 else target.rsplit(".", 1)[-1]
 
 
 # ---- capabilities ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
+from fedrun.components import option_name
 from fedrun.cli import app
 
 SMALL = ["data=synthetic", "model=logreg", "data.num_clients=6", "sampler.clients_per_round=3", "rounds=2",
@@ -40,7 +41,7 @@ def test_grid_sweep_runs_every_combination_as_a_run_directory(tmp_path):
         assert cfg.run_dir == str(job.resolve()) or Path(cfg.run_dir).resolve() == job.resolve()
         assert json.loads((job / "status.json").read_text())["state"] == "finished"
         assert len(pd.read_csv(job / "metrics.csv")) == 3
-        seen.add((cfg.strategy._target_.rsplit(".", 1)[-1], cfg.client.lr, cfg.seed))
+        seen.add((option_name("strategy", cfg.strategy._target_), cfg.client.lr, cfg.seed))
         assert f"seed={cfg.seed}" in overrides
     assert seen == {(s, lr, seed) for s in ("fedavg", "fedadam") for lr in (0.05, 0.1) for seed in (0, 1)}
 
@@ -106,7 +107,7 @@ def test_report_of_a_2x2_sweep_with_2_seeds_groups_by_seed_with_pandas_mean_and_
     for job in _jobs(tmp_path / sweep_dir):
         cfg = OmegaConf.load(job / "config.yaml")
         final = pd.read_csv(job / "metrics.csv").dropna(subset=["eval_ppl"]).iloc[-1]
-        rows.append({"strategy": cfg.strategy._target_.rsplit(".", 1)[-1], "lr": cfg.client.lr,
+        rows.append({"strategy": option_name("strategy", cfg.strategy._target_), "lr": cfg.client.lr,
                      "ppl": final["eval_ppl"]})
     expected = pd.DataFrame(rows).groupby(["strategy", "lr"])["ppl"].agg(["mean", "std"])
     got = {(g["strategy"], float(g["client.lr"])): (g["final_eval_ppl_mean"], g["final_eval_ppl_std"])

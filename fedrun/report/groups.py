@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from fedrun.components import option_name
 from fedrun.core import FedrunError
 from fedrun.report.runs import CONFIG_PREFIX, RESULTS
 
@@ -52,11 +53,13 @@ def format_value(value: Any) -> str:
 
 
 def display_values(key: str, values: pd.Series) -> pd.Series:
-    """The values of a config column as shown: short `_target_`s when they stay distinct."""
+    """The values of a config column as shown: a `_target_` as the option that names it
+    (`strategy=fedadam`: fedadam) when the names stay distinct."""
     text = values.map(format_value)
     if not key.endswith(TARGET):
         return text
-    short = text.map(lambda t: t.rsplit(".", 1)[-1])
+    group = key.removeprefix(CONFIG_PREFIX).split(".")[0]
+    short = text.map(lambda t: option_name(group, t) if t else t)  # the option the run chose
     return short if short.nunique() == text.nunique() else text
 
 
