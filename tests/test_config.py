@@ -28,7 +28,8 @@ def test_every_options_keys_are_exactly_its_components_signature():
             cfg = config.compose([f"{group}={option}"], check_ranges=False)
             node = cfg[group]
             raw = OmegaConf.load(config.conf_dir() / group / f"{option}.yaml")
-            required = {f"{group}.{k}" for k in raw if OmegaConf.is_missing(raw, k)}  # the user must give it (data.path)
+            # a value the user must give (data.path)
+            required = {f"{group}.{k}" for k in raw if OmegaConf.is_missing(raw, k)}
             assert OmegaConf.missing_keys(node) == required, f"{group}/{option}.yaml leaves keys without a value"
             schema = config.ClientConfig if group == "client" else schema_of(component(node), group)
             fields = {f for f in schema.__dataclass_fields__ if f != "_target_"}
@@ -50,6 +51,11 @@ def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
         data = [] if group == "data" else ["data=shakespeare", f"data.path={play}", "data.min_samples=4"]
         if choice == "data=shakespeare":
             data = [f"data.path={play}", "data.min_samples=4"]
+        if choice == "data=text_files":  # one client per file: four copies of the play
+            (tmp_path / "texts").mkdir(exist_ok=True)
+            for i in range(4):
+                (tmp_path / "texts" / f"{i}.txt").write_bytes(play.read_bytes())
+            data = [f"data.path={tmp_path / 'texts'}", "data.min_samples=4"]
         if choice in ("model=logreg", "model=mlp"):
             data = ["data=synthetic", "data.num_clients=6"]
         overrides = [choice, *data, f"run_dir={tmp_path}", "device=cpu", "sampler.clients_per_round=3",
