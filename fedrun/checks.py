@@ -7,7 +7,8 @@ Each failure is one line naming the key, what is wrong and what is allowed.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,14 +16,10 @@ from fedrun.attacks import KINDS as ATTACK_KINDS
 from fedrun.client_config import OPTIMIZERS, ClientConfig
 from fedrun.components import capability, check_values, component, option_name
 from fedrun.core import FedrunError
-from fedrun.data.synthetic import PARTITIONS as SYNTHETIC_PARTITIONS
-from fedrun.data.text import PARTITIONS
 from fedrun.privacy.accounting import ACCOUNTANTS
 from fedrun.privacy.randomness import NOISE_SOURCES
 from fedrun.sampling import KINDS as SAMPLER_KINDS
-
 from fedrun.settings import COMPONENT_GROUPS, DEVICES, RunSettings
-
 
 # ---- range rules: (key, allowed values as words, predicate) --------------------------------
 
@@ -154,9 +151,11 @@ def _check_combinations(cfg: DictConfig) -> None:
     """Rules that tie several keys or components together, over their declared capabilities."""
     c = cfg.client
     if (c.local_steps_min is None) != (c.local_steps_max is None):
-        raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, or neither")
+        raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, "
+                          "or neither")
     if c.local_steps_min is not None and c.local_steps_min > c.local_steps_max:
-        raise FedrunError(f"client.local_steps_min: {c.local_steps_min} is more than client.local_steps_max={c.local_steps_max}")
+        raise FedrunError(f"client.local_steps_min: {c.local_steps_min} is more than "
+                          f"client.local_steps_max={c.local_steps_max}")
     if (cfg.client.local_epochs is None) == (cfg.client.local_steps is None):
         raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
                           f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
@@ -266,7 +265,8 @@ def _check_model_entries(entries) -> None:
                 raise FedrunError(f"client.models[{i}].{key}: missing; each entry needs name, option (a model= option) "
                                   "and fraction, e.g. {name: small, option: tiny_gpt, fraction: 0.5, n_embd: 32}")
         if not 0 < entry.fraction <= 1:
-            raise FedrunError(f"client.models[{i}].fraction: {entry.fraction!r} is not allowed; allowed: a number in (0, 1]")
+            raise FedrunError(f"client.models[{i}].fraction: {entry.fraction!r} is not allowed; "
+                              "allowed: a number in (0, 1]")
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise FedrunError(f"client.models: names must differ (they name metrics); got {', '.join(map(str, names))}")

@@ -8,8 +8,9 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -65,18 +66,18 @@ def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt as e:
         run_dir = getattr(e, "run_dir", None)
         hint = f"; resume with: fedrun resume {shlex.quote(str(run_dir))}" if run_dir else ""
         console.print(f"[yellow]interrupted[/]{hint}", soft_wrap=True, highlight=False)
-        raise typer.Exit(128 + received[0])
+        raise typer.Exit(128 + received[0]) from None
     except Exception as e:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
                       soft_wrap=True, highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -113,14 +114,15 @@ def _setup_logging(verbose: bool) -> None:
 
 @command()
 def train(
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     cfg: bool = typer.Option(False, "--cfg", help="Print the composed config and exit without running."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
 ) -> None:
     """Run one federated training run and write its run directory."""
     from omegaconf import OmegaConf
 
-    from fedrun import config, train as training
+    from fedrun import config
+    from fedrun import train as training
 
     composed = config.compose(overrides or [])
     if cfg:
@@ -135,7 +137,7 @@ def train(
 
 @command()
 def sweep(
-    overrides: Optional[List[str]] = typer.Argument(
+    overrides: list[str] | None = typer.Argument(
         None, show_default=False,
         help="Hydra multirun overrides: comma lists are swept as a grid, e.g. strategy=fedavg,fedadam "
              "client.lr=0.01,0.1 seed=0,1,2; hydra/launcher=joblib runs jobs in parallel."),
@@ -171,7 +173,8 @@ def _print_sweep(sweep_dir: Path) -> None:
 
 @command()
 def resume(
-    path: Path = typer.Argument(..., help="A run directory, or a folder of runs (a sweep): resume every unfinished run."),
+    path: Path = typer.Argument(
+        ..., help="A run directory, or a folder of runs (a sweep): resume every unfinished run."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
 ) -> None:
     """Continue stopped runs from their last intact checkpoint, exactly as if never stopped."""
@@ -195,10 +198,12 @@ def resume(
 
 @command()
 def report(
-    paths: List[Path] = typer.Argument(..., help="Run directories, or folders holding runs (sweeps)."),
-    sort: Optional[str] = typer.Option(None, "--sort", help="Sort groups by a metric, e.g. eval_ppl or best_eval_acc."),
-    where: Optional[List[str]] = typer.Option(None, "--where", help="Keep runs with key=value, e.g. strategy=fedadam (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write report.md, report.csv, report.html and PNG plots here."),
+    paths: list[Path] = typer.Argument(..., help="Run directories, or folders holding runs (sweeps)."),
+    sort: str | None = typer.Option(None, "--sort", help="Sort groups by a metric, e.g. eval_ppl or best_eval_acc."),
+    where: list[str] | None = typer.Option(
+        None, "--where", help="Keep runs with key=value, e.g. strategy=fedadam (repeatable)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Also write report.md, report.csv, report.html and PNG plots here."),
 ) -> None:
     """Summarise runs: one row per configuration, mean ± std over seeds; optional files and plots."""
 
@@ -217,8 +222,8 @@ def generate_command(
     prompt: str = typer.Option("\n", "--prompt", help="Text to continue."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Bytes to generate."),
     temperature: float = typer.Option(0.8, "--temperature", help="Softmax temperature; 0 is greedy."),
-    top_k: Optional[int] = typer.Option(40, "--top-k", help="Sample among the k most likely bytes."),
-    round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
+    top_k: int | None = typer.Option(40, "--top-k", help="Sample among the k most likely bytes."),
+    round_: int | None = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
 ) -> None:
     """Sample text from a run's final (or --round N) global model."""
@@ -240,7 +245,7 @@ def generate_command(
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory of a model=hf run."),
     out: Path = typer.Argument(..., help="Folder to write the Hugging Face checkpoint to."),
-    round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
+    round_: int | None = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
 ) -> None:
     """Write a model=hf run's global model as a Hugging Face checkpoint (with LoRA: the adapters)."""
 
@@ -257,8 +262,9 @@ def export(
 @command("eval")
 def eval_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Data to evaluate on, e.g. data=shakespeare data.path=FILE."),
-    round_: Optional[int] = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="Data to evaluate on, e.g. data=shakespeare data.path=FILE."),
+    round_: int | None = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
 ) -> None:
     """Evaluate a run's saved global model on a data set (by default its own test data)."""
 
@@ -274,7 +280,7 @@ def eval_command(
 
 @command("data")
 def data_command(
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
 ) -> None:
     """Build the data of a config and print its partition statistics, without training."""
 

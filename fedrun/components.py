@@ -40,7 +40,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fedrun.core import FedrunError
 
-
 # ---- markers ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ class OneOf:
         return "one of " + ", ".join(map(str, self.values))
 
 
-Marker = Union[Range, OneOf]
+Marker = Range | OneOf
 
 
 def _num(x: float) -> str:
@@ -226,7 +225,7 @@ def schema_of(target: Any, group: str = "") -> type:
     if not _is_record(target, group):
         fields.append(("_target_", str, dataclasses.field(default=MISSING)))
     for key in config_keys(target, group):
-        kind = Optional[key.kind] if key.optional else key.kind
+        kind = Optional[key.kind] if key.optional else key.kind  # noqa: UP045 (OmegaConf reads typing.Optional)
         if key.default is MISSING:
             default = dataclasses.field(default=MISSING)
         elif isinstance(key.default, (list, dict)) or dataclasses.is_dataclass(key.default):

@@ -13,33 +13,39 @@ import difflib
 import inspect
 import os
 import re
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from hydra.errors import (ConfigCompositionException, InstantiationException, MissingConfigException,
-                          OverrideParseException)
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedrun import startup
 from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
 from fedrun.components import capability, component, typed_node
 from fedrun.core import FedrunError, make_deterministic
-from fedrun import startup
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
 from fedrun.data.text import Tokenizer, has_tokenizer
 from fedrun.loop import Experiment
 from fedrun.server_model import GlobalModel
-from fedrun.strategies.client_models import ModelSpec
 from fedrun.settings import COMPONENT_GROUPS, GROUPS, RunSettings
+from fedrun.strategies.client_models import ModelSpec
+
 
 def conf_dir() -> Path:
     """conf/ beside the package (a source checkout or editable install), or $FEDRUN_CONF."""
@@ -235,8 +241,8 @@ def build(cfg: DictConfig) -> Experiment:
     strategy = build_strategy(cfg, context)
     # Logit exchange sends predictions, not weights: privacy clips and noises those vectors.
     mechanism = with_context(instantiate(cfg.privacy, _partial_=True),
-                             context | {"num_params": getattr(strategy, "update_size", num_params), "strategy": strategy,
-                                        "max_examples": int(data.client_sizes().max())})
+                             context | {"num_params": getattr(strategy, "update_size", num_params),
+                                        "strategy": strategy, "max_examples": int(data.client_sizes().max())})
     example_dp = getattr(mechanism, "example_dp", None)
     attack = with_context(instantiate(cfg.attack, _partial_=True), context)
     compression = with_context(instantiate(cfg.compression, _partial_=True), context)

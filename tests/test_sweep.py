@@ -7,8 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from fedrun.components import option_name
 from fedrun.cli import app
+from fedrun.components import option_name
 
 SMALL = ["data=synthetic", "model=logreg", "data.num_clients=6", "sampler.clients_per_round=3", "rounds=2",
          "eval_every=1", "data.num_features=10"]

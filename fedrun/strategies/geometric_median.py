@@ -8,7 +8,8 @@ of docs/extending.md.
 """
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 
