@@ -105,7 +105,7 @@ def _num(x: float) -> str:
 RUN_CONTEXT = ("num_clients", "num_params", "device", "seed", "make_model", "model_specs", "sample_rate", "rounds",
                "batch_size", "dropout", "strategy", "max_examples", "public")
 CONTEXT: dict[str, frozenset[str]] = {
-    "data": frozenset({"seed", "insert", "tokenizer"}),
+    "data": frozenset(),  # a source is built from its keys alone; `load(seed=, ...)` gets the rest
     "model": frozenset({"vocab_size", "seq_len", "num_features", "num_classes"}),
     "backend": frozenset({"make_trainer", "data", "client_hooks"}),
     "sampler": frozenset(),
