@@ -36,6 +36,19 @@ def test_every_options_keys_are_exactly_its_components_signature():
             assert set(node) - {"_target_"} == fields, f"{group}/{option}.yaml"
 
 
+def test_config_yamls_option_lists_name_every_option():
+    """conf/config.yaml's comments list each group's options: they must not go stale."""
+    import re
+
+    checked = []
+    for line in (config.conf_dir() / "config.yaml").read_text().splitlines():
+        if m := re.match(r"\s+- (\w+): \S+\s+# ([\w |]+)$", line):
+            group, listed = m.group(1), {o.strip() for o in m.group(2).split("|")}
+            assert listed == set(_options(group)), f"conf/config.yaml lists for {group}: {sorted(listed)}"
+            checked.append(group)
+    assert len(checked) == 8, checked  # data, model, strategy, privacy, backend, attack, audit, compression
+
+
 SMALL = {"model=tiny_gpt": ["model.n_embd=16", "model.n_head=2"], "model=lstm": ["model.hidden_size=16"],
          "data=pystdlib": ["data.max_client_bytes=2000"], "strategy=scaffold": ["client.optimizer=sgd"],
          "client=hetero": ["strategy=fed_distill", "strategy.public.max_client_bytes=2000"],
