@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -13,8 +13,15 @@ from torch import nn
 from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, ServerModel, Strategy
 from fedrun.data.examples import FederatedData
 from fedrun.privacy.audit import CanaryAudit
-from fedrun.records import (CLIENT_COLUMNS, LEDGER_COLUMNS, METRIC_COLUMNS, client_rows, resumed_history, round_row,
-                            summarize)
+from fedrun.records import (
+    CLIENT_COLUMNS,
+    LEDGER_COLUMNS,
+    METRIC_COLUMNS,
+    client_rows,
+    resumed_history,
+    round_row,
+    summarize,
+)
 from fedrun.rundir import RunDir
 from fedrun.sampling import drop_out
 
@@ -134,4 +141,5 @@ def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> 
     """Everything a resumed run needs: with derived randomness, the seed restores every stream."""
     return {"round": round_idx, "weights": weights.detach().cpu(), "strategy": exp.strategy.state_dict(),
             "privacy": exp.mechanism.state_dict(),
-            "compression": exp.compression.state_dict() if exp.compression is not None else {}, "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}
+            "compression": exp.compression.state_dict() if exp.compression is not None else {},
+            "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}

@@ -26,7 +26,10 @@ def _text(lines: int, seed: int) -> bytes:
 def _train_text(text: bytes, seq_len: int, test_fraction: float) -> tuple[bytes, bytes]:
     """The bytes covered by the train and by the test windows (windows overlap by one byte)."""
     train, test = split_by_position(windows(text, seq_len), test_fraction)
-    join = lambda w: bytes(w[0].tolist()) + b"".join(bytes(r[1:].tolist()) for r in w[1:]) if len(w) else b""
+
+    def join(w):
+        return bytes(w[0].tolist()) + b"".join(bytes(r[1:].tolist()) for r in w[1:]) if len(w) else b""
+
     return join(train), join(test)
 
 

@@ -74,7 +74,8 @@ def test_exported_batches_are_fedrun_batches(tmp_path):
 
 def test_repeated_runs_keep_the_least_disturbed_and_every_runs_figure():
     from benchmarks.run import least_disturbed
-    runs = [{"seconds_per_round": 0.27, "peak_rss_mb": 1}, {"error": "exit 1"}, {"seconds_per_round": 0.11, "peak_rss_mb": 2}]
+    runs = [{"seconds_per_round": 0.27, "peak_rss_mb": 1}, {"error": "exit 1"},
+            {"seconds_per_round": 0.11, "peak_rss_mb": 2}]
     best = least_disturbed(runs)
     assert best["seconds_per_round"] == 0.11 and best["peak_rss_mb"] == 2
     assert best["runs_seconds_per_round"] == [0.27, None, 0.11]

@@ -19,8 +19,16 @@ import pytest
 from rich.console import Console
 
 from fedrun.core import FedrunError
-from fedrun.report import (collect_runs, distinguishing_keys, group_runs, render_apart, render_table, report,
-                           set_apart, write_report)
+from fedrun.report import (
+    collect_runs,
+    distinguishing_keys,
+    group_runs,
+    render_apart,
+    render_table,
+    report,
+    set_apart,
+    write_report,
+)
 from fedrun.report.groups import STATUSES
 
 METRIC_HEADER = "round,clients,examples,train_loss,eval_loss,eval_ppl,eval_acc,bytes_up,bytes_down,seconds"
@@ -28,7 +36,8 @@ STRATEGIES = ("fedavg", "fedadam")
 LRS = (0.1, 0.01)
 
 
-def config_yaml(*, strategy: str = "fedavg", lr: float = 0.1, seed: int = 0, run_dir: str = "x", rounds: int = 4) -> str:
+def config_yaml(*, strategy: str = "fedavg", lr: float = 0.1, seed: int = 0, run_dir: str = "x",
+                rounds: int = 4) -> str:
     return (f"name: {strategy}\nrounds: {rounds}\nseed: {seed}\nrun_dir: {run_dir}\n"
             f"client:\n  lr: {lr}\n  batch_size: 16\nstrategy:\n  _target_: fedrun.strategies.{strategy}\n")
 
@@ -44,7 +53,8 @@ def fabricated_rows(rng: np.random.Generator, *, rounds: int = 4, epsilon: bool 
     """Metrics of one run: evaluated at rounds 0, 2 and 4; every number drawn at random."""
     rows = []
     for r in range(rounds + 1):
-        row = {"round": r, "clients": 3 * (r > 0), "examples": 30 * r, "bytes_up": int(rng.integers(100, 200)) * (r > 0),
+        row = {"round": r, "clients": 3 * (r > 0), "examples": 30 * r,
+               "bytes_up": int(rng.integers(100, 200)) * (r > 0),
                "bytes_down": int(rng.integers(100, 200)) * (r > 0), "seconds": float(rng.uniform(0.1, 1.0))}
         if r > 0:
             row["train_loss"] = float(rng.uniform(1, 2))
@@ -84,7 +94,8 @@ def grid(tmp_path: Path) -> tuple[Path, dict]:
         for lr in LRS:
             for seed in (0, 1):
                 rows = fabricated_rows(rng)
-                make_run(tmp_path / "sweep" / f"{strategy}_{lr}_{seed}", rows=rows, strategy=strategy, lr=lr, seed=seed)
+                make_run(tmp_path / "sweep" / f"{strategy}_{lr}_{seed}", rows=rows, strategy=strategy, lr=lr,
+                         seed=seed)
                 raw[(strategy, lr, seed)] = rows
     return tmp_path / "sweep", raw
 
@@ -94,7 +105,8 @@ def expected_results(rows: list[dict]) -> dict[str, float]:
     evaluated = [r for r in rows if "eval_loss" in r]
     return {"final_eval_loss": evaluated[-1]["eval_loss"], "final_eval_ppl": evaluated[-1]["eval_ppl"],
             "final_eval_acc": evaluated[-1]["eval_acc"], "best_eval_loss": min(r["eval_loss"] for r in evaluated),
-            "best_eval_ppl": min(r["eval_ppl"] for r in evaluated), "best_eval_acc": max(r["eval_acc"] for r in evaluated),
+            "best_eval_ppl": min(r["eval_ppl"] for r in evaluated),
+            "best_eval_acc": max(r["eval_acc"] for r in evaluated),
             "bytes": sum(r["bytes_up"] + r["bytes_down"] for r in rows), "seconds": sum(r["seconds"] for r in rows),
             "rounds": max(r["round"] for r in rows)}
 

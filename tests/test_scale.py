@@ -84,7 +84,10 @@ def test_pack_keeps_order_names_and_examples_of_separate_clients():
 def test_repartitioned_synthetic_data_is_packed_and_keeps_every_example():
     natural, shards = _data(test_fraction=0.2), _data(test_fraction=0.2, partition="shards")
     assert isinstance(shards.clients, PackedClients) and shards.num_clients == 40
-    every = lambda d: torch.cat([d.clients.train.labels, d.clients.test.labels]).sort().values
+
+    def every(d):
+        return torch.cat([d.clients.train.labels, d.clients.test.labels]).sort().values
+
     assert torch.equal(every(natural), every(shards))
 
 

@@ -11,7 +11,8 @@ from fedrun.data.examples import Labelled
 from fedrun.data.stats import partition_stats
 
 DEFAULTS = dict(alpha=1.0, beta=1.0, num_clients=12, num_features=60, num_classes=10, iid=False,
-                partition="natural", dirichlet_alpha=0.5, size_skew=0.0, test_fraction=0.2, max_client_examples=None, seed=0)
+                partition="natural", dirichlet_alpha=0.5, size_skew=0.0, test_fraction=0.2, max_client_examples=None,
+                seed=0)
 
 
 def _data(**kw):
@@ -101,7 +102,10 @@ def test_same_seed_same_data_and_another_seed_other_data():
 def test_iid_clients_have_closer_label_distributions_than_heterogeneous_ones():
     iid = partition_stats(_data(iid=True, num_clients=30))
     skewed = partition_stats(_data(num_clients=30))
-    gap = lambda s: s["label_entropy_pooled_bits"] - s["label_entropy_mean_bits"]
+
+    def gap(s):
+        return s["label_entropy_pooled_bits"] - s["label_entropy_mean_bits"]
+
     assert gap(iid) < 0.5 < gap(skewed)
 
 
@@ -109,7 +113,10 @@ def test_iid_clients_have_closer_label_distributions_than_heterogeneous_ones():
 def test_repartitions_keep_every_example_once(partition):
     natural, data = _data(), _data(partition=partition, num_clients=12)
     assert data.num_clients == 12 and data.fingerprint["partition"] == partition
-    pooled = lambda d: torch.cat([torch.cat([c.train.labels, c.test.labels]) for c in d.clients])
+
+    def pooled(d):
+        return torch.cat([torch.cat([c.train.labels, c.test.labels]) for c in d.clients])
+
     assert torch.equal(pooled(natural).sort().values, pooled(data).sort().values)
     n = natural.fingerprint["train_examples"] + natural.fingerprint["test_examples"]
     assert data.fingerprint["train_examples"] + data.fingerprint["test_examples"] == n
@@ -130,7 +137,8 @@ def test_size_skew_makes_iid_client_sizes_unequal():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(partition="speakers"), "data.partition: 'speakers' is not allowed; allowed: one of natural, iid, dirichlet, shards"),
+    (dict(partition="speakers"),
+     "data.partition: 'speakers' is not allowed; allowed: one of natural, iid, dirichlet, shards"),
     (dict(dirichlet_alpha=0.0), "data.dirichlet_alpha: 0.0 is not allowed; allowed: a number > 0"),
     (dict(test_fraction=1.0), "data.test_fraction: 1.0 is not allowed; allowed: a number in (0, 1): eval_loss"),
     (dict(num_classes=1), "data.num_classes: 1 is not allowed; allowed: an integer >= 2"),

@@ -71,7 +71,7 @@ def test_natural_partition_is_one_client_per_kept_speaker(play):
     docs, _ = read_shakespeare(str(play))
     kept = [n for n, t in docs if len(text.windows(t, 16)) >= 4]
     assert [c.name for c in data.clients] == kept
-    for client, (name, t) in zip(data.clients, [d for d in docs if d[0] in kept]):
+    for client, (_name, t) in zip(data.clients, [d for d in docs if d[0] in kept]):
         assert torch.equal(torch.cat([client.train.tokens, client.test.tokens]), text.windows(t, 16))
 
 
@@ -88,7 +88,8 @@ def test_iid_holds_exactly_the_natural_windows_evenly(play):
     assert iid.num_clients == 7
     sizes = [len(c.train) for c in iid.clients]
     assert max(sizes) - min(sizes) <= 1
-    assert _rows(torch.cat([c.train.tokens for c in iid.clients])) == _rows(torch.cat([c.train.tokens for c in natural.clients]))
+    natural_train = torch.cat([c.train.tokens for c in natural.clients])
+    assert _rows(torch.cat([c.train.tokens for c in iid.clients])) == _rows(natural_train)
     assert _rows(iid.test_examples().tokens) == _rows(natural.test_examples().tokens)
 
 

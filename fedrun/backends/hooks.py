@@ -7,7 +7,7 @@ here, in job order, exactly as if each client had run them before sending.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fedrun.core import ClientHook, ClientUpdate, RoundContext
 
