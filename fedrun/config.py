@@ -27,7 +27,6 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
-from hydra.utils import get_class
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -167,7 +166,7 @@ _one_line = one_line
 def resolve_device(name: str, backend_target: str = "") -> torch.device:
     """`auto`: CUDA when present, unless the backend says its workers train on the CPU."""
     if name == "auto":
-        on_cpu = bool(backend_target) and getattr(get_class(backend_target), "trains_on_cpu", False)
+        on_cpu = bool(backend_target) and capability(backend_target, "backend", "trains_on_cpu")
         return torch.device("cuda" if torch.cuda.is_available() and not on_cpu else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise FedrunError("device: 'cuda' was asked for but CUDA is not available; allowed here: auto, cpu")
