@@ -146,6 +146,14 @@ class ClientHook(Protocol):
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate: ...
 
 
+class StatefulHook(ClientHook, Protocol):
+    """A client hook whose state a checkpoint keeps (compression: error feedback's leftovers)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class Strategy(Protocol):
     """An FL algorithm: what each client is sent, and how updates fold into the global weights."""
 
@@ -169,7 +177,10 @@ class Mechanism(ClientHook, Protocol):
     DP-SGD steps) and a server hook (`aggregate`: noise, unmask), each adding to the round's
     metrics (`round_metrics`); its accounting is a ledger of DPEvents (fedrun.privacy.accounting)."""
 
-    metric_columns: list[str]  # extra metrics.csv columns it fills each round
+    @property
+    def metric_columns(self) -> list[str]:
+        """Extra metrics.csv columns it fills each round."""
+        ...
 
     def allows_round(self, ctx: RoundContext) -> bool:
         """False to stop before the round (its budget would be exceeded)."""

@@ -6,6 +6,7 @@ examples. Perplexity is exp(loss) in both cases (for a classifier, of the class 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,8 @@ EVAL_TOKENS = 8192  # predictions per forward pass: bounds evaluation's activati
 EVAL_EXAMPLES = 1024  # labelled examples per forward pass
 
 
-def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the model's logits (..., C) against targets (...)."""
+def batch_loss(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the model's (a module's or a functional call's) logits (..., C) against targets (...)."""
     logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 

@@ -10,7 +10,17 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fedrun.core import Backend, ClientHook, FedrunError, Mechanism, RoundContext, Sampler, ServerModel, Strategy
+from fedrun.core import (
+    Backend,
+    ClientHook,
+    FedrunError,
+    Mechanism,
+    RoundContext,
+    Sampler,
+    ServerModel,
+    StatefulHook,
+    Strategy,
+)
 from fedrun.data.examples import FederatedData
 from fedrun.privacy.audit import CanaryAudit
 from fedrun.records import (
@@ -43,7 +53,7 @@ class Experiment:
     attack: ClientHook
     server_model: ServerModel
     audit: CanaryAudit | None = None
-    compression: ClientHook | None = None
+    compression: StatefulHook | None = None
 
 
 def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | None = None,

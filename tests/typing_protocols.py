@@ -13,7 +13,7 @@ from fedrun.backends.ray import RayBackend
 from fedrun.backends.sequential import SequentialBackend
 from fedrun.backends.vectorized import VectorizedBackend
 from fedrun.compression import NoCompression, StochasticQuantizer, TopK
-from fedrun.core import Backend, ClientHook, LocalRule, Mechanism, Sampler, ServerModel, Strategy
+from fedrun.core import Backend, ClientHook, LocalRule, Mechanism, Sampler, ServerModel, StatefulHook, Strategy
 from fedrun.privacy.central import CentralPrivacy
 from fedrun.privacy.local import LocalPrivacy
 from fedrun.privacy.none import NoPrivacy
@@ -79,6 +79,13 @@ def client_hooks(no_attack: NoAttack, poisoning: ModelPoisoning, no_compression:
     yield quantizer
     yield scaffold_controls
     yield client_models
+
+
+def compressors(no_compression: NoCompression, top_k: TopK, quantizer: StochasticQuantizer) -> Iterator[StatefulHook]:
+    """Compression's state (error feedback) is checkpointed: fedrun.loop.checkpoint_state."""
+    yield no_compression
+    yield top_k
+    yield quantizer
 
 
 def samplers(sampler: ClientSampler) -> Iterator[Sampler]:

@@ -74,7 +74,7 @@ class StackedModel:
         # traced forward looks the stacked leaves up by that name, and the untraced grouped
         # forward swaps them in there directly (functional_call's general machinery costs more
         # than a small model's whole step).
-        first = {}
+        first: dict[int, str] = {}
         self._slots = [(module, attr, first.setdefault(id(p), f"{prefix}.{attr}".lstrip(".")))
                        for prefix, module in model.named_modules(remove_duplicate=False)
                        for attr, p in module._parameters.items() if p is not None and p.requires_grad]
@@ -126,6 +126,7 @@ class StackedModel:
             with mode:
                 logits = self._vmapped(params, x)
             if self._attention is None:
+                assert isinstance(mode, _BatchedAttention)  # not yet known: the batched attention ran
                 self._attention = mode.seen
         self.vmapped = True
         return logits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -51,9 +52,12 @@ Examples = Windows | Labelled
 
 def concat(parts: Sequence[Examples]) -> Examples:
     """Examples of one kind joined in order."""
+    # The first part's kind is every part's kind (mypy does not narrow a sequence by its first item).
     if isinstance(parts[0], Windows):
-        return Windows(torch.cat([p.tokens for p in parts]))
-    return Labelled(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]))
+        windows = cast("Sequence[Windows]", parts)
+        return Windows(torch.cat([p.tokens for p in windows]))
+    labelled = cast("Sequence[Labelled]", parts)
+    return Labelled(torch.cat([p.features for p in labelled]), torch.cat([p.labels for p in labelled]))
 
 
 @dataclass

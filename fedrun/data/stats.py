@@ -24,7 +24,7 @@ def partition_stats(data: FederatedData) -> dict:
         "train_total": int(sizes.sum()),
     }
     if data.clients and all(isinstance(c.train, Labelled) for c in data.clients):
-        per_client = [c.train.labels for c in data.clients if len(c.train)]
+        per_client = [c.train.labels for c in data.clients if isinstance(c.train, Labelled) and len(c.train)]
         stats["label_entropy_mean_bits"] = float(np.mean([label_entropy(y) for y in per_client]))
         stats["label_entropy_pooled_bits"] = label_entropy(torch.cat(per_client))
     return stats

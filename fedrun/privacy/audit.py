@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, cast
 
 import numpy as np
 import torch
@@ -158,9 +158,10 @@ def log_perplexity(model: nn.Module, sequences: list[bytes], *, context: bytes =
     Without context the first byte has nothing to be predicted from and is not scored.
     """
     longest = max((len(s) for s in sequences), default=0)
-    if len(context) + longest - 1 > model.seq_len:
+    seq_len = cast(int, model.seq_len)  # every text model (tiny_gpt, lstm, hf) keeps its own
+    if len(context) + longest - 1 > seq_len:
         raise FedrunError(f"audit: context + canary of {len(context) + longest} bytes do not fit the "
-                          f"model's seq_len {model.seq_len} + 1")
+                          f"model's seq_len {seq_len} + 1")
     was_training = model.training
     model.eval()
     scores = [_score_batch(model, sequences[i : i + SCORE_BATCH], context, device)

@@ -21,6 +21,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -106,7 +107,8 @@ class DPSGDStep:
     def _add_clipped_sum(self, x: torch.Tensor, y: torch.Tensor, flat_grad: torch.Tensor) -> torch.Tensor:
         """Add sum_i g_i * min(1, C / ||g_i||) to `flat_grad`; return the examples' summed loss."""
         grads, losses = self.per_example_gradients(x, y)  # {name: (B, *shape)}, (B,)
-        sq_norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())  # (B,)
+        # (B,); a Tensor, not sum()'s start 0, as the model has trainable parameters
+        sq_norms = cast(torch.Tensor, sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
         scale = (self.max_grad_norm / sq_norms.sqrt()).clamp(max=1.0)  # C / 0 = inf -> 1
         for name, offset, n in self.layout:
             flat_grad[offset : offset + n] += scale @ grads[name].reshape(len(scale), n)
