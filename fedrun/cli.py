@@ -232,7 +232,8 @@ def generate_command(
 
     model, cfg = load_model(run_dir, round=round_, device="auto")
     device = next(model.parameters()).device
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, device=device)
+    options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                                   device=device)
     tokenizer = run_tokenizer(cfg)
     if tokenizer is None:
         text = generate(model, prompt.encode(), **options)
@@ -253,9 +254,10 @@ def export(
     from fedrun.generate import load_model
 
     model, _ = load_model(run_dir, round=round_, device="cpu")
-    if not hasattr(model, "save_adapter"):
+    save_adapter = getattr(model, "save_adapter", None)  # HFCausalLM's
+    if save_adapter is None:
         raise FedrunError(f"run_dir: {run_dir} is not a model=hf run; its weights are in model.safetensors")
-    model.save_adapter(out)
+    save_adapter(out)
     typer.echo(str(out))
 
 
@@ -313,7 +315,8 @@ class _round_progress:
     def update(self, row: dict) -> None:
         if row["round"] == 0:  # the initial model's evaluation, before any round
             return
-        fields = {"loss": "no client reported" if row["train_loss"] is None else f"train loss {row['train_loss']:.3f}"}
+        loss = "no client reported" if row["train_loss"] is None else f"train loss {row['train_loss']:.3f}"
+        fields: dict[str, Any] = {"loss": loss}  # the task's fields, beside Progress.update's own keywords
         if row.get("eval_ppl") is not None:
             fields["ppl"] = f"eval ppl {row['eval_ppl']:.2f}"
         self.progress.update(self.task, advance=1, **fields)

@@ -7,6 +7,7 @@ implies), so no training data is loaded to generate. Weights come from `model.sa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -126,9 +127,10 @@ def sample_ids(model: nn.Module, ids: list[int], *, max_new_tokens: int, tempera
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(seed)
+    seq_len = cast(int, model.seq_len)  # every text model (tiny_gpt, lstm, hf) keeps its own
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -model.seq_len:])[0, -1].float()  # (vocab,) at the last position
+            logits = model(idx[:, -seq_len:])[0, -1].float()  # (vocab,) at the last position
             idx = torch.cat([idx, next_token(logits, temperature, top_k, generator).view(1, 1)], dim=1)
     return idx[0].tolist()
 
@@ -173,7 +175,7 @@ def with_data_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         key = o.split("=", 1)[0]
         if "=" not in o or not (key in ("data", "seed") or key.startswith("data.")):
             raise FedrunError(f"{o}: not supported here; allowed: data=OPTION, data.KEY=VALUE, seed=VALUE")
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    cfg = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg)))  # a mapping's container is a dict
     choice = [o for o in overrides if o.startswith("data=")]
     dotted = [o for o in overrides if not o.startswith("data=")]
     if choice:
@@ -181,7 +183,7 @@ def with_data_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         fresh = config.compose(choice[-1:] + [o for o in dotted if o.startswith("data.")], check_ranges=False)
         cfg.data = fresh.data
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
+        cfg = cast(DictConfig, OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted)))  # a mapping merged stays one
     except OmegaConfBaseException as e:
         raise FedrunError(f"overrides: {e}") from e
     config.validate(cfg)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 
@@ -198,7 +198,8 @@ class WorkerPool:
 
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, size: int,
                  vectorized: bool = False):
-        context = mp.get_context(start_method())
+        # Each start method by its literal name: typeshed types only those contexts' Process.
+        context = mp.get_context("fork") if start_method() == "fork" else mp.get_context("spawn")
         # The round's weights, written once per round and read by all; re-shared (a new version)
         # only when their shape or dtype changes, e.g. a strategy that sends predictions.
         self.weights: torch.Tensor | None = None
@@ -237,7 +238,7 @@ class WorkerPool:
                 if waiting:
                     assigned[rank] = self._send(rank, waiting.pop(), jobs, ctx)
         self.state["busy"] = False
-        return updates
+        return cast("list[ClientUpdate]", updates)  # the chunks cover every job: no slot is left None
 
     def _write(self, weights: torch.Tensor) -> None:
         if self.weights is None or self.weights.shape != weights.shape or self.weights.dtype != weights.dtype:
@@ -262,7 +263,7 @@ class WorkerPool:
         ready = wait([*conns, *sentinels])
         replied = [conns[c] for c in ready if c in conns]
         for s in ready:
-            rank = sentinels.get(s)
+            rank = sentinels.get(s) if isinstance(s, int) else None  # a sentinel is an int, a reply a Connection
             if rank is not None and rank not in replied and not self.workers[rank].conn.poll():
                 self._died(rank)
         return replied
@@ -342,5 +343,7 @@ def serve(*, conn: Connection, make_trainer: Callable[[], Any], data: FederatedD
         if failure is not None:
             reply: tuple = ("error", jobs[0].client_id, f"building the trainer: {failure}")
         else:
+            # The trainer was built (no failure), and a worker's first message carries the weights.
+            assert train is not None and weights is not None
             reply = train(weights, ctx, jobs, on_client)
         conn.send_bytes(dumps(reply))

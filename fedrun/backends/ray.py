@@ -17,7 +17,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 
@@ -58,6 +58,7 @@ class RayBackend:
 
         if self.actors is None:
             self._start(ray)
+        assert self.actors is not None  # _start made them or raised
         weights_ref = ray.put(weights.detach().cpu())  # once per round, read by every actor
         chunks = cohort_chunks([self.data.clients[j.client_id].num_examples for j in jobs],
                                len(self.actors) * CHUNKS_PER_WORKER)
@@ -71,15 +72,17 @@ class RayBackend:
     def _run(self, ray, weights_ref, jobs: Sequence[ClientJob], chunks: list[list[int]],
              ctx: RoundContext) -> list[ClientUpdate]:
         """Updates in job order: each free actor takes the next chunk until none is left."""
+        actors = self.actors
+        assert actors is not None  # train_cohort started them
         updates: list[ClientUpdate | None] = [None] * len(jobs)
         waiting = list(reversed(chunks))
         pending: dict = {}
 
         def send(rank: int) -> None:
             chunk = waiting.pop()
-            pending[self.actors[rank].train.remote(weights_ref, ctx, [jobs[i] for i in chunk])] = (rank, chunk)
+            pending[actors[rank].train.remote(weights_ref, ctx, [jobs[i] for i in chunk])] = (rank, chunk)
 
-        for rank in range(min(len(self.actors), len(waiting))):
+        for rank in range(min(len(actors), len(waiting))):
             send(rank)
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -88,7 +91,7 @@ class RayBackend:
                 updates[i] = update
             if waiting:
                 send(rank)
-        return updates
+        return cast("list[ClientUpdate]", updates)  # the chunks cover every job: no slot is left None
 
     def _reply(self, ray, ref, rank: int, client_ids: list[int]) -> list[ClientUpdate]:
         try:

@@ -102,7 +102,7 @@ def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
 def dropout_rate(model: nn.Module) -> float:
     """The largest dropout probability anywhere in the model (dropout layers, attention, RNNs)."""
     rates = [m.p for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    rates += [m.dropout for m in model.modules() if isinstance(getattr(m, "dropout", None), float)]
+    rates += [rate for m in model.modules() if isinstance(rate := getattr(m, "dropout", None), float)]
     return max(rates, default=0.0)
 
 

@@ -19,13 +19,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from torch import nn
 
 from fedrun.components import Range
 from fedrun.core import FedrunError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
@@ -88,7 +91,8 @@ class HFCausalLM(nn.Module):
             torch.manual_seed(init_seed)
             base = _load_base(name_or_path, from_config, vocab_size=vocab_size, seq_len=seq_len)
         self.lora_enabled = bool(lora.enabled)
-        self.model = _with_lora(base, lora) if self.lora_enabled else base
+        # A transformers model, or peft's (untyped) wrapper of one: save_pretrained and config are theirs.
+        self.model: Any = _with_lora(base, lora) if self.lora_enabled else base
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits."""
@@ -108,7 +112,7 @@ class HFCausalLM(nn.Module):
 
 
 def _load_base(name_or_path: str | None, from_config: dict | None, *, vocab_size: int,
-               seq_len: int) -> nn.Module:
+               seq_len: int) -> PreTrainedModel:
     if (name_or_path is None) == (from_config is None):
         raise FedrunError("model: set exactly one of model.name_or_path and model.from_config")
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -129,7 +133,7 @@ def _load_base(name_or_path: str | None, from_config: dict | None, *, vocab_size
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _pretrained(name_or_path: str, *, vocab_size: int, seq_len: int) -> nn.Module:
+def _pretrained(name_or_path: str, *, vocab_size: int, seq_len: int) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     if not Path(name_or_path).is_dir():
@@ -148,7 +152,7 @@ def _pretrained(name_or_path: str, *, vocab_size: int, seq_len: int) -> nn.Modul
     return model
 
 
-def _with_lora(base: nn.Module, lora: LoRAConfig) -> nn.Module:
+def _with_lora(base: PreTrainedModel, lora: LoRAConfig) -> nn.Module:
     """Freeze `base` and add trainable adapters to the target modules (peft)."""
     import peft
     from transformers.pytorch_utils import Conv1D
@@ -171,11 +175,12 @@ def lora_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]
     """(module name, A, B) for every LoRA adapter in `model`: A (r, in), B (out, r)."""
     from peft.tuners.lora import LoraLayer
 
-    pairs = []
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            for adapter in module.lora_A:
-                pairs.append((f"{name}.{adapter}", module.lora_A[adapter].weight, module.lora_B[adapter].weight))
+            layer: Any = module  # peft is untyped: mypy sees nn.Module's attributes, not its adapters
+            for adapter in layer.lora_A:
+                pairs.append((f"{name}.{adapter}", layer.lora_A[adapter].weight, layer.lora_B[adapter].weight))
     return pairs
 
 
