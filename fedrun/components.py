@@ -32,7 +32,9 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from hydra.utils import get_object
@@ -141,12 +143,11 @@ def config_keys(target: Any, group: str = "") -> list[Key]:
         hints = typing.get_type_hints(target, include_extras=True)
         return [_key(f.name, hints[f.name], _field_default(f)) for f in dataclasses.fields(target)
                 if not f.name.startswith("_")]
-    if isinstance(target, type) and target.__init__ is object.__init__:
+    if isinstance(target, type) and _init_of(target) is object.__init__:
         return []  # a component without settings
-    fn = target.__init__ if isinstance(target, type) else target
-    params = inspect.signature(fn).parameters.values()
+    fn = _init_of(target)
+    params = list(inspect.signature(fn).parameters.values())
     provided = CONTEXT.get(group, frozenset())
-    params = list(params)
     if isinstance(target, type) and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         # `**keys` hands keys on to the base class: its keys are this component's too
         inherited = config_keys(target.__mro__[1], group)
@@ -157,6 +158,14 @@ def config_keys(target: Any, group: str = "") -> list[Key]:
     hints = _hints(fn, names)
     own = [_key(p.name, hints.get(p.name, Any), p.default) for p in params if p.name in hints]
     return own + [k for k in inherited if k.name not in hints]
+
+
+def _init_of(target: Any) -> Any:
+    """The function whose signature configures `target`: a class's __init__, or `target` itself."""
+    if isinstance(target, type):
+        cls: type[object] = target  # the class object, whose __init__ mypy lets us read
+        return cls.__init__
+    return target
 
 
 def _is_record(target: Any, group: str = "") -> bool:
@@ -210,11 +219,11 @@ def _omegaconf_type(hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple) or hint in (list, tuple):
         args = typing.get_args(hint)
-        return list[args[0]] if args and args[0] in (int, float, bool, str) else list
+        return types.GenericAlias(list, (args[0],)) if args and args[0] in (int, float, bool, str) else list  # list[x]
     if origin is dict or hint is dict:
         return dict
     if dataclasses.is_dataclass(hint):
-        return schema_of(hint)
+        return schema_of(typing.cast(type, hint))  # a hint: the dataclass itself, hashable
     return Any
 
 
@@ -229,7 +238,7 @@ def schema_of(target: Any, group: str = "") -> type:
         if key.default is MISSING:
             default = dataclasses.field(default=MISSING)
         elif isinstance(key.default, (list, dict)) or dataclasses.is_dataclass(key.default):
-            default = dataclasses.field(default_factory=lambda d=key.default: d)
+            default = dataclasses.field(default_factory=_returning(key.default))
         else:
             default = dataclasses.field(default=key.default)
         fields.append((key.name, kind, default))
@@ -240,12 +249,18 @@ def schema_of(target: Any, group: str = "") -> type:
     return dataclasses.make_dataclass(name, fields)
 
 
+def _returning(value: Any) -> Callable[[], Any]:
+    """A default_factory that hands out `value` (a field may not default to a list or dict)."""
+    return lambda: value
+
+
 def typed_node(node: DictConfig, target: Any, where: str, group: str = "") -> DictConfig:
     """`node` merged onto `target`'s schema: values converted to their types, unknown keys refused."""
     from fedrun.config import one_line  # the message shape for OmegaConf's errors
 
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema_of(target, group)), node)
+        # A structured config merged with a mapping is a DictConfig.
+        typed = typing.cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema_of(target, group)), node))
     except Exception as e:  # noqa: BLE001 (OmegaConf raises a dozen types; each becomes one line)
         message = one_line(e)
         if where:
@@ -278,7 +293,7 @@ def _source_of(target: Any, name: str) -> Any:
     if _is_record(target):
         hint = typing.get_type_hints(target, include_extras=True)[name]
     else:
-        hint = _hints(target.__init__ if isinstance(target, type) else target, {name})[name]
+        hint = _hints(_init_of(target), {name})[name]
     while typing.get_origin(hint) in (Annotated, Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -321,8 +336,13 @@ def option_name(group: str, target: str) -> str:
 
     target = RENAMED_TARGETS.get(target, target)
     names = [path.stem for path in sorted((conf_dir() / group).glob("*.yaml"))
-             if OmegaConf.load(path).get("_target_") == target] if (conf_dir() / group).is_dir() else []
+             if _option_node(path).get("_target_") == target] if (conf_dir() / group).is_dir() else []
     return names[0] if len(names) == 1 else target.rsplit(".", 1)[-1]
+
+
+def _option_node(path: Path) -> DictConfig:
+    """An option's YAML: a mapping."""
+    return typing.cast(DictConfig, OmegaConf.load(path))
 
 
 # ---- capabilities ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from hydra import compose as hydra_compose
@@ -85,7 +85,7 @@ def _unknown_key(key: str, overrides: list[str]) -> str:
     node = OmegaConf.select(base, parent) if parent else base
     if not isinstance(node, DictConfig):
         return f"{key}: unknown key; {parent} has no keys of its own"
-    keys = [k for k in node if k != "_target_"]
+    keys = [str(k) for k in node if k != "_target_"]  # a config's keys are strings
     if not parent:  # the run's own settings first, then the groups
         keys = sorted(keys, key=lambda k: (k in GROUPS, list(RunSettings.__dataclass_fields__).index(k)
                                            if k in RunSettings.__dataclass_fields__ else 0))
@@ -102,7 +102,7 @@ def typed(cfg: DictConfig) -> DictConfig:
     """Every node merged onto its schema: the top-level keys onto RunSettings, `client` onto
     ClientConfig, each group's node onto its component's signature (and a node the component
     builds from config, such as feddf's `public` data, onto that node's own component)."""
-    if unknown := [k for k in cfg if k not in GROUPS and k not in RunSettings.__dataclass_fields__]:
+    if unknown := [str(k) for k in cfg if k not in GROUPS and k not in RunSettings.__dataclass_fields__]:
         raise FedrunError(unknown_key_message(unknown[0], unknown[0], [*RunSettings.__dataclass_fields__, *GROUPS]))
     settings = typed_node(OmegaConf.masked_copy(cfg, list(RunSettings.__dataclass_fields__)), RunSettings, "")
     for key in RunSettings.__dataclass_fields__:
@@ -148,8 +148,9 @@ def one_line(e: Exception) -> str:
     message = str(getattr(cause, "msg", None) or cause).splitlines()[0].strip()
     if m := re.match(r"Value '(.*)' of type '.*' could not be converted to (\w+)", message):
         message = f"{m.group(1)!r} is not allowed; allowed: {_TYPE_WORDS.get(m.group(2), m.group(2))}"
-    elif re.match(r"Key '.*' not in '.*'", message) and dataclasses.is_dataclass(getattr(cause, "object_type", None)):
-        names = [f.name for f in dataclasses.fields(cause.object_type) if not f.name.startswith("_")]
+    elif (re.match(r"Key '.*' not in '.*'", message)
+          and dataclasses.is_dataclass(object_type := getattr(cause, "object_type", None))):
+        names = [f.name for f in dataclasses.fields(object_type) if not f.name.startswith("_")]
         return unknown_key_message(str(key), str(key).rpartition(".")[2], names)
     elif isinstance(e, OverrideParseException) or message.startswith("Error parsing override"):
         message = f"{message}; overrides look like key=value or group=option"
@@ -211,7 +212,7 @@ def build_data(cfg: DictConfig, *, audit: Any = None) -> FederatedData:
         data = make()
         data.provenance = {"cache": "off"}
     else:
-        spec = OmegaConf.to_container(node)
+        spec = cast(dict, OmegaConf.to_container(node))  # a mapping's container is a dict
         key = data_cache.data_key(data=spec, seed=cfg.seed, tokenizer=tokenizer,
                                   implicit_sources=source.implicit_sources())
         data = data_cache.load_or_build(key, make)
@@ -313,11 +314,11 @@ def model_option(entry: DictConfig, index: int) -> DictConfig:
     options = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
     if entry.option not in options:
         raise FedrunError(f"{key}.option: unknown model option {entry.option!r}; allowed: {', '.join(options)}")
-    node = OmegaConf.load(conf_dir() / "model" / f"{entry.option}.yaml")
+    node = cast(DictConfig, OmegaConf.load(conf_dir() / "model" / f"{entry.option}.yaml"))  # an option is a mapping
     node.pop("defaults", None)
     overrides = {k: v for k, v in entry.items() if k not in ("name", "option", "fraction")}
     try:
-        node = OmegaConf.merge(node, overrides)
+        node = cast(DictConfig, OmegaConf.merge(node, overrides))
     except OmegaConfBaseException as e:
         raise FedrunError(f"{key}.{_one_line(e)}") from e
     return typed_component(node, "model", key)

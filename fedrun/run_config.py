@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -218,7 +218,7 @@ def typed_config(tree: dict) -> DictConfig:
     base = config.compose(chosen_options(tree), check_ranges=False)
     _open_free_form(base)
     try:
-        cfg = config.typed(OmegaConf.merge(base, tree))
+        cfg = config.typed(cast(DictConfig, OmegaConf.merge(base, tree)))  # a composed config merged stays a mapping
     except FedrunError as e:
         raise FedrunError(f"{e}; {REFUSED}") from None
     except OmegaConfBaseException as e:
@@ -255,7 +255,8 @@ def chosen_options(tree: dict) -> list[str]:
         if mount.many:
             options = [o for o, keys in mount.options.items() if keys & set(node)]
             overrides += [f"{mount.selector}=[{','.join(options)}]"] if options else []
-        elif (option := shipped().option_of.get((mount.path, node.get("_target_")))) is not None:
+        elif isinstance(target := node.get("_target_"), str) and (
+                option := shipped().option_of.get((mount.path, target))) is not None:
             overrides.append(f"{mount.selector}={option}")
     return overrides
 
