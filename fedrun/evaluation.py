@@ -1,7 +1,8 @@
 """Metrics of a model on a set of examples: cross-entropy, perplexity, accuracy.
 
-For language models the loss is averaged over next-token predictions; for classifiers over
-examples. Perplexity is exp(loss) in both cases (for a classifier, of the class distribution).
+For language models the loss is averaged over next-token predictions (instruction examples:
+over the response's tokens only); for classifiers over examples. Perplexity is exp(loss) in
+both cases (for a classifier, of the class distribution).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrun.core import FedrunError
-from fedrun.data.examples import Examples, Windows
+from fedrun.data.examples import IGNORE, Examples, Windows
 
 EVAL_TOKENS = 8192  # predictions per forward pass: bounds evaluation's activation memory
 EVAL_EXAMPLES = 1024  # labelled examples per forward pass
@@ -51,8 +52,9 @@ def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict
         x, y = examples[start : start + batch].inputs_targets(device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-        correct += (logits.argmax(-1) == y).sum()
-        tokens += y.numel()
+        correct += (logits.argmax(-1) == y).sum()  # an IGNORE target never equals a prediction
+        tokens += int((y != IGNORE).sum()) if isinstance(examples, Windows) and examples.mask is not None \
+            else y.numel()
     model.train(was_training)
     loss = float(loss_sum) / tokens
     # A diverged model's perplexity is reported as inf rather than crashing the run.

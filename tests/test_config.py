@@ -1,4 +1,5 @@
 """Config groups compose and build; every bad input is one clear line and a non-zero exit."""
+import json
 import os
 
 import pytest
@@ -68,6 +69,11 @@ def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
             for i in range(4):
                 (tmp_path / "texts" / f"{i}.txt").write_bytes(play.read_bytes())
             data = [f"data.path={tmp_path / 'texts'}", "data.min_samples=4"]
+        if choice == "data=table":  # one instruction per row, three users
+            rows = [{"user": f"u{i % 3}", "q": f"question {i}?", "a": f"answer {i}."} for i in range(30)]
+            (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            data = [f"data.path={tmp_path / 'rows.jsonl'}", "data.prompt_key=q", "data.response_key=a",
+                    "data.client_key=user", "data.seq_len=32"]
         if choice in ("model=logreg", "model=mlp"):
             data = ["data=synthetic", "data.num_clients=6"]
         overrides = [choice, *data, f"run_dir={tmp_path}", "device=cpu", "sampler.clients_per_round=3",

@@ -134,13 +134,14 @@ def load(path: Path) -> FederatedData:
 
 def _examples_state(examples) -> dict[str, torch.Tensor]:
     if isinstance(examples, Windows):
-        return {"tokens": examples.tokens.contiguous()}
+        mask = {} if examples.mask is None else {"mask": examples.mask.contiguous()}
+        return {"tokens": examples.tokens.contiguous(), **mask}
     return {"features": examples.features.contiguous(), "labels": examples.labels.contiguous()}
 
 
 def _examples(state: dict[str, torch.Tensor]):
     if "tokens" in state:
-        return Windows(state["tokens"])
+        return Windows(state["tokens"], state.get("mask"))
     return Labelled(state["features"], state["labels"])
 
 

@@ -2,7 +2,9 @@
 
 Two kinds of examples share one small interface (`len`, indexing, `inputs_targets`), so local
 training and evaluation are the same code for language modelling and classification:
-- `Windows`: (N, T + 1) byte windows; inputs are the first T tokens, targets the last T.
+- `Windows`: (N, T + 1) byte windows; inputs are the first T tokens, targets the last T. With
+  a `mask` (instruction examples), only the targets it marks count: the response's tokens,
+  never the prompt's or the padding (their targets read IGNORE, which the losses skip).
 - `Labelled`: (N, F) features with (N,) class labels.
 Models map inputs to logits whose last dimension is the class (or vocabulary) axis.
 """
@@ -15,21 +17,27 @@ from typing import cast
 import numpy as np
 import torch
 
+IGNORE = -100  # a target that no loss or metric counts (torch's cross_entropy ignore_index)
+
 
 @dataclass
 class Windows:
     tokens: torch.Tensor  # (N, T + 1) uint8 bytes, or int32 ids of a model's tokenizer
+    mask: torch.Tensor | None = None  # (N, T + 1) bool: True where the token is a target that counts
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, idx) -> Windows:
-        return Windows(self.tokens[idx])
+        return Windows(self.tokens[idx], None if self.mask is None else self.mask[idx])
 
     def inputs_targets(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) int64 inputs and next-token targets."""
+        """(B, T) int64 inputs and next-token targets (IGNORE where the mask says so)."""
         tokens = self.tokens.to(device, non_blocking=True).long()
-        return tokens[:, :-1], tokens[:, 1:]
+        if self.mask is None:
+            return tokens[:, :-1], tokens[:, 1:]
+        counts = self.mask[:, 1:].to(device, non_blocking=True)
+        return tokens[:, :-1], tokens[:, 1:].masked_fill(~counts, IGNORE)
 
 
 @dataclass
@@ -55,7 +63,12 @@ def concat(parts: Sequence[Examples]) -> Examples:
     # The first part's kind is every part's kind (mypy does not narrow a sequence by its first item).
     if isinstance(parts[0], Windows):
         windows = cast("Sequence[Windows]", parts)
-        return Windows(torch.cat([p.tokens for p in windows]))
+        masks = [p.mask for p in windows]
+        if all(m is None for m in masks):
+            return Windows(torch.cat([p.tokens for p in windows]))
+        if any(m is None for m in masks):
+            raise ValueError("concat: instruction examples (with a loss mask) and plain windows cannot be mixed")
+        return Windows(torch.cat([p.tokens for p in windows]), torch.cat(cast("list[torch.Tensor]", masks)))
     labelled = cast("Sequence[Labelled]", parts)
     return Labelled(torch.cat([p.features for p in labelled]), torch.cat([p.labels for p in labelled]))
 

@@ -158,6 +158,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> bytes:
         return str(self._tokenizer.decode(ids)).encode()
 
+    @property
+    def eos_id(self) -> int:
+        """The token that ends a response (instruction examples)."""
+        eos = self._tokenizer.eos_token_id
+        if eos is None:
+            raise FedrunError(f"model.name_or_path: the tokenizer of {self.name} has no EOS token, which ends "
+                              "each response of instruction data")
+        return int(eos)
+
 
 def has_tokenizer(path: str) -> bool:
     return any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
