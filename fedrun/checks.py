@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedrun.client_config import ClientConfig
 from fedrun.components import capability, check_values, component, option_name
 from fedrun.core import FedrunError
-from fedrun.settings import COMPONENT_GROUPS, RunSettings
+from fedrun.settings import COMPONENT_GROUPS, EvalSettings, RunSettings
 
 
 def validate(cfg: DictConfig) -> None:
@@ -23,6 +23,7 @@ def validate(cfg: DictConfig) -> None:
         raise FedrunError(f"{missing[0]}: no value given; set it on the command line, e.g. {missing[0]}=...")
     check_values(cfg, RunSettings, "")
     check_values(cfg.client, ClientConfig, "client")
+    check_values(cfg.eval, EvalSettings, "eval")
     for group in COMPONENT_GROUPS:
         check_component(cfg[group], group, group)
     if "n_head" in cfg.model and cfg.model.n_embd % cfg.model.n_head:
@@ -60,6 +61,7 @@ def _check_combinations(cfg: DictConfig) -> None:
                           "its client rule assumes it")
     _check_privacy(cfg)
     _check_distillation(cfg)
+    _check_eval(cfg)
     f = cfg.strategy.get("num_byzantine")
     if f is not None and cfg.sampler.clients_per_round < 2 * f + 3:
         raise FedrunError(f"sampler.clients_per_round: krum with strategy.num_byzantine={f} needs at least "
@@ -147,6 +149,19 @@ def _check_distillation(cfg: DictConfig) -> None:
         raise FedrunError(f"privacy: strategy={name} supports privacy=none or central_dp (noise on the mean "
                           "of the clients' predictions)")
     _check_model_entries(cfg.client.models)
+
+
+def _check_eval(cfg: DictConfig) -> None:
+    """eval.samples and eval.choices read a global language model's answers."""
+    key = "eval.samples" if cfg.eval.samples else "eval.choices" if cfg.eval.choices is not None else None
+    if key is None:
+        return
+    if capability(cfg.data, "data", "data_kind") != "text":
+        raise FedrunError(f"{key}: responses and multiple-choice answers need text data (a language model), "
+                          f"not data={_named(cfg, 'data')}")
+    if capability(cfg.strategy, "strategy", "exchanges") == "logits":
+        raise FedrunError(f"{key}: strategy={_named(cfg, 'strategy')} has no global model to answer with "
+                          "(each client keeps its own); set eval.samples=0 and eval.choices=null")
 
 
 def _check_model_entries(entries) -> None:

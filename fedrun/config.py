@@ -36,13 +36,15 @@ from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
 from fedrun.components import capability, component, typed_node
-from fedrun.core import FedrunError, make_deterministic
+from fedrun.core import FedrunError, ResponseEval, make_deterministic
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
+from fedrun.data.instructions import DEFAULT_TEMPLATE
 from fedrun.data.text import Tokenizer, has_tokenizer
 from fedrun.loop import Experiment
+from fedrun.response_eval import MultipleChoice, SampleResponses, read_choices
 from fedrun.server_model import GlobalModel
-from fedrun.settings import COMPONENT_GROUPS, GROUPS, RunSettings
+from fedrun.settings import COMPONENT_GROUPS, GROUPS, EvalSettings, RunSettings
 from fedrun.strategies.client_models import ModelSpec
 
 
@@ -100,7 +102,7 @@ def unknown_key_message(key: str, name: str, keys: list[str]) -> str:
 
 def typed(cfg: DictConfig) -> DictConfig:
     """Every node merged onto its schema: the top-level keys onto RunSettings, `client` onto
-    ClientConfig, each group's node onto its component's signature (and a node the component
+    ClientConfig, `eval` onto EvalSettings, each group's node onto its component's signature (and a node the component
     builds from config, such as feddf's `public` data, onto that node's own component)."""
     if unknown := [str(k) for k in cfg if k not in GROUPS and k not in RunSettings.__dataclass_fields__]:
         raise FedrunError(unknown_key_message(unknown[0], unknown[0], [*RunSettings.__dataclass_fields__, *GROUPS]))
@@ -108,6 +110,7 @@ def typed(cfg: DictConfig) -> DictConfig:
     for key in RunSettings.__dataclass_fields__:
         cfg[key] = settings[key]
     cfg.client = typed_node(cfg.client, ClientConfig, "client")
+    cfg.eval = typed_node(cfg.eval, EvalSettings, "eval")
     for group in COMPONENT_GROUPS:
         cfg[group] = typed_component(cfg[group], group)
     return cfg
@@ -260,8 +263,8 @@ def build(cfg: DictConfig) -> Experiment:
     # compression packs it, privacy clips (and masks) it last: DP bounds the vector actually sent,
     # error feedback's leftovers included (clipping a sparse or min-max-quantised vector keeps its format).
     client_hooks = [h for h in (getattr(strategy, "client_state", None), attack, compression, mechanism) if h]
-    server_model = getattr(strategy, "server_model", None) or GlobalModel(make_model, device=device,
-                                                                          seed=cfg.seed, audit=audit)
+    server_model = getattr(strategy, "server_model", None) or GlobalModel(
+        make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data))
     return Experiment(
         cfg=cfg,
         data=data,
@@ -278,6 +281,22 @@ def build(cfg: DictConfig) -> Experiment:
         audit=audit,
         compression=compression,
     )
+
+
+def build_evals(cfg: DictConfig, data: FederatedData) -> list[ResponseEval]:
+    """What each evaluation measures besides the test loss: eval.choices, eval.samples."""
+    if not cfg.eval.samples and cfg.eval.choices is None:
+        return []
+    path = cfg.model.get("name_or_path")
+    tokenizer = Tokenizer(path) if path and has_tokenizer(path) else None  # the run's text: its ids
+    evals: list[ResponseEval] = []
+    if cfg.eval.choices is not None:
+        evals.append(MultipleChoice(read_choices(cfg.eval.choices), template=cfg.data.get("template") or
+                                    DEFAULT_TEMPLATE, seq_len=data.model_dims["seq_len"], tokenizer=tokenizer))
+    if cfg.eval.samples:
+        evals.append(SampleResponses(data.test_examples(), samples=cfg.eval.samples, seed=cfg.seed,
+                                     max_new_tokens=data.model_dims["seq_len"], tokenizer=tokenizer))
+    return evals
 
 
 def build_strategy(cfg: DictConfig, context: dict[str, Any]) -> Any:

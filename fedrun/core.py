@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fedrun.privacy.accounting import DPEvent
 
 
@@ -38,6 +40,7 @@ class Stream(enum.IntEnum):
     SECAGG = 8  # secure aggregation's keys and masks
     PUBLIC = 9  # which public windows the server asks for (distillation)
     MODELS = 10  # which clients hold which architecture
+    EVAL = 11  # which held-out prompts eval.samples answers
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
@@ -224,13 +227,22 @@ class ServerModel(Protocol):
 
     def initial_weights(self) -> torch.Tensor: ...
 
-    def evaluate(self, weights: torch.Tensor, test) -> dict: ...
+    def evaluate(self, weights: torch.Tensor, test, *, round_idx: int, run_dir: Path) -> dict:
+        """Metrics of `weights` on `test` after round `round_idx`; may write files into `run_dir`."""
 
     def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict: ...
 
     def save(self, rundir, weights: torch.Tensor, *, round_idx: int) -> None: ...
 
     def summary(self) -> dict: ...
+
+
+class ResponseEval(Protocol):
+    """An evaluation of the global model besides the test loss (fedrun/response_eval.py)."""
+
+    metric_columns: list[str]  # the metrics.csv columns it fills
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, *, round_idx: int, run_dir: Path) -> dict: ...
 
 
 class Backend(Protocol):

@@ -32,7 +32,7 @@ from fedrun.records import (
     round_row,
     summarize,
 )
-from fedrun.rundir import RunDir
+from fedrun.rundir import JsonLines, RunDir
 from fedrun.sampling import drop_out
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,13 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
     clients = rundir.table("clients.csv", CLIENT_COLUMNS)
     ledger = rundir.table("privacy_ledger.csv", LEDGER_COLUMNS) if exp.mechanism.metric_columns else None
     if checkpoint is None:
-        weights, history = server.initial_weights(), [initial_row(server, test)]
+        weights, history = server.initial_weights(), [initial_row(server, test, rundir)]
         metrics.append(history)
         if on_round is not None:
             on_round(history[0])
     else:
-        weights, history = restore(exp, checkpoint, metrics, [t for t in (clients, ledger) if t])
+        samples = JsonLines(rundir.path / "samples.jsonl")  # eval.samples' responses: cut back as the tables
+        weights, history = restore(exp, checkpoint, metrics, [t for t in (clients, ledger, samples) if t])
     for round_idx in range(history[-1]["round"] + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         rundir.set_status("running", round_idx=round_idx - 1)
@@ -95,7 +96,7 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         evaluating = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
         row.update(exp.mechanism.round_metrics(tight=evaluating))
         if evaluating:
-            row.update(server.evaluate(weights, test))
+            row.update(server.evaluate(weights, test, round_idx=round_idx, run_dir=rundir.path))
         row["seconds"] = time.perf_counter() - t0
         metrics.append([row])
         clients.append(client_table)
@@ -112,11 +113,12 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
                                  "stopped_at_budget": history[-1]["round"] < cfg.rounds} | server.summary()
 
 
-def initial_row(server: ServerModel, test) -> dict:
+def initial_row(server: ServerModel, test, rundir: RunDir) -> dict:
     """Round 0: the initial model(s), evaluated before any training."""
     start = time.perf_counter()
     return {"round": 0, "clients": 0, "examples": 0, "bytes_up": 0, "bytes_down": 0,
-            **server.evaluate(server.initial_weights(), test), "seconds": time.perf_counter() - start}
+            **server.evaluate(server.initial_weights(), test, round_idx=0, run_dir=rundir.path),
+            "seconds": time.perf_counter() - start}
 
 
 def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.Tensor, list[dict]]:

@@ -11,7 +11,7 @@ METRIC_COLUMNS = ["round", "clients", "examples", "train_loss", "eval_loss", "ev
 CLIENT_COLUMNS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status", "local_steps"]
 LEDGER_COLUMNS = ["round", "sample_rate", "noise_multiplier", "clip_norm", "participants", "mechanism"]
 EVAL_KEYS = ("eval_loss", "eval_ppl", "eval_acc")
-ROUND_TABLES = ("metrics.csv", "clients.csv", "privacy_ledger.csv")  # a resume cuts each to its round
+ROUND_TABLES = ("metrics.csv", "clients.csv", "privacy_ledger.csv", "samples.jsonl")  # a resume cuts each to its round
 
 
 def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor, *,

@@ -1,6 +1,7 @@
 """The run directory: the interface between a run and everything that reads it.
 
-config.yaml (resolved), metrics.csv and clients.csv (appended one round at a time),
+config.yaml (resolved), metrics.csv and clients.csv (appended one round at a time), samples.jsonl
+(eval.samples: the global model's responses, appended at each evaluation),
 partition.csv, checkpoints/round_NNNN.pt with a .sha256 beside each (written to a temp file,
 then renamed), status.json (running / interrupted / finished / failed), model.safetensors,
 summary.json and train.log. `report` and `resume` need nothing else. `.lock` is held (flock) by the
@@ -111,6 +112,38 @@ class CsvTable:
                 writer.writerows(rows)
 
         atomic_write(self.path, write)
+
+
+class JsonLines:
+    """A JSON Lines file grown a few lines at a time, each an object with a `round` (samples.jsonl)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def truncate_after(self, round_idx: int) -> None:
+        """Keep the whole lines of rounds up to `round_idx`, as CsvTable does; no file, nothing to cut."""
+        if not self.path.exists():
+            return
+        with open_regular(self.path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+        lines = text[:text.rfind("\n") + 1].splitlines()  # a torn last line (no newline yet) goes
+        kept = [line for line, r in zip(lines, map(_round_of, lines)) if r is not None and r <= round_idx]
+        atomic_write(self.path, lambda p: p.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8"))
+
+
+def _round_of(line: str) -> int | None:
+    """The `round` of one JSON line; None when the line is torn or not such an object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    value = row.get("round") if isinstance(row, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _fields(line: str) -> list[str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from fedrun.core import ClientUpdate, Stream, derive_seed
+from fedrun.core import ClientUpdate, ResponseEval, Stream, derive_seed
 from fedrun.data.examples import Examples
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
@@ -36,20 +36,24 @@ class GlobalModel:
     """One model whose flat weights are the loop's `weights`; with LoRA, the adapter is saved too."""
 
     def __init__(self, make_model: Callable[[], nn.Module], *, device: torch.device, seed: int,
-                 audit: CanaryAudit | None = None):
+                 audit: CanaryAudit | None = None, evals: Sequence[ResponseEval] = ()):
         self.model, self.flat = initial_model(make_model, device, seed)
-        self.device, self.audit = device, audit
+        self.device, self.audit, self.evals = device, audit, list(evals)
         self.lora = getattr(self.model, "lora_enabled", False)
-        self.metric_columns = (["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora else [])
+        self.metric_columns = ((["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora else [])
+                               + [c for e in self.evals for c in e.metric_columns])
 
     def initial_weights(self) -> torch.Tensor:
         return self.flat.detach().clone()
 
-    def evaluate(self, weights: torch.Tensor, test: Examples) -> dict:
+    def evaluate(self, weights: torch.Tensor, test: Examples, *, round_idx: int, run_dir: Path) -> dict:
         self.flat.copy_(weights)
         measured = self.audit.measure(self.model, self.device) if self.audit else {}
-        audit = {"canary_exposure": measured["canary_exposure"]} if self.audit else {}
-        return evaluate(self.model, test, self.device) | audit
+        metrics = evaluate(self.model, test, self.device)
+        metrics |= {"canary_exposure": measured["canary_exposure"]} if self.audit else {}
+        for extra in self.evals:  # fedrun/response_eval.py: samples.jsonl, multiple-choice accuracy
+            metrics |= extra.evaluate(self.model, self.device, round_idx=round_idx, run_dir=run_dir)
+        return metrics
 
     def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict:
         """Averaging LoRA factors A and B separately is not averaging B A: log the relative gap."""

@@ -8,10 +8,10 @@ from fedrun.components import OneOf, Range
 
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("eval_loss", "eval_ppl", "eval_acc")
-# The config groups: each holds one component (`_target_`) except `client` (ClientConfig) and
-# `logger` (a set of switches, read by fedrun/loggers.py).
+# The config groups: each holds one component (`_target_`) except `client` (ClientConfig), `eval`
+# (EvalSettings) and `logger` (a set of switches, read by fedrun/loggers.py).
 COMPONENT_GROUPS = ("data", "model", "sampler", "strategy", "privacy", "backend", "attack", "audit", "compression")
-GROUPS = (*COMPONENT_GROUPS, "client", "logger")
+GROUPS = (*COMPONENT_GROUPS, "client", "eval", "logger")
 
 
 @dataclass(frozen=True)
@@ -25,3 +25,11 @@ class RunSettings:
     checkpoint_every: Annotated[int, Range(ge=1)]
     checkpoint_keep: Annotated[int, Range(ge=1)] | None
     objective: Annotated[str, OneOf(*OBJECTIVES)]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The `eval` node: what each evaluation measures besides the test loss (fedrun/response_eval.py)."""
+
+    samples: Annotated[int, Range(ge=0)]  # greedy responses to this many held-out prompts (samples.jsonl); 0: off
+    choices: str | None  # a JSONL file of multiple-choice questions (eval_mc_acc, eval_mc_acc_norm); null: off

@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class ClientModels:
     def initial_weights(self) -> torch.Tensor:
         return torch.zeros(0, device=self.device)  # no consensus before the first exchange
 
-    def evaluate(self, weights: torch.Tensor, test: Examples) -> dict:
+    def evaluate(self, weights: torch.Tensor, test: Examples, *, round_idx: int, run_dir: Path) -> dict:
         per_arch: dict[str, float] = {}
         losses: list[float] = []
         accs: list[float] = []
