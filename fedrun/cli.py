@@ -219,23 +219,34 @@ def report(
 @command("generate")
 def generate_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
-    prompt: str = typer.Option("\n", "--prompt", help="Text to continue."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Bytes to generate."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue; on an instruction run, the instruction."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate (bytes, byte-level)."),
     temperature: float = typer.Option(0.8, "--temperature", help="Softmax temperature; 0 is greedy."),
-    top_k: int | None = typer.Option(40, "--top-k", help="Sample among the k most likely bytes."),
+    top_k: int | None = typer.Option(40, "--top-k", help="Sample among the k most likely tokens."),
     round_: int | None = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    raw: bool = typer.Option(False, "--raw", help="Continue the prompt as given, even on an instruction run "
+                             "(which otherwise reads it in its template and prints only the response)."),
 ) -> None:
     """Sample text from a run's final (or --round N) global model."""
 
-    from fedrun.generate import generate, generate_text, load_model, run_tokenizer
+    from fedrun.generate import (
+        generate,
+        generate_response,
+        generate_text,
+        is_instruction_run,
+        load_model,
+        run_tokenizer,
+    )
 
     model, cfg = load_model(run_dir, round=round_, device="auto")
     device = next(model.parameters()).device
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                                    device=device)
     tokenizer = run_tokenizer(cfg)
-    if tokenizer is None:
+    if is_instruction_run(cfg) and not raw:
+        text = generate_response(model, prompt, template=cfg.data.get("template"), tokenizer=tokenizer, **options)
+    elif tokenizer is None:
         text = generate(model, prompt.encode(), **options)
     else:
         text = generate_text(model, tokenizer, prompt.encode(), **options)

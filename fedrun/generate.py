@@ -1,5 +1,9 @@
 """Use a finished run's global model: load it, sample bytes from it, evaluate it on other data.
 
+A run on instruction data answers a prompt: it reads the prompt in the run's template (its
+prompt part, or the tokenizer's chat template with the generation prompt) and its response
+ends at the EOS it was trained to write (byte 0x04, or the tokenizer's EOS token).
+
 The model is rebuilt from the run's config.yaml alone (its `model` node and the dims its data
 implies), so no training data is loaded to generate. Weights come from `model.safetensors`
 (the final model) or from the flat vector of a checkpoint `checkpoints/round_NNNN.pt`.
@@ -18,6 +22,7 @@ from torch import nn
 from fedrun import config
 from fedrun.components import capability
 from fedrun.core import FedrunError
+from fedrun.data.instructions import DEFAULT_TEMPLATE, EOS_BYTE, Instruction, prompt_ids, render
 from fedrun.data.text import VOCAB_SIZE, Tokenizer, has_tokenizer
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
@@ -47,6 +52,15 @@ def run_tokenizer(cfg: DictConfig) -> Tokenizer | None:
     """The tokenizer a run's text was encoded with (a local checkpoint's own), or None for bytes."""
     path = cfg.model.get("name_or_path")
     return Tokenizer(path) if path and has_tokenizer(path) else None
+
+
+def is_instruction_run(cfg: DictConfig) -> bool:
+    """Whether the run trained on instruction examples: its data names a prompt or a chat column
+    (data=table's prompt_key or messages_key, or any source's), or has a `template` key and no
+    `text_key` (a source whose examples are always instructions)."""
+    if cfg.data.get("prompt_key") or cfg.data.get("messages_key"):
+        return True
+    return "template" in cfg.data and "text_key" not in cfg.data
 
 
 def model_dims(cfg: DictConfig) -> dict[str, int]:
@@ -120,9 +134,24 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: bytes, **optio
     return tokenizer.decode(sample_ids(model, ids, **options))
 
 
+def generate_response(model: nn.Module, prompt: str, *, template: str | None, tokenizer: Tokenizer | None,
+                      **options) -> bytes:
+    """The response of a model trained on instruction examples to `prompt`: up to `max_new_tokens`
+    tokens after the template's prompt part, ending before the EOS (which it stops at)."""
+    ids = prompt_ids(prompt, template=template, tokenizer=tokenizer)
+    eos = EOS_BYTE if tokenizer is None else tokenizer.eos_id
+    new = sample_ids(model, ids, stop=eos, **options)[len(ids):]
+    new = new[:-1] if new and new[-1] == eos else new
+    text = bytes(new) if tokenizer is None else tokenizer.decode(new)
+    tail = render(Instruction("", ""), template or DEFAULT_TEMPLATE)[1].encode()  # the template's after {response}
+    return text[: len(text) - len(tail)] if tail and text.endswith(tail) else text
+
+
 def sample_ids(model: nn.Module, ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu") -> list[int]:
-    """`ids` followed by `max_new_tokens` sampled ids, the context cropped to model.seq_len."""
+               top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
+               stop: int | None = None) -> list[int]:
+    """`ids` followed by `max_new_tokens` sampled ids (or fewer, ending with `stop` once drawn), the
+    context cropped to model.seq_len."""
     device = _device(device)
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
@@ -131,7 +160,10 @@ def sample_ids(model: nn.Module, ids: list[int], *, max_new_tokens: int, tempera
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             logits = model(idx[:, -seq_len:])[0, -1].float()  # (vocab,) at the last position
-            idx = torch.cat([idx, next_token(logits, temperature, top_k, generator).view(1, 1)], dim=1)
+            token = next_token(logits, temperature, top_k, generator)
+            idx = torch.cat([idx, token.view(1, 1)], dim=1)
+            if stop is not None and int(token) == stop:
+                break
     return idx[0].tolist()
 
 

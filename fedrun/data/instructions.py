@@ -15,6 +15,12 @@ tokenizer (model=hf) reads the same template in its tokens and ends with its EOS
 `data.template` replaces the template: any text with `{prompt}` once and `{response}` once
 after it, and optionally `{system}`; everything from `{response}` on is the response part.
 
+A tokenizer with a chat template, when data.template is null, reads each example exactly as
+`apply_chat_template([system?, user, assistant])` tokenises it, and the response part (the
+mask) is what those ids add to `apply_chat_template([system?, user], add_generation_prompt=True)`:
+the assistant's turn and its end-of-turn tokens. A chat template that does not render the
+prompt as such a prefix falls back to the plain template (with a warning).
+
 A window holds seq_len + 1 tokens. When an example is longer, the prompt loses tokens from its
 start (the response and the end of the prompt, nearest to it, are kept); a response longer
 than the window keeps its first seq_len tokens after one prompt token. Shorter examples are
@@ -22,16 +28,20 @@ padded with token 0, which is never a target.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from fedrun.core import FedrunError
-from fedrun.data.examples import Windows
+from fedrun.core import FedrunError, Stream, numpy_rng
+from fedrun.data.examples import FederatedData, Windows, pack_parts
+from fedrun.data.text import VOCAB_SIZE, num_test
 
+log = logging.getLogger(__name__)
 EOS_BYTE = 4  # ASCII EOT: the end of a response, for byte-level models
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
 SYSTEM_HEADER = "### System:\n{system}\n\n"
@@ -88,17 +98,15 @@ def from_messages(messages: Any) -> Instruction | None:
     return Instruction(prompt, str(messages[last].get("content", "")), system or None)
 
 
-def encode(examples: Sequence[Instruction], seq_len: int, *, template: str = DEFAULT_TEMPLATE,
+def encode(examples: Sequence[Instruction], seq_len: int, *, template: str | None = None,
            tokenizer: Any = None) -> Windows:
     """One (seq_len + 1)-token window per example and its mask (True on the response's tokens,
-    EOS included): see the module docstring for truncation and padding."""
+    EOS included): see the module docstring for the templates, truncation and padding.
+    `template` None: the tokenizer's chat template if it has one, else DEFAULT_TEMPLATE."""
     length = seq_len + 1
     tokens = torch.zeros(len(examples), length, dtype=torch.int32 if tokenizer else torch.uint8)
     mask = torch.zeros(len(examples), length, dtype=torch.bool)
-    eos = EOS_BYTE if tokenizer is None else tokenizer.eos_id
-    for i, example in enumerate(examples):
-        prompt_text, response_text = render(example, template)
-        prompt, response = (_ids(prompt_text, tokenizer), _ids(response_text, tokenizer) + [eos])
+    for i, (prompt, response) in enumerate(_parts(examples, template, tokenizer)):
         response = response[: length - 1]  # at least one prompt token to predict the response from
         prompt = prompt[max(0, len(prompt) - (length - len(response))):]  # its end, nearest the response
         ids = prompt + response
@@ -107,5 +115,104 @@ def encode(examples: Sequence[Instruction], seq_len: int, *, template: str = DEF
     return Windows(tokens, mask)
 
 
+def _parts(examples: Sequence[Instruction], template: str | None,
+           tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """Each example's (prompt ids, response ids), before truncation."""
+    if template is None and uses_chat_template(tokenizer):
+        chats = [chat_parts(example, tokenizer) for example in examples]
+        if all(chat is not None for chat in chats):
+            return [chat for chat in chats if chat is not None]
+        log.warning("data.template: the chat template of %s does not render the prompt as the start of the "
+                    "whole chat (or fails on an example); using the plain template instead", tokenizer.name)
+    eos = EOS_BYTE if tokenizer is None else tokenizer.eos_id
+    parts = []
+    for example in examples:
+        prompt_text, response_text = render(example, template or DEFAULT_TEMPLATE)
+        parts.append((_ids(prompt_text, tokenizer), _ids(response_text, tokenizer) + [eos]))
+    return parts
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    """Whether `tokenizer` (None: bytes) has a chat template, which a null data.template defers to."""
+    return tokenizer is not None and tokenizer.has_chat_template
+
+
+def as_messages(example: Instruction) -> list[dict[str, str]]:
+    """The example as a chat: [system?, user, assistant]."""
+    system = [{"role": "system", "content": example.system}] if example.system else []
+    return [*system, {"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.response}]
+
+
+def chat_parts(example: Instruction, tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, response ids) by the tokenizer's chat template: the chat without its assistant
+    turn, with the generation prompt, and what the whole chat's ids add to it. None when the first
+    is not a prefix of the whole chat's ids, or the template fails on the example."""
+    chat = as_messages(example)
+    try:
+        whole = tokenizer.chat_ids(chat, generation_prompt=False)
+        prompt = tokenizer.chat_ids(chat[:-1], generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 (a template's own error, e.g. a role it refuses: fall back)
+        log.debug("chat template failed on an example: %s", e)
+        return None
+    if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
+        return None
+    return prompt, whole[len(prompt):]
+
+
+def prompt_ids(prompt: str, *, template: str | None, tokenizer: Any) -> list[int]:
+    """The ids a model trained on instruction data reads before its response to `prompt`: the
+    template's prompt part as `encode` writes it (a chat template's with the generation prompt)."""
+    if template is None and uses_chat_template(tokenizer):
+        chat = chat_parts(Instruction(prompt, "x"), tokenizer)  # encode's choice, made on a probe example
+        if chat is not None:
+            return chat[0]
+    return _ids(render(Instruction(prompt, ""), template or DEFAULT_TEMPLATE)[0], tokenizer)
+
+
 def _ids(text: str, tokenizer: Any) -> list[int]:
     return list(text.encode()) if tokenizer is None else list(tokenizer.encode(text.encode()))
+
+
+# ---- federated instruction data: shared by data=table, shakespeare_dialogue, pystdlib_functions ----
+
+Named = Sequence[tuple[str, Sequence[Instruction]]]  # (client's name, its examples)
+
+
+def natural_clients(named_examples: Named, *, min_samples: int, max_clients: int | None) -> list:
+    """The clients with at least `min_samples` examples; of those the `max_clients` largest."""
+    kept = [(name, examples) for name, examples in named_examples if len(examples) >= min_samples]
+    if not kept:
+        raise FedrunError(f"data.min_samples: no client has {min_samples} examples; lower it")
+    return largest(kept, [len(examples) for _, examples in kept], max_clients)
+
+
+def largest(named: list, sizes: list[int], max_clients: int | None) -> list:
+    """The max_clients largest (ties: in order), in their order; all when unset."""
+    if max_clients is None or len(named) <= max_clients:
+        return list(named)
+    order = sorted(range(len(named)), key=lambda i: (-sizes[i], i))[:max_clients]
+    return [named[i] for i in sorted(order)]
+
+
+def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: float, template: str | None,
+                     tokenizer: Any, seed: int, identity: dict, partition: str = "natural") -> FederatedData:
+    """Client k holds the examples of named_examples[k], one window each (`encode`), shuffled by
+    its own stream (seed, PARTITION, 1, k) and the last `test_fraction` of them held out."""
+    windows = encode([e for _, examples in named_examples for e in examples], seq_len, template=template,
+                     tokenizer=tokenizer)
+    starts = np.cumsum([0] + [len(examples) for _, examples in named_examples])
+    train, test = [], []
+    for k in range(len(named_examples)):
+        part = np.arange(starts[k], starts[k + 1], dtype=np.int64)
+        shuffled = part[numpy_rng(seed, Stream.PARTITION, 1, k).permutation(len(part))]
+        cut = len(part) - num_test(len(part), test_fraction)
+        train.append(shuffled[:cut])
+        test.append(shuffled[cut:])
+    clients = pack_parts(windows, train, windows, test, names=[name for name, _ in named_examples])
+    fingerprint = identity | {
+        "examples": "instructions", "partition": partition, "seq_len": seq_len, "template": template,
+        "clients": len(clients), "train_examples": len(clients.train), "test_examples": len(clients.test),
+        "tokens": tokenizer.name if tokenizer else "bytes",
+    }
+    vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
+    return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})

@@ -28,9 +28,9 @@ import pandas as pd
 from fedrun.components import OneOf, Range
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
-from fedrun.data.examples import FederatedData, pack_parts
-from fedrun.data.instructions import DEFAULT_TEMPLATE, Instruction, check_template, encode, from_messages
-from fedrun.data.text import TEST_FRACTION, VOCAB_SIZE, Documents, Tokenizer, federate, num_test
+from fedrun.data.examples import FederatedData
+from fedrun.data.instructions import Instruction, check_template, from_messages, instruction_data, largest
+from fedrun.data.text import TEST_FRACTION, Documents, Tokenizer, federate
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Table:
         self.client_key, self.label_key = client_key, label_key
         self.partition, self.num_clients, self.dirichlet_alpha = partition, num_clients, dirichlet_alpha
         self.min_samples, self.max_clients, self.test_fraction = min_samples, max_clients, test_fraction
-        self.seq_len, self.template = seq_len, template if template is not None else DEFAULT_TEMPLATE
+        self.seq_len, self.template = seq_len, template  # null: the tokenizer's chat template, or the plain one
         self._check_keys()
 
     def _check_keys(self) -> None:
@@ -76,7 +76,7 @@ class Table:
         if self.text_key and self.partition in ("dirichlet", "shards"):
             raise FedrunError(f"data.partition: {self.partition} deals out rows with a category; plain text "
                               "(data.text_key) is cut into windows: use natural or iid")
-        if not self.text_key:
+        if not self.text_key and self.template is not None:
             check_template(self.template)
 
     def implicit_sources(self) -> list[dict[str, Any]]:
@@ -154,22 +154,12 @@ class Table:
                         len(examples), self.path)
         if not keep:
             raise FedrunError(f"data.messages_key: no row of {self.path} holds a chat with an assistant turn")
-        frame, examples = frame.iloc[keep].reset_index(drop=True), [examples[i] for i in keep]
-        windows = encode([e for e in examples if e is not None], self.seq_len, template=self.template,
-                         tokenizer=tokenizer)
+        frame = frame.iloc[keep].reset_index(drop=True)
+        kept = [e for e in examples if e is not None]  # row j of frame is kept[j]
         parts, names = self._parts(frame, seed)
-        rng = [numpy_rng(seed, Stream.PARTITION, 1, k) for k in range(len(parts))]
-        shuffled = [part[r.permutation(len(part))] for part, r in zip(parts, rng)]
-        cuts = [len(p) - num_test(len(p), self.test_fraction) for p in shuffled]
-        clients = pack_parts(windows, [p[:n] for p, n in zip(shuffled, cuts)], windows,
-                             [p[n:] for p, n in zip(shuffled, cuts)], names=names)
-        fingerprint = identity | {
-            "examples": "instructions", "partition": self.partition, "seq_len": self.seq_len,
-            "template": self.template, "clients": len(clients), "train_examples": len(clients.train),
-            "test_examples": len(clients.test), "tokens": tokenizer.name if tokenizer else "bytes",
-        }
-        vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
-        return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": self.seq_len})
+        named = [(name, [kept[i] for i in part]) for name, part in zip(names, parts)]
+        return instruction_data(named, seq_len=self.seq_len, test_fraction=self.test_fraction, template=self.template,
+                                tokenizer=tokenizer, seed=seed, identity=identity, partition=self.partition)
 
     def _examples(self, frame: pd.DataFrame) -> list[Instruction | None]:
         if self.messages_key:
@@ -206,10 +196,7 @@ class Table:
 
     def _largest(self, named: list, sizes: list[int]) -> list:
         """The max_clients largest (ties: in name order), in name order; all when unset."""
-        if self.max_clients is None or len(named) <= self.max_clients:
-            return named
-        order = sorted(range(len(named)), key=lambda i: (-sizes[i], i))[: self.max_clients]
-        return [named[i] for i in sorted(order)]
+        return largest(named, sizes, self.max_clients)
 
 
 def read_table(path: str) -> tuple[pd.DataFrame, list[str]]:

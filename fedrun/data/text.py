@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 
@@ -157,6 +157,17 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> bytes:
         return str(self._tokenizer.decode(ids)).encode()
+
+    @property
+    def has_chat_template(self) -> bool:
+        return getattr(self._tokenizer, "chat_template", None) is not None
+
+    def chat_ids(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
+        """The ids of a chat ([{role, content}, ...]) by the tokenizer's chat template, as
+        `apply_chat_template(messages, tokenize=True)` gives them."""
+        ids = self._tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
+                                                  return_dict=False)
+        return [int(i) for i in cast(list[int], ids)]  # one chat, tokenized, no dict: its ids
 
     @property
     def eos_id(self) -> int:
