@@ -74,6 +74,10 @@ def test_every_option_of_every_group_composes_and_builds(group, play, tmp_path):
             (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             data = [f"data.path={tmp_path / 'rows.jsonl'}", "data.prompt_key=q", "data.response_key=a",
                     "data.client_key=user", "data.seq_len=32"]
+        if choice == "data=shakespeare_dialogue":  # one client per responding speaker
+            data = [f"data.path={play}", "data.min_samples=2", "data.seq_len=32"]
+        if choice == "data=pystdlib_functions":  # the stdlib's documented functions, a few per module
+            data = ["data.max_client_examples=4", "data.seq_len=32"]
         if choice in ("model=logreg", "model=mlp"):
             data = ["data=synthetic", "data.num_clients=6"]
         overrides = [choice, *data, f"run_dir={tmp_path}", "device=cpu", "sampler.clients_per_round=3",

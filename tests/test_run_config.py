@@ -234,6 +234,7 @@ def test_every_shipped_option_reads_back_as_written(tmp_path):
     non-default public corpus) survives config.yaml unchanged."""
     needs = {"data=shakespeare": ["data.path=/x.txt"], "data=text_files": ["data.path=/x"],
              "data=table": ["data.path=/x.jsonl", "data.prompt_key=q", "data.response_key=a", "data.client_key=u"],
+             "data=shakespeare_dialogue": ["data.path=/x.txt"],
              "data=synthetic": ["model=logreg"], "model=logreg": SMALL,
              "model=mlp": SMALL, "model=hf": ["+model.from_config.n_positions=64"],
              "client=hetero": ["strategy=fed_distill"], "strategy=scaffold": ["client.optimizer=sgd"],

@@ -28,17 +28,25 @@ class Shakespeare(TextSource):
 
 def read_shakespeare(path: str) -> tuple[Documents, bytes]:
     """One document per speaker, in order of first appearance, from `SPEAKER:\\nlines\\n\\n`."""
+    speeches, raw = read_speeches(path)
+    docs: dict[str, list[bytes]] = {}
+    for speaker, text in speeches:
+        docs.setdefault(speaker, []).append(text)
+    return [(name, b"".join(parts)) for name, parts in docs.items()], raw
+
+
+def read_speeches(path: str) -> tuple[list[tuple[str, bytes]], bytes]:
+    """Every speech in order, as (speaker, its lines ending in a newline), and the file's bytes."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FedrunError(f"data.path: file not found: {path} (give data.path=/path/to/tinyshakespeare.txt)")
     raw = file.read_bytes()
-    speeches: dict[str, list[bytes]] = {}
+    speeches = []
     for block in re.split(rb"\r?\n\s*\n", raw):
         lines = block.strip(b"\r\n").splitlines()
         if len(lines) < 2 or not (m := _SPEAKER.match(lines[0].strip())):
             continue
-        speaker = m.group(1).decode("utf-8", "replace").strip()
-        speeches.setdefault(speaker, []).append(b"\n".join(lines[1:]) + b"\n")
+        speeches.append((m.group(1).decode("utf-8", "replace").strip(), b"\n".join(lines[1:]) + b"\n"))
     if not speeches:
         raise FedrunError(f"data.path: no 'SPEAKER:' blocks found in {path}; expected the tinyshakespeare layout")
-    return [(name, b"".join(parts)) for name, parts in speeches.items()], raw
+    return speeches, raw
