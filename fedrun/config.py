@@ -39,7 +39,6 @@ from fedrun.components import capability, component, typed_node
 from fedrun.core import FedrunError, ResponseEval, make_deterministic
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
-from fedrun.data.instructions import DEFAULT_TEMPLATE
 from fedrun.data.text import Tokenizer, has_tokenizer
 from fedrun.loop import Experiment
 from fedrun.response_eval import MultipleChoice, SampleResponses, read_choices
@@ -291,8 +290,8 @@ def build_evals(cfg: DictConfig, data: FederatedData) -> list[ResponseEval]:
     tokenizer = Tokenizer(path) if path and has_tokenizer(path) else None  # the run's text: its ids
     evals: list[ResponseEval] = []
     if cfg.eval.choices is not None:
-        evals.append(MultipleChoice(read_choices(cfg.eval.choices), template=cfg.data.get("template") or
-                                    DEFAULT_TEMPLATE, seq_len=data.model_dims["seq_len"], tokenizer=tokenizer))
+        evals.append(MultipleChoice(read_choices(cfg.eval.choices), template=cfg.data.get("template"),
+                                    seq_len=data.model_dims["seq_len"], tokenizer=tokenizer))
     if cfg.eval.samples:
         evals.append(SampleResponses(data.test_examples(), samples=cfg.eval.samples, seed=cfg.seed,
                                      max_new_tokens=data.model_dims["seq_len"], tokenizer=tokenizer))

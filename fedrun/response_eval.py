@@ -26,7 +26,7 @@ from torch import nn
 
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data.examples import Examples, Windows
-from fedrun.data.instructions import EOS_BYTE, Instruction, render
+from fedrun.data.instructions import EOS_BYTE, prompt_ids
 from fedrun.evaluation import EVAL_TOKENS
 from fedrun.rundir import JsonLines
 
@@ -142,13 +142,15 @@ def _choice_row(line: str, where: str) -> ChoiceRow:
 class MultipleChoice:
     """Accuracy on multiple-choice rows by log-likelihood (acc and acc_norm of lm-evaluation-harness)."""
 
-    def __init__(self, rows: Sequence[ChoiceRow], *, template: str, seq_len: int, tokenizer: Any = None):
+    def __init__(self, rows: Sequence[ChoiceRow], *, template: str | None, seq_len: int, tokenizer: Any = None):
+        """`template`: data.template (None: a tokenizer's chat template, else the plain one)."""
         self.metric_columns = ["eval_mc_acc", "eval_mc_acc_norm"]
         self.rows, self.seq_len = list(rows), seq_len
-        # One sequence per (row, choice): the prompt part, then the choice's ids (no EOS after it).
-        self.sequences = [choice_sequence(text_ids(render(Instruction(row.question, ""), template)[0], tokenizer),
-                                          text_ids(choice, tokenizer), seq_len)
-                          for row in self.rows for choice in row.choices]
+        # One sequence per (row, choice): the question as the template's prompt part (as an
+        # instruction example's prompt is encoded), then the choice's ids, with no EOS after it.
+        contexts = [prompt_ids(row.question, template=template, tokenizer=tokenizer) for row in self.rows]
+        self.sequences = [choice_sequence(context, text_ids(choice, tokenizer), seq_len)
+                          for context, row in zip(contexts, self.rows) for choice in row.choices]
         self.num_bytes = np.array([len(c.encode()) for row in self.rows for c in row.choices], dtype=np.float64)
 
     def evaluate(self, model: nn.Module, device: torch.device, *, round_idx: int, run_dir: Path) -> dict:

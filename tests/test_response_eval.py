@@ -215,3 +215,47 @@ def test_a_run_directory_without_an_eval_node_still_loads(compose_cfg):
 def test_windows_without_a_mask_are_refused():
     with pytest.raises(FedrunError, match="^eval.samples:"):
         SampleResponses(Windows(torch.zeros(3, 9, dtype=torch.uint8)), samples=1, seed=0, max_new_tokens=8)
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def test_the_html_report_shows_samples_per_round_and_the_table_mc_accuracy(tmp_path):
+    from fedrun.report.html import samples_section
+    from fedrun.report.runs import results
+
+    assert samples_section(tmp_path) == ""  # no samples.jsonl: no section
+    JsonLines(tmp_path / "samples.jsonl").append(
+        [{"round": r, "prompt": f"p{r}<b>", "reference": "ref", "response": f"answer {r}"} for r in (0, 0, 4)])
+    with open(tmp_path / "samples.jsonl", "a") as f:
+        f.write('{"round": 9, "pro')  # torn
+    html = samples_section(tmp_path)
+    assert html.count("<h5>Round") == 2 and "Round 9" not in html
+    assert html.index("Round 0") < html.index("p0&lt;b&gt;") < html.index("Round 4") < html.index("answer 4")
+    metrics = pd.DataFrame({"round": [0, 1, 2], "eval_mc_acc": [0.25, None, 0.5]})
+    assert results(metrics, {})["final_eval_mc_acc"] == 0.5
+    assert np.isnan(results(metrics.drop(columns="eval_mc_acc"), {})["final_eval_mc_acc"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 deprecations
+def test_a_model_hf_run_with_a_chat_template_samples_and_scores_in_its_tokens(tmp_path):
+    pytest.importorskip("peft", reason="model=hf's LoRA needs the [llm] extra: pip install -e .[llm]")
+    from tests.test_chat_template import _checkpoint, _hf
+
+    directory = _checkpoint(tmp_path / "ckpt")
+    mc = _choices_file(tmp_path / "mc.jsonl", [{"question": "Greet guest 1 as bob would.",
+                                                "choices": ["Hello 1, bob here!", "Bye"], "answer": 0}])
+    cfg = config.compose(["data=table", f"data.path={_instruction_rows(tmp_path / 'rows.jsonl')}",
+                          "data.prompt_key=instruction", "data.response_key=output", "data.client_key=user",
+                          "data.seq_len=24", "data.cache=false", "model=hf", f"model.name_or_path={directory}",
+                          "model.from_config=null", "model.lora.r=2", "sampler.clients_per_round=2",
+                          "client.local_steps=1", "client.batch_size=4", "rounds=1", "device=cpu",
+                          "eval.samples=2", f"eval.choices={mc}", f"run_dir={tmp_path / 'run'}"])
+    exp = config.build(cfg)
+    choices = exp.server_model.evals[0]
+    hf = _hf(directory)
+    assert choices.sequences[0][0][0] == hf.convert_tokens_to_ids("<|user|>")  # the chat template's prompt
+    run_dir, _ = train.train(exp)
+    lines = _samples(run_dir)
+    assert [line["round"] for line in lines] == [0, 0, 1, 1]
+    assert all(line["prompt"].endswith("<|assistant|>") and line["reference"].startswith("Hello ") for line in lines)
+    assert pd.read_csv(run_dir / "metrics.csv")["eval_mc_acc"].notna().all()

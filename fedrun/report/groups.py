@@ -137,7 +137,10 @@ def group_runs(runs: pd.DataFrame, keys: list[str], metrics: list[str] | None = 
     """
     runs = filter_runs(runs, where)
     runs = runs[runs["status"].isin(list(statuses))]
-    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    if metrics is None:  # multiple-choice accuracy where some run measured it (eval.choices)
+        mc_acc = pd.to_numeric(runs.get("final_eval_mc_acc", pd.Series(dtype=float)), errors="coerce")
+        metrics = DEFAULT_METRICS + (["final_eval_mc_acc"] if mc_acc.notna().any() else [])
+    metrics = list(metrics)
     sort_by = resolve_metric(sort) if sort else None
     if sort_by and sort_by not in metrics:
         metrics.append(sort_by)

@@ -2,20 +2,26 @@
 
 Besides the group table, the runs set apart (not finished) and the plots, each run has a
 collapsible section: its partition (examples per client), how often each client took part,
-bytes per round, the epsilon curve where the run has one, and the error of a failed run.
+bytes per round, its responses per round (samples.jsonl, eval.samples), the epsilon curve where
+the run has one, and the error of a failed run.
 """
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 
 import pandas as pd
 
+from fedrun.core import FedrunError
 from fedrun.report import plots
 from fedrun.report.runs import read_csv_rows, read_metrics
 from fedrun.report.table import RUN_HEADER, apart_cells, caption, cells, run_rows
+from fedrun.rundir import read_regular_bytes
+
+MAX_SAMPLES_BYTES = 1 << 26  # samples.jsonl: K responses per evaluation
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -26,6 +32,7 @@ details { border: 1px solid #ddd; margin: 0.4em 0; padding: 0.3em 0.8em; }
 summary { cursor: pointer; font-family: monospace; }
 pre.error { background: #fff0f0; border-left: 4px solid #c00; padding: 0.5em; white-space: pre-wrap; }
 .note { color: #a60; } img { max-width: 100%; }
+table.samples td { text-align: left; white-space: pre-wrap; vertical-align: top; max-width: 32em; }
 .status-failed, .status-crashed { color: #c00; } .status-running { color: #06c; } .status-interrupted { color: #a60; }
 """
 
@@ -77,6 +84,7 @@ def run_section(run: pd.Series, label: str) -> str:
     parts += [partition_section(path), participation_section(path), "<h4>Bytes per round</h4>",
               img(plots.lines(metrics, ["bytes_up", "bytes_down"], ylabel="bytes", title="bytes per round"),
                   "bytes per round") or "<p>no bytes recorded</p>"]
+    parts.append(samples_section(path))
     if "epsilon" in metrics:
         parts += ["<h4>Privacy</h4>", img(plots.lines(metrics, ["epsilon"], ylabel="epsilon", title="epsilon"),
                                           "epsilon") or "<p>no epsilon recorded</p>"]
@@ -121,3 +129,36 @@ def participation_section(path: Path) -> str:
                        [[str(len(counts)), str(took_part), *spread(counts)]])
     chart = plots.histogram(counts.to_numpy(), xlabel="rounds with status ok", title="participation")
     return f"<h4>Participation</h4>{stats}{img(chart, 'participation')}"
+
+
+def read_samples(path: Path) -> list[dict]:
+    """samples.jsonl's whole lines that are objects with a round (a torn or foreign line is skipped)."""
+    try:
+        text = read_regular_bytes(path, limit=MAX_SAMPLES_BYTES).decode("utf-8", errors="replace")
+    except FedrunError:
+        return []
+    rows = []
+    for line in text[:text.rfind("\n") + 1].splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+    return rows
+
+
+def samples_section(path: Path) -> str:
+    """The run's greedy responses (eval.samples), a table per evaluated round; nothing without samples.jsonl."""
+    if not (path / "samples.jsonl").exists():
+        return ""
+    by_round: dict[int, list[dict]] = {}
+    for row in read_samples(path / "samples.jsonl"):
+        by_round.setdefault(row["round"], []).append(row)
+    parts = ["<h4>Samples</h4>"] if by_round else ["<h4>Samples</h4><p>no whole line in samples.jsonl</p>"]
+    for round_idx, rows in sorted(by_round.items()):
+        body = "".join("<tr>" + "".join(f"<td>{escape(str(row.get(k, '')))}</td>"
+                                        for k in ("prompt", "reference", "response")) + "</tr>" for row in rows)
+        parts.append(f"<h5>Round {round_idx}</h5><table class=samples><tr><th>prompt</th><th>reference</th>"
+                     f"<th>response</th></tr>{body}</table>")
+    return "\n".join(parts)

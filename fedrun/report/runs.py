@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 EVAL = ("eval_loss", "eval_ppl", "eval_acc")
 RESULTS = ["path", "status", "rounds", *(f"final_{m}" for m in EVAL), *(f"best_{m}" for m in EVAL),
-           "epsilon", "bytes", "seconds", "error", "note"]
+           "final_eval_mc_acc", "epsilon", "bytes", "seconds", "error", "note"]  # mc: eval.choices runs only
 CONFIG_PREFIX = "config."  # for a config key that has a result's name (`rounds`: planned, not reached)
 FRESH_SECONDS = 60  # a run with no status.json whose metrics.csv changed this recently is running
 MAX_JSON_BYTES = 1 << 20  # status.json and summary.json are a few KiB
@@ -176,6 +176,7 @@ def results(metrics: pd.DataFrame, summary: dict) -> dict[str, float]:
         values = column(evaluated, m)
         out[f"final_{m}"] = values.iloc[-1] if len(values) else math.nan
         out[f"best_{m}"] = values.max() if m == "eval_acc" else values.min()
+    out["final_eval_mc_acc"] = last(column(metrics, "eval_mc_acc"))
     fallback = {"rounds": summary.get("rounds"), "epsilon": summary.get("epsilon"),
                 "bytes": _sum(summary.get("bytes_up"), summary.get("bytes_down")), "seconds": summary.get("seconds"),
                 **{f"{k}_{m}": (summary.get(k) or {}).get(m) for k in ("final", "best") for m in EVAL}}
