@@ -111,10 +111,11 @@ def test_a_long_chat_loses_the_start_of_its_prompt(tmp_path):
     example = EXAMPLES[1]
     whole = _ids(hf, _messages(example))
     response = len(whole) - len(_ids(hf, _messages(example)[:-1], add_generation_prompt=True))
-    length = response + 3
+    length = 2 * response + 2  # the response fits in what the prompt's half leaves
+    assert len(whole) - response > length - response, "the example's prompt must be longer than its share"
     windows = encode([example], length - 1, tokenizer=tokenizer)
     assert windows.tokens[0].tolist() == whole[-length:]
-    assert windows.mask[0].tolist() == [False] * 3 + [True] * response
+    assert windows.mask[0].tolist() == [False] * (length - response) + [True] * response
 
 
 def test_without_a_chat_template_the_plain_template_in_the_tokenizers_tokens(tmp_path):

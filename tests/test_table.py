@@ -96,8 +96,10 @@ def test_truncation_keeps_the_response_and_the_end_of_the_prompt():
     text = bytes(tokens.tolist())
     assert text.endswith(b"### Response:\nthe answer" + bytes([EOS_BYTE]))
     assert bytes(tokens[mask].tolist()) == b"the answer" + bytes([EOS_BYTE])
+    # a response too long for the window is cut at its end: the prompt keeps half the window
     short = encode([Instruction("hi", "x" * 100)], seq_len=16)
-    assert int(short.mask[0].sum()) == 16 and not bool(short.mask[0, 0])  # one prompt token predicts the response
+    assert bytes(short.tokens[0, :8].tolist()) == b"sponse:\n" [-8:] and int(short.mask[0].sum()) == 9
+    assert bytes(short.tokens[0, 8:].tolist()) == b"x" * 9
 
 
 def test_evaluation_is_over_response_tokens():

@@ -22,9 +22,10 @@ the assistant's turn and its end-of-turn tokens. A chat template that does not r
 prompt as such a prefix falls back to the plain template (with a warning).
 
 A window holds seq_len + 1 tokens. When an example is longer, the prompt loses tokens from its
-start (the response and the end of the prompt, nearest to it, are kept); a response longer
-than the window keeps its first seq_len tokens after one prompt token. Shorter examples are
-padded with token 0, which is never a target.
+start (the response and the end of the prompt, nearest to it, are kept). A response too long
+for what the prompt leaves is cut at its end instead, so that the prompt keeps at least half
+the window (or all of itself when shorter): a response with no instruction in view teaches
+nothing about following one. Shorter examples are padded with token 0, which is never a target.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def encode(examples: Sequence[Instruction], seq_len: int, *, template: str | Non
     tokens = torch.zeros(len(examples), length, dtype=torch.int32 if tokenizer else torch.uint8)
     mask = torch.zeros(len(examples), length, dtype=torch.bool)
     for i, (prompt, response) in enumerate(_parts(examples, template, tokenizer)):
-        response = response[: length - 1]  # at least one prompt token to predict the response from
+        keep_prompt = max(1, min(len(prompt), length // 2))  # at least one token predicts the response
+        response = response[: length - keep_prompt]
         prompt = prompt[max(0, len(prompt) - (length - len(response))):]  # its end, nearest the response
         ids = prompt + response
         tokens[i, : len(ids)] = torch.tensor(ids, dtype=tokens.dtype)
