@@ -221,3 +221,16 @@ def test_instruction_data_works_downstream(files, tmp_path, extra):
     assert metrics["eval_loss"].notna().all() and np.isfinite(metrics["eval_loss"]).all()
     if "privacy=central_dp" not in extra:  # DP noise on five clients may well make it worse
         assert metrics["eval_loss"].iloc[-1] < metrics["eval_loss"].iloc[0]
+
+
+def test_size_skew_deals_rows_to_power_law_sized_clients(files):
+    even = _data(files / "rows.jsonl", "data.partition=iid", "data.num_clients=6", "data.client_key=null")
+    skewed = _data(files / "rows.jsonl", "data.partition=iid", "data.num_clients=6", "data.client_key=null",
+                   "data.size_skew=1.5", "data.min_samples=1")
+    def held(data):
+        return data.client_sizes() + data.client_sizes("test")
+
+    assert held(even).max() - held(even).min() <= 1 and held(even).sum() == held(skewed).sum() == 90
+    assert held(skewed).max() >= 3 * held(skewed).min()
+    with pytest.raises(FedrunError, match="data.size_skew: skews the sizes of partition=iid"):
+        _data(files / "rows.jsonl", "data.size_skew=1")

@@ -11,8 +11,9 @@ A row is one of (the keys name the columns):
 Who holds a row: `client_key` names each row's user and `partition=natural` makes one client per
 distinct value (in sorted order, as pandas' groupby), dropping users with fewer than
 `min_samples` rows and keeping the `max_clients` largest. Without a user column the rows are
-dealt out to `num_clients` clients: `iid`, `dirichlet` over `label_key` (a category column) or
-`shards` of sorted labels. Each client's rows are shuffled (seeded) and the last
+dealt out to `num_clients` clients: `iid` (with `size_skew` > 0, of power-law sizes),
+`dirichlet` over `label_key` (a category column) or `shards` of sorted labels. Each client's rows
+are shuffled (seeded) and the last
 `test_fraction` of them held out. Files are read with pandas (Parquet through pyarrow: the
 [data] extra); nothing is downloaded.
 """
@@ -45,13 +46,15 @@ class Table:
     def __init__(self, *, path: str, text_key: Column, prompt_key: Column, response_key: Column, system_key: Column,
                  messages_key: Column, client_key: Column, label_key: Column,
                  partition: Annotated[str, OneOf(*PARTITIONS)], num_clients: Annotated[int, Range(ge=1)] | None,
-                 dirichlet_alpha: Annotated[float, Range(gt=0)], min_samples: Annotated[int, Range(ge=1)],
+                 dirichlet_alpha: Annotated[float, Range(gt=0)], size_skew: Annotated[float, Range(ge=0)],
+                 min_samples: Annotated[int, Range(ge=1)],
                  max_clients: Annotated[int, Range(ge=1)] | None, test_fraction: Annotated[float, TEST_FRACTION],
                  seq_len: Annotated[int, Range(ge=1)], template: str | None):
         self.path, self.text_key, self.prompt_key, self.response_key = path, text_key, prompt_key, response_key
         self.system_key, self.messages_key = system_key, messages_key
         self.client_key, self.label_key = client_key, label_key
         self.partition, self.num_clients, self.dirichlet_alpha = partition, num_clients, dirichlet_alpha
+        self.size_skew = size_skew
         self.min_samples, self.max_clients, self.test_fraction = min_samples, max_clients, test_fraction
         self.seq_len, self.template = seq_len, template  # null: the tokenizer's chat template, or the plain one
         self._check_keys()
@@ -73,6 +76,9 @@ class Table:
         if self.partition == "dirichlet" and self.label_key is None:
             raise FedrunError("data.label_key: partition=dirichlet draws each client's mix of a category column; "
                               "name it")
+        if self.size_skew and self.partition != "iid":
+            raise FedrunError(f"data.size_skew: skews the sizes of partition=iid's clients; got partition="
+                              f"{self.partition}")
         if self.text_key and self.partition in ("dirichlet", "shards"):
             raise FedrunError(f"data.partition: {self.partition} deals out rows with a category; plain text "
                               "(data.text_key) is cut into windows: use natural or iid")
@@ -182,7 +188,10 @@ class Table:
             return [rows for _, rows in kept], [name for name, _ in kept]
         assert self.num_clients is not None
         rng = numpy_rng(seed, Stream.PARTITION, 2)
-        if self.partition == "iid":
+        if self.partition == "iid" and self.size_skew:  # power-law client sizes, rows dealt at random
+            sizes = partitioners.power_law_sizes(len(frame), self.num_clients, exponent=self.size_skew, rng=rng)
+            parts = partitioners.split_by_sizes(rng.permutation(len(frame)), sizes)
+        elif self.partition == "iid":
             parts = partitioners.iid(len(frame), self.num_clients, rng)
         else:
             labels = pd.factorize(frame[self.label_key].astype(str), sort=True)[0]
