@@ -234,3 +234,27 @@ def test_size_skew_deals_rows_to_power_law_sized_clients(files):
     assert held(skewed).max() >= 3 * held(skewed).min()
     with pytest.raises(FedrunError, match="data.size_skew: skews the sizes of partition=iid"):
         _data(files / "rows.jsonl", "data.size_skew=1")
+
+
+def test_packing_lays_examples_end_to_end_with_their_masks(files, tmp_path):
+    plain = _data(files / "rows.jsonl", "data.seq_len=256")
+    packed = _data(files / "rows.jsonl", "data.seq_len=256", "data.packing=true")
+    assert plain.client_names() == packed.client_names()
+    for a, b in zip(plain.clients, packed.clients):
+        for split in ("train", "test"):
+            x, y = getattr(a, split), getattr(b, split)
+            # the same examples in the same order: every token up to each response's end, and the same targets
+            ends = [int(m.nonzero().max()) + 1 for m in x.mask]
+            content = torch.cat([t[:e] for t, e in zip(x.tokens, ends)])
+            content_mask = torch.cat([m[:e] for m, e in zip(x.mask, ends)])
+            assert torch.equal(y.tokens.flatten()[: len(content)], content)
+            assert torch.equal(y.mask.flatten()[: len(content)], content_mask)
+            assert not y.mask.flatten()[len(content):].any() and len(y) == -(-len(content) // 257)
+    assert len(packed.clients.train) < len(plain.clients.train)
+    cfg = config.compose([*INSTRUCT, f"data.path={files / 'rows.jsonl'}", "data.packing=true", "rounds=1",
+                          f"run_dir={tmp_path / 'run'}"])
+    run_dir, summary = train.train(config.build(cfg))
+    assert math.isfinite(summary["final"]["eval_loss"])
+    with pytest.raises(FedrunError, match="data.packing: packs instruction examples"):
+        config.build_data(config.compose(["data=table", f"data.path={files / 'rows.jsonl'}", "data.text_key=output",
+                                          "data.client_key=user", "data.packing=true"]))

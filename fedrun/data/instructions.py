@@ -33,13 +33,13 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from fedrun.core import FedrunError, Stream, numpy_rng
-from fedrun.data.examples import FederatedData, Windows, pack_parts
+from fedrun.data.examples import ClientData, FederatedData, Windows, pack, pack_parts
 from fedrun.data.text import VOCAB_SIZE, num_test
 
 log = logging.getLogger(__name__)
@@ -197,9 +197,11 @@ def largest(named: list, sizes: list[int], max_clients: int | None) -> list:
 
 
 def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: float, template: str | None,
-                     tokenizer: Any, seed: int, identity: dict, partition: str = "natural") -> FederatedData:
+                     tokenizer: Any, seed: int, identity: dict, partition: str = "natural",
+                     packing: bool = False) -> FederatedData:
     """Client k holds the examples of named_examples[k], one window each (`encode`), shuffled by
-    its own stream (seed, PARTITION, 1, k) and the last `test_fraction` of them held out."""
+    its own stream (seed, PARTITION, 1, k) and the last `test_fraction` of them held out; with
+    `packing`, each client's train and test examples are then packed (`pack_examples`)."""
     windows = encode([e for _, examples in named_examples for e in examples], seq_len, template=template,
                      tokenizer=tokenizer)
     starts = np.cumsum([0] + [len(examples) for _, examples in named_examples])
@@ -211,10 +213,33 @@ def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: floa
         train.append(shuffled[:cut])
         test.append(shuffled[cut:])
     clients = pack_parts(windows, train, windows, test, names=[name for name, _ in named_examples])
+    if packing:
+        clients = pack([ClientData(c.name, pack_examples(cast(Windows, c.train)), pack_examples(cast(Windows, c.test)))
+                        for c in clients])  # instruction examples are windows
     fingerprint = identity | {
         "examples": "instructions", "partition": partition, "seq_len": seq_len, "template": template,
+        **({"packing": True} if packing else {}),
         "clients": len(clients), "train_examples": len(clients.train), "test_examples": len(clients.test),
         "tokens": tokenizer.name if tokenizer else "bytes",
     }
     vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
     return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})
+
+
+def pack_examples(windows: Windows) -> Windows:
+    """Examples laid end to end and cut into windows of the same length (the last one padded):
+    fewer windows, no padding between examples. Each keeps its own mask, so the loss still counts
+    response tokens only; attention does cross from one example into the next, as in packed
+    fine-tuning without per-example attention masks: an example sees earlier, unrelated
+    examples as context, which costs little and is documented (data.packing)."""
+    if len(windows) == 0 or windows.mask is None:
+        return windows
+    length = windows.tokens.shape[1]
+    counted = windows.mask.any(1)
+    ends = torch.where(counted, length - windows.mask.flip(1).int().argmax(1), 0)  # past each response's end
+    keep = torch.arange(length).unsqueeze(0) < ends.unsqueeze(1)
+    tokens, mask = windows.tokens[keep], windows.mask[keep]
+    pad = (-len(tokens)) % length
+    tokens = torch.cat([tokens, tokens.new_zeros(pad)]).view(-1, length)
+    mask = torch.cat([mask, mask.new_zeros(pad)]).view(-1, length)
+    return Windows(tokens, mask)

@@ -49,7 +49,7 @@ class Table:
                  dirichlet_alpha: Annotated[float, Range(gt=0)], size_skew: Annotated[float, Range(ge=0)],
                  min_samples: Annotated[int, Range(ge=1)],
                  max_clients: Annotated[int, Range(ge=1)] | None, test_fraction: Annotated[float, TEST_FRACTION],
-                 seq_len: Annotated[int, Range(ge=1)], template: str | None):
+                 seq_len: Annotated[int, Range(ge=1)], template: str | None, packing: bool):
         self.path, self.text_key, self.prompt_key, self.response_key = path, text_key, prompt_key, response_key
         self.system_key, self.messages_key = system_key, messages_key
         self.client_key, self.label_key = client_key, label_key
@@ -57,6 +57,7 @@ class Table:
         self.size_skew = size_skew
         self.min_samples, self.max_clients, self.test_fraction = min_samples, max_clients, test_fraction
         self.seq_len, self.template = seq_len, template  # null: the tokenizer's chat template, or the plain one
+        self.packing = packing
         self._check_keys()
 
     def _check_keys(self) -> None:
@@ -82,6 +83,9 @@ class Table:
         if self.text_key and self.partition in ("dirichlet", "shards"):
             raise FedrunError(f"data.partition: {self.partition} deals out rows with a category; plain text "
                               "(data.text_key) is cut into windows: use natural or iid")
+        if self.packing and self.text_key:
+            raise FedrunError("data.packing: packs instruction examples; plain text (data.text_key) is already cut "
+                              "into full windows")
         if not self.text_key and self.template is not None:
             check_template(self.template)
 
@@ -165,7 +169,8 @@ class Table:
         parts, names = self._parts(frame, seed)
         named = [(name, [kept[i] for i in part]) for name, part in zip(names, parts)]
         return instruction_data(named, seq_len=self.seq_len, test_fraction=self.test_fraction, template=self.template,
-                                tokenizer=tokenizer, seed=seed, identity=identity, partition=self.partition)
+                                tokenizer=tokenizer, seed=seed, identity=identity, partition=self.partition,
+                                packing=self.packing)
 
     def _examples(self, frame: pd.DataFrame) -> list[Instruction | None]:
         if self.messages_key:
