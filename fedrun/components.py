@@ -188,7 +188,9 @@ def _hints(fn: Any, names: Any) -> dict[str, Any]:
     hints = {}
     for name in names:
         annotation = raw.get(name, Any)
-        hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307 (our own source)
+        # The annotation is source text of a fedrun class: a run directory can only name shipped
+        # components (fedrun/run_config.py), so nothing a file holds is evaluated here.
+        hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
     return hints
 
 

@@ -70,7 +70,7 @@ def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) ->
         key = getattr(e.__cause__, "full_key", None)
         if key and re.match(r"Key '.*' is not in struct", str(e.__cause__)):
             raise FedrunError(_unknown_key(key, list(overrides or []))) from e
-        raise FedrunError(_one_line(e)) from e
+        raise FedrunError(one_line(e)) from e
     cfg = typed(cfg)
     if check_ranges:
         validate(cfg)
@@ -137,7 +137,7 @@ def _unknown_option(e: MissingConfigException) -> str:
     group, _, option = (e.missing_cfg_file or "").rpartition("/")
     if group and e.options is not None:
         return f"{group}: unknown option '{option}'; allowed: {', '.join(sorted(e.options))}"
-    return _one_line(e)
+    return one_line(e)
 
 
 _TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
@@ -159,9 +159,6 @@ def one_line(e: Exception) -> str:
     elif not key and isinstance(e, ConfigCompositionException) and e.__cause__ is None:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return f"{key}: {message}" if key else message
-
-
-_one_line = one_line
 
 
 # ---- build -----------------------------------------------------------------------------------
@@ -338,7 +335,7 @@ def model_option(entry: DictConfig, index: int) -> DictConfig:
     try:
         node = cast(DictConfig, OmegaConf.merge(node, overrides))
     except OmegaConfBaseException as e:
-        raise FedrunError(f"{key}.{_one_line(e)}") from e
+        raise FedrunError(f"{key}.{one_line(e)}") from e
     return typed_component(node, "model", key)
 
 

@@ -222,7 +222,7 @@ def typed_config(tree: dict) -> DictConfig:
     except FedrunError as e:
         raise FedrunError(f"{e}; {REFUSED}") from None
     except OmegaConfBaseException as e:
-        message = re.sub(r"Key '.*' is not in struct$", "unknown key", config._one_line(e))  # logger's words
+        message = re.sub(r"Key '.*' is not in struct$", "unknown key", config.one_line(e))  # logger's words
         message = re.sub(r"allowed keys here: $", "allowed keys here: none", message)  # an option without settings
         raise FedrunError(f"{message}; {REFUSED}") from None
     if missing := sorted(OmegaConf.missing_keys(cfg)):

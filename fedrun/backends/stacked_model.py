@@ -87,7 +87,6 @@ class StackedModel:
         """(K, D) gradients and (K,) losses for rows `stack` (K, D) on batches x (K, B, ...),
         y (K, B, ...) whose examples weigh `share` (K, B): 1 / a batch's size, 0 for padding.
         The gradients are a buffer the next call overwrites."""
-        share = token_shares(y, share)
         if len(stack) < LOOP_BELOW[self.mode]:
             return self._one_by_one(stack, x, y, share)
         params, grad = self._leaves(stack)
@@ -213,29 +212,20 @@ def grouped_forward(model: nn.Module, names: dict[int, str]) -> Callable | None:
     return traced
 
 
-def token_shares(y: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-    """Instruction examples (targets with IGNORE) weigh by their counted tokens, as batch_loss's
-    mean over a batch's response tokens does: (K, B) shares of each batch's real examples that
-    sum to 1, proportional to their counted targets. Plain windows keep `share` as it is."""
-    ignored = y == IGNORE
-    if not bool(ignored.any()):
-        return share
-    counted = (~ignored).flatten(2).sum(-1).to(share) * (share > 0)
-    return counted / counted.sum(1, keepdim=True).clamp(min=1)
-
-
 def example_losses(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
     """(n,) each of n examples' cross-entropy (a sequence's: the mean over its tokens), for
     logits (..., C) and targets (...) whose leading dims hold the examples. Weighted by
-    1 / batch size, a client's sum to `batch_loss` on its real examples."""
+    1 / batch size (instruction examples: by their share of the batch's counted targets,
+    vectorized.pad_steps), a client's sum to `batch_loss` on its real examples."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
     if ce.numel() == n:
         return ce
+    per_token = ce.view(n, -1)
     counted = y.reshape(n, -1) != IGNORE
-    if bool(counted.all()):
-        return ce.view(n, -1).mean(1)
-    # instruction examples: the mean over each example's response tokens, as batch_loss takes it
-    return ce.view(n, -1).sum(1) / counted.sum(1).clamp(min=1)
+    # An instruction example's loss is the mean over its counted (response) tokens; chosen per
+    # row with `where`, not by asking the device whether any target is ignored (a sync a step).
+    masked = per_token.sum(1) / counted.sum(1).clamp(min=1)
+    return torch.where(counted.all(1), per_token.mean(1), masked)
 
 
 class _MergedAttention(torch.autograd.Function):

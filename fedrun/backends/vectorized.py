@@ -95,8 +95,23 @@ def pad_steps(plans: Sequence[ClientPlan]) -> PaddedSteps:
     weight[step[slot], client[slot], position] = 1.0
     active = (lengths > torch.arange(num_steps)[:, None]).sum(1)  # (S,)
     real = weight.sum(2, keepdim=True)  # (S, K, 1) real examples per batch; a finished client's: 0
-    share = weight / real.clamp_min(1)
+    if (targets := counted_targets(plans)) is not None:
+        # instruction examples weigh by their counted (response) tokens, as batch_loss's mean does
+        weight[step[slot], client[slot], position] = targets[examples + offsets[client[slot]]]
+    share = weight / weight.sum(2, keepdim=True).clamp_min(1)
     return PaddedSteps(index, share, active.tolist(), real.amax(1).view(-1).long().tolist())
+
+
+def counted_targets(plans: Sequence[ClientPlan]) -> torch.Tensor | None:
+    """(N,) float32 each training example's counted targets, clients in plan order; None for
+    examples without a loss mask (every target counts: they weigh alike)."""
+    masks: list[torch.Tensor] = []
+    for plan in plans:
+        mask = getattr(plan.data.train, "mask", None)
+        if mask is None:
+            return None
+        masks.append(mask)
+    return torch.cat([m[:, 1:].sum(1) for m in masks]).float()
 
 
 def dropout_rate(model: nn.Module) -> float:
