@@ -291,7 +291,8 @@ def build_evals(cfg: DictConfig, data: FederatedData) -> list[ResponseEval]:
                                     seq_len=data.model_dims["seq_len"], tokenizer=tokenizer))
     if cfg.eval.samples:
         evals.append(SampleResponses(data.test_examples(), samples=cfg.eval.samples, seed=cfg.seed,
-                                     max_new_tokens=data.model_dims["seq_len"], tokenizer=tokenizer))
+                                     max_new_tokens=data.model_dims["seq_len"], tokenizer=tokenizer,
+                                     template=cfg.data.get("template")))
     return evals
 
 

@@ -10,6 +10,7 @@ implies), so no training data is loaded to generate. Weights come from `model.sa
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -22,7 +23,7 @@ from torch import nn
 from fedrun import config
 from fedrun.components import capability
 from fedrun.core import FedrunError
-from fedrun.data.instructions import DEFAULT_TEMPLATE, EOS_BYTE, Instruction, prompt_ids, render
+from fedrun.data.instructions import DEFAULT_TEMPLATE, Instruction, end_ids, prompt_ids, render, up_to_end
 from fedrun.data.text import VOCAB_SIZE, Tokenizer, has_tokenizer
 from fedrun.evaluation import evaluate
 from fedrun.params import flatten_parameters
@@ -137,11 +138,11 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: bytes, **optio
 def generate_response(model: nn.Module, prompt: str, *, template: str | None, tokenizer: Tokenizer | None,
                       **options) -> bytes:
     """The response of a model trained on instruction examples to `prompt`: up to `max_new_tokens`
-    tokens after the template's prompt part, ending before the EOS (which it stops at)."""
+    tokens after the template's prompt part, ending before the EOS or the chat template's end of
+    turn (which it stops at)."""
     ids = prompt_ids(prompt, template=template, tokenizer=tokenizer)
-    eos = EOS_BYTE if tokenizer is None else tokenizer.eos_id
-    new = sample_ids(model, ids, stop=eos, **options)[len(ids):]
-    new = new[:-1] if new and new[-1] == eos else new
+    ends = end_ids(template, tokenizer)
+    new = up_to_end(sample_ids(model, ids, stops=ends, **options)[len(ids):], ends)
     text = bytes(new) if tokenizer is None else tokenizer.decode(new)
     tail = render(Instruction("", ""), template or DEFAULT_TEMPLATE)[1].encode()  # the template's after {response}
     return text[: len(text) - len(tail)] if tail and text.endswith(tail) else text
@@ -149,9 +150,9 @@ def generate_response(model: nn.Module, prompt: str, *, template: str | None, to
 
 def sample_ids(model: nn.Module, ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
-               stop: int | None = None) -> list[int]:
-    """`ids` followed by `max_new_tokens` sampled ids (or fewer, ending with `stop` once drawn), the
-    context cropped to model.seq_len."""
+               stops: Sequence[int] = ()) -> list[int]:
+    """`ids` followed by `max_new_tokens` sampled ids (or fewer, ending with one of `stops` once
+    drawn), the context cropped to model.seq_len."""
     device = _device(device)
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
@@ -162,7 +163,7 @@ def sample_ids(model: nn.Module, ids: list[int], *, max_new_tokens: int, tempera
             logits = model(idx[:, -seq_len:])[0, -1].float()  # (vocab,) at the last position
             token = next_token(logits, temperature, top_k, generator)
             idx = torch.cat([idx, token.view(1, 1)], dim=1)
-            if stop is not None and int(token) == stop:
+            if int(token) in stops:
                 break
     return idx[0].tolist()
 

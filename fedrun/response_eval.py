@@ -26,7 +26,7 @@ from torch import nn
 
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data.examples import Examples, Windows
-from fedrun.data.instructions import EOS_BYTE, prompt_ids
+from fedrun.data.instructions import end_ids, prompt_ids, up_to_end
 from fedrun.evaluation import EVAL_TOKENS
 from fedrun.rundir import JsonLines
 
@@ -49,27 +49,29 @@ def decoded(ids: Sequence[int], tokenizer: Any) -> str:
 class SampleResponses:
     """Greedy responses to the first K test prompts in a seeded order (the same at every evaluation)."""
 
-    def __init__(self, test: Examples, *, samples: int, seed: int, max_new_tokens: int, tokenizer: Any = None):
+    def __init__(self, test: Examples, *, samples: int, seed: int, max_new_tokens: int, tokenizer: Any = None,
+                 template: str | None = None):
+        """`template`: data.template (None: a tokenizer's chat template, else the plain one)."""
         if not isinstance(test, Windows) or test.mask is None:
             raise FedrunError("eval.samples: responses are sampled from held-out instruction prompts; this data "
                               "has none (use instruction data, e.g. data=table with data.prompt_key, or set "
                               "eval.samples=0)")
         self.metric_columns: list[str] = []
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
-        self.eos = EOS_BYTE if tokenizer is None else tokenizer.eos_id
+        self.ends = end_ids(template, tokenizer)
         order = numpy_rng(seed, Stream.EVAL).permutation(len(test))[:samples]
         self.examples = [self._split(test.tokens[i], test.mask[i]) for i in order.tolist()]
 
     def _split(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[list[int], list[int]]:
-        """A window's (prompt ids, reference response ids without its EOS)."""
+        """A window's (prompt ids, reference response ids up to its EOS or end of turn)."""
         start = int(mask.int().argmax())  # the first response token
         reference = tokens[mask].tolist()
-        return tokens[:start].tolist(), reference[:-1] if reference[-1:] == [self.eos] else reference
+        return tokens[:start].tolist(), up_to_end(reference, self.ends)
 
     def evaluate(self, model: nn.Module, device: torch.device, *, round_idx: int, run_dir: Path) -> dict:
         lines = []
         for prompt, reference in self.examples:
-            response = greedy(model, prompt, eos=self.eos, max_new_tokens=self.max_new_tokens, device=device)
+            response = greedy(model, prompt, ends=self.ends, max_new_tokens=self.max_new_tokens, device=device)
             lines.append({"round": round_idx, "prompt": decoded(prompt, self.tokenizer),
                           "reference": decoded(reference, self.tokenizer),
                           "response": decoded(response, self.tokenizer)})
@@ -78,9 +80,10 @@ class SampleResponses:
 
 
 @torch.inference_mode()
-def greedy(model: nn.Module, prompt: list[int], *, eos: int, max_new_tokens: int, device: torch.device) -> list[int]:
-    """The ids the model writes after `prompt`, most likely first, up to `eos` (not included) or
-    `max_new_tokens`; the context cropped to the model's seq_len."""
+def greedy(model: nn.Module, prompt: list[int], *, ends: Sequence[int], max_new_tokens: int,
+           device: torch.device) -> list[int]:
+    """The ids the model writes after `prompt`, most likely first, up to one of `ends` (not
+    included) or `max_new_tokens`; the context cropped to the model's seq_len."""
     was_training = model.training
     model.eval()
     seq_len = cast(int, model.seq_len)  # every text model (tiny_gpt, lstm, hf) keeps its own
@@ -88,7 +91,7 @@ def greedy(model: nn.Module, prompt: list[int], *, eos: int, max_new_tokens: int
     new: list[int] = []
     for _ in range(max_new_tokens):
         token = int(model(idx[:, -seq_len:])[0, -1].argmax())  # (vocab,) logits at the last position
-        if token == eos:
+        if token in ends:
             break
         new.append(token)
         idx = torch.cat([idx, idx.new_tensor([[token]])], dim=1)

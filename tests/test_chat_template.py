@@ -15,7 +15,7 @@ from fedrun import config, generate, train
 from fedrun.cli import app
 from fedrun.data.instructions import DEFAULT_TEMPLATE, EOS_BYTE, Instruction, encode, prompt_ids, render
 
-SPECIAL = ["<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL = ["<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<eos>"]
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 # Its generation prompt is not how it opens an assistant turn: the prompt is no prefix of the chat.
@@ -38,7 +38,7 @@ def _jsonl(path: Path) -> Path:
     return path
 
 
-def _tokenizer_dir(directory: Path, chat_template: str | None) -> Path:
+def _tokenizer_dir(directory: Path, chat_template: str | None, eos: str = "<|end|>") -> Path:
     """A tiny byte-level BPE tokenizer with EOS and pad tokens (and a chat template), saved locally."""
     pytest.importorskip("transformers", reason="needs the [llm] extra: pip install -e .[llm]")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -50,7 +50,7 @@ def _tokenizer_dir(directory: Path, chat_template: str | None) -> Path:
     text = " ".join(f"{r['instruction']} {r['output']}" for r in _rows()) + " The quick brown fox. Be brief."
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<pad>")
     fast.chat_template = chat_template
     fast.save_pretrained(directory)
     return directory
@@ -101,6 +101,46 @@ def test_the_chat_template_tokenises_as_apply_chat_template_and_masks_the_assist
         mask = windows.mask[i].tolist()
         assert mask == [len(prompt) <= j < len(whole) for j in range(64)]
         assert hf.decode(whole[len(prompt):]) == example.response + "<|end|>"
+
+
+def test_a_multi_turn_chat_keeps_its_turns_and_masks_only_its_last_assistant_turn(tmp_path):
+    from fedrun.data.instructions import from_messages
+    from fedrun.data.text import Tokenizer
+
+    directory = _tokenizer_dir(tmp_path / "tok", CHAT)
+    hf, tokenizer = _hf(directory), Tokenizer(str(directory))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Greet the fox."},
+            {"role": "assistant", "content": "Hello fox!"}, {"role": "user", "content": "Greet guest 3."},
+            {"role": "assistant", "content": "Hello 3!"}]
+    example = from_messages(chat)
+    assert example is not None and example.response == "Hello 3!" and example.system == "Be brief."
+    assert example.prompt == "user: Greet the fox.\nassistant: Hello fox!\nuser: Greet guest 3."  # the plain template's
+    whole, prompt = _ids(hf, chat), _ids(hf, chat[:-1], add_generation_prompt=True)
+    windows = encode([example], 127, template=None, tokenizer=tokenizer)
+    assert windows.tokens[0, : len(whole)].tolist() == whole
+    assert windows.mask[0].tolist() == [len(prompt) <= j < len(whole) for j in range(128)]
+    assert hf.decode(whole[len(prompt):]) == "Hello 3!<|end|>"  # the earlier assistant turn is context only
+    plain = encode([example], 127, template=DEFAULT_TEMPLATE, tokenizer=None)
+    text = render(example)[0].encode()
+    assert bytes(plain.tokens[0, : len(text)].tolist()) == text and not plain.mask[0, : len(text)].any()
+
+
+def test_a_chat_templates_end_of_turn_ends_responses_when_it_is_not_the_eos(tmp_path):
+    from fedrun.data.instructions import end_ids
+    from fedrun.data.text import Tokenizer
+
+    directory = _tokenizer_dir(tmp_path / "tok", CHAT, eos="<eos>")
+    hf, tokenizer = _hf(directory), Tokenizer(str(directory))
+    end, eos = hf.convert_tokens_to_ids("<|end|>"), hf.convert_tokens_to_ids("<eos>")
+    assert end != eos and end_ids(None, tokenizer) == [eos, end]
+    assert end_ids(DEFAULT_TEMPLATE, tokenizer) == [eos]  # a set template ends with the EOS it appends
+    assert end_ids(None, None) == [EOS_BYTE]
+    hello = hf("Hello 3", add_special_tokens=False)["input_ids"]
+    model = Scripted([*hello, end, *hello, eos], vocab=len(hf))
+    out = generate.generate_response(model, "Greet guest 3.", template=None, tokenizer=tokenizer, max_new_tokens=50,
+                                     temperature=0, top_k=None, seed=0, device="cpu")
+    assert out == b"Hello 3" and len(model.inputs) == len(hello) + 1  # nothing sampled after the end of turn
+    assert model.inputs[0] == _ids(hf, [{"role": "user", "content": "Greet guest 3."}], add_generation_prompt=True)
 
 
 def test_a_long_chat_loses_the_start_of_its_prompt(tmp_path):
@@ -178,6 +218,7 @@ def test_a_model_with_a_chat_template_trains_on_it_and_answers_in_it(tmp_path):
                           "device=cpu", f"run_dir={tmp_path / 'run'}"])
     exp = config.build(cfg)
     hf = _hf(directory)
+    assert exp.data.fingerprint["template"].startswith("chat template sha256:")  # what the examples were rendered with
     first = exp.data.clients[0]  # ann: rows 0, 3, ...; its examples are chats in the template's tokens
     window = torch.cat([first.train.tokens, first.test.tokens])[0].tolist()
     assert window[0] == hf.convert_tokens_to_ids("<|user|>") and hf.eos_token_id in window
@@ -201,16 +242,17 @@ def test_a_model_with_a_chat_template_trains_on_it_and_answers_in_it(tmp_path):
 # ---- generate on a byte-level instruction run -------------------------------------------------
 
 class Scripted(nn.Module):
-    """A stand-in model that writes `script` greedily, one byte per call, and records its inputs."""
+    """A stand-in model that writes `script` (bytes, or ids below `vocab`) greedily, one token per
+    call, and records its inputs."""
 
-    def __init__(self, script: bytes, seq_len: int = 200):
+    def __init__(self, script: bytes | list[int], seq_len: int = 200, vocab: int = 256):
         super().__init__()
-        self.script, self.seq_len, self.inputs = script, seq_len, []
+        self.script, self.seq_len, self.vocab, self.inputs = list(script), seq_len, vocab, []
         self.weight = nn.Parameter(torch.zeros(1))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         self.inputs.append(idx[0].tolist())
-        logits = torch.zeros(1, idx.shape[1], 256)
+        logits = torch.zeros(1, idx.shape[1], self.vocab)
         logits[0, -1, self.script[len(self.inputs) - 1]] = 1.0
         return logits
 

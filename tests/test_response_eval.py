@@ -97,8 +97,8 @@ def test_greedy_stops_at_eos_or_after_max_new_tokens():
     model.w.zero_()
     model.w[ord("H"), ord("i")] = model.w[ord("i"), EOS_BYTE] = 1  # H -> i -> EOS
     model.w[ord("a"), ord("a")] = 1  # a -> a -> ...
-    assert greedy(model, list(b"xH"), eos=EOS_BYTE, max_new_tokens=10, device=CPU) == [ord("i")]
-    assert greedy(model, list(b"a"), eos=EOS_BYTE, max_new_tokens=20, device=CPU) == [ord("a")] * 20
+    assert greedy(model, list(b"xH"), ends=[EOS_BYTE], max_new_tokens=10, device=CPU) == [ord("i")]
+    assert greedy(model, list(b"a"), ends=[EOS_BYTE], max_new_tokens=20, device=CPU) == [ord("a")] * 20
 
 
 def test_sample_responses_write_the_decoded_prompt_reference_and_response(tmp_path):

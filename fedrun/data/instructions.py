@@ -29,6 +29,7 @@ nothing about following one. Shorter examples are padded with token 0, which is 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -54,6 +55,9 @@ class Instruction:
     prompt: str
     response: str
     system: str | None = None
+    # A multi-turn chat's turns before its response, as (role, content): a chat template renders
+    # them as turns; the plain template reads `prompt`, their `role: content` lines.
+    turns: tuple[tuple[str, str], ...] = ()
 
 
 def check_template(template: str) -> None:
@@ -83,7 +87,8 @@ def render(example: Instruction, template: str = DEFAULT_TEMPLATE) -> tuple[str,
 def from_messages(messages: Any) -> Instruction | None:
     """A chat (a list of {role, content}) as an instruction: its last assistant turn is the
     response, system turns the system text, and the turns before the response the prompt
-    (one user turn: its text; several: `role: text` lines). None when it has no assistant turn."""
+    (one user turn: its text; several: `role: text` lines, the turns themselves kept for a chat
+    template). None when it has no assistant turn."""
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
         return None
     roles = [str(m.get("role", "")) for m in messages]
@@ -91,12 +96,11 @@ def from_messages(messages: Any) -> Instruction | None:
         return None
     last = len(roles) - 1 - roles[::-1].index("assistant")
     system = "\n".join(str(m.get("content", "")) for m in messages[:last] if m.get("role") == "system")
-    turns = [m for m in messages[:last] if m.get("role") != "system"]
-    if len(turns) == 1 and turns[0].get("role") == "user":
-        prompt = str(turns[0].get("content", ""))
-    else:
-        prompt = "\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in turns)
-    return Instruction(prompt, str(messages[last].get("content", "")), system or None)
+    turns = tuple((str(m.get("role")), str(m.get("content", ""))) for m in messages[:last] if m.get("role") != "system")
+    response = str(messages[last].get("content", ""))
+    if len(turns) == 1 and turns[0][0] == "user":
+        return Instruction(turns[0][1], response, system or None)
+    return Instruction("\n".join(f"{role}: {content}" for role, content in turns), response, system or None, turns)
 
 
 def encode(examples: Sequence[Instruction], seq_len: int, *, template: str | None = None,
@@ -140,9 +144,11 @@ def uses_chat_template(tokenizer: Any) -> bool:
 
 
 def as_messages(example: Instruction) -> list[dict[str, str]]:
-    """The example as a chat: [system?, user, assistant]."""
+    """The example as a chat: [system?, user, assistant], or [system?, its turns..., assistant]."""
     system = [{"role": "system", "content": example.system}] if example.system else []
-    return [*system, {"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.response}]
+    turns = [{"role": role, "content": content} for role, content in example.turns] or \
+        [{"role": "user", "content": example.prompt}]
+    return [*system, *turns, {"role": "assistant", "content": example.response}]
 
 
 def chat_parts(example: Instruction, tokenizer: Any) -> tuple[list[int], list[int]] | None:
@@ -169,6 +175,30 @@ def prompt_ids(prompt: str, *, template: str | None, tokenizer: Any) -> list[int
         if chat is not None:
             return chat[0]
     return _ids(render(Instruction(prompt, ""), template or DEFAULT_TEMPLATE)[0], tokenizer)
+
+
+def end_ids(template: str | None, tokenizer: Any) -> list[int]:
+    """The ids a response ends with, which generation stops at: the EOS (byte 0x04, or the
+    tokenizer's EOS token), and with a chat template also its end-of-turn token (<|im_end|>,
+    <|eot_id|>, ...): the first special token of what every assistant turn ends with, found as
+    the common end of two probe responses' ids."""
+    eos = EOS_BYTE if tokenizer is None else tokenizer.eos_id
+    if template is not None or not uses_chat_template(tokenizer):
+        return [eos]
+    probes = [chat_parts(Instruction("a", text), tokenizer) for text in ("x", "Yes, twice.")]
+    if probes[0] is None or probes[1] is None:  # encode falls back to the plain template too
+        return [eos]
+    a, b = probes[0][1], probes[1][1]
+    common = 0
+    while common < min(len(a), len(b)) and a[len(a) - 1 - common] == b[len(b) - 1 - common]:
+        common += 1
+    turn_end = next((i for i in a[len(a) - common:] if i in tokenizer.special_ids), None)
+    return [eos] if turn_end in (None, eos) else [eos, turn_end]
+
+
+def up_to_end(ids: list[int], ends: Sequence[int]) -> list[int]:
+    """`ids` before the first of `ends` in them (all of them when none is)."""
+    return ids[: next((i for i, token in enumerate(ids) if token in ends), len(ids))]
 
 
 def _ids(text: str, tokenizer: Any) -> list[int]:
@@ -217,13 +247,22 @@ def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: floa
         clients = pack([ClientData(c.name, pack_examples(cast(Windows, c.train)), pack_examples(cast(Windows, c.test)))
                         for c in clients])  # instruction examples are windows
     fingerprint = identity | {
-        "examples": "instructions", "partition": partition, "seq_len": seq_len, "template": template,
+        "examples": "instructions", "partition": partition, "seq_len": seq_len,
+        "template": template_used(template, tokenizer),
         **({"packing": True} if packing else {}),
         "clients": len(clients), "train_examples": len(clients.train), "test_examples": len(clients.test),
         "tokens": tokenizer.name if tokenizer else "bytes",
     }
     vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
     return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})
+
+
+def template_used(template: str | None, tokenizer: Any) -> str:
+    """What the examples were rendered with, for the data's fingerprint: data.template, the
+    tokenizer's chat template (by its sha256), or the plain template."""
+    if template is None and uses_chat_template(tokenizer):
+        return f"chat template sha256:{hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16]}"
+    return template or DEFAULT_TEMPLATE
 
 
 def pack_examples(windows: Windows) -> Windows:

@@ -159,8 +159,19 @@ class Tokenizer:
         return str(self._tokenizer.decode(ids)).encode()
 
     @property
+    def chat_template(self) -> str | None:
+        template = getattr(self._tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None  # a dict of named templates: not used
+
+    @property
     def has_chat_template(self) -> bool:
-        return getattr(self._tokenizer, "chat_template", None) is not None
+        return self.chat_template is not None
+
+    @property
+    def special_ids(self) -> set[int]:
+        """The ids of special and added tokens (EOS, <|im_end|>, ...): never text."""
+        added = self._tokenizer.added_tokens_decoder  # {id: AddedToken}
+        return {int(i) for i in self._tokenizer.all_special_ids} | {int(i) for i in added}
 
     def chat_ids(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
         """The ids of a chat ([{role, content}, ...]) by the tokenizer's chat template, as
