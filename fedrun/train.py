@@ -142,9 +142,17 @@ def _record_end(rundir: RunDir, state: str, *, round_idx: int, error: str | None
 
 
 def write_partition(rundir: RunDir, exp: loop.Experiment) -> None:
-    """partition.csv: each client's name and its numbers of train and test examples (written at once)."""
-    data = exp.data
+    """partition.csv: each client's name and its numbers of train and test examples (written at
+    once), and for a table's instruction examples the file rows in each split (space-separated
+    row numbers; empty for other data)."""
+    data, source = exp.data, exp.data.source_rows
     sizes = zip(data.client_names(), data.client_sizes("train").tolist(), data.client_sizes("test").tolist())
-    rows = ({"client_id": i, "name": name, "train_examples": train, "test_examples": test}
+
+    def numbers(k: int, split: str) -> str:
+        return "" if source is None else " ".join(map(str, source.client(k, split).tolist()))
+
+    rows = ({"client_id": i, "name": name, "train_examples": train, "test_examples": test,
+             "train_rows": numbers(i, "train"), "test_rows": numbers(i, "test")}
             for i, (name, train, test) in enumerate(sizes))
-    rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples"]).replace(rows)
+    rundir.table("partition.csv", ["client_id", "name", "train_examples", "test_examples", "train_rows",
+                                   "test_rows"]).replace(rows)

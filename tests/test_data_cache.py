@@ -219,4 +219,9 @@ def test_instruction_data_round_trips_with_its_loss_mask(data_cache, tmp_path):
     hit = config.build_data(config.compose(overrides))
     assert first.provenance["cache"] == "miss" and hit.provenance["cache"] == "hit"
     assert hit.clients.train.mask is not None and hit.clients.train.mask.any()
-    assert_same_data(hit, config.build_data(config.compose([*overrides, "data.cache=false"])))
+    fresh = config.build_data(config.compose([*overrides, "data.cache=false"]))
+    assert_same_data(hit, fresh)
+    assert hit.source_rows is not None and fresh.source_rows is not None  # the rows behind each split, too
+    for name, rows in vars(fresh.source_rows).items():
+        assert np.array_equal(getattr(hit.source_rows, name), rows)
+    assert sorted(fresh.source_rows.train.tolist() + fresh.source_rows.test.tolist()) == list(range(30))

@@ -59,6 +59,33 @@ def test_the_natural_split_is_pandas_groupby_of_the_file(files):
     assert held.tolist() == sizes.tolist()
 
 
+def test_partition_csv_records_each_clients_file_rows_in_each_split(files, tmp_path):
+    rows = _rows()
+    rows[5]["output"] = ""  # dropped (an empty cell): the other rows keep their numbers in the file
+    (tmp_path / "gap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.compose([*INSTRUCT, f"data.path={tmp_path / 'gap.jsonl'}", "rounds=1", "data.test_fraction=0.25",
+                          "data.seq_len=96",
+                          f"run_dir={tmp_path / 'run'}"])
+    exp = config.build(cfg)
+    run_dir, _ = train.train(exp)
+    partition = pd.read_csv(run_dir / "partition.csv", dtype={"train_rows": str, "test_rows": str},
+                            keep_default_na=False).set_index("name")
+    split = {name: ([int(r) for r in row.train_rows.split()], [int(r) for r in row.test_rows.split()])
+             for name, row in partition.iterrows()}
+    frame = pd.DataFrame(rows)
+    for user, numbers in frame[frame.output != ""].groupby("user").groups.items():
+        train_rows, test_rows = split[user]
+        assert sorted(train_rows + test_rows) == sorted(numbers)  # every row of the user's, once, by its number
+        assert len(test_rows) == partition.loc[user, "test_examples"] == max(1, int(0.25 * len(numbers)))
+        assert len(train_rows) == partition.loc[user, "train_examples"]
+    client = exp.data.client_names().index("ann")  # the test examples are the test rows' prompts
+    test_prompts = {bytes(w.tolist()).split(b"\n")[1].decode() for w in exp.data.clients[client].test.tokens}
+    assert test_prompts == {rows[r]["instruction"] for r in split["ann"][1]}
+    other = config.build_data(config.compose([*INSTRUCT, f"data.path={tmp_path / 'gap.jsonl'}", "seed=1"]))
+    assert other.source_rows is not None and exp.data.source_rows is not None
+    assert not np.array_equal(other.source_rows.test, exp.data.source_rows.test)  # the split is seeded
+
+
 def test_jsonl_csv_and_parquet_give_the_same_partition_and_first_round(files, tmp_path):
     rows = {}
     for fmt in ("jsonl", "csv", "parquet"):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrun.data.examples import FederatedData, Labelled, PackedClients, Windows, pack
+from fedrun.data.examples import FederatedData, Labelled, PackedClients, SourceRows, Windows, pack
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def save(data: FederatedData, path: Path) -> None:
              "train_offsets": torch.from_numpy(clients.train_offsets),
              "test_offsets": torch.from_numpy(clients.test_offsets),
              "names": clients.names, "fingerprint": data.fingerprint, "model_dims": data.model_dims}
+    if data.source_rows is not None:
+        state["source_rows"] = {k: torch.from_numpy(v) for k, v in vars(data.source_rows).items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -129,7 +131,9 @@ def load(path: Path) -> FederatedData:
                             names=state["names"])
     if np.any(np.diff(clients.train_offsets) < 0) or np.any(np.diff(clients.test_offsets) < 0):
         raise ValueError("offsets are not increasing")
-    return FederatedData(clients, state["fingerprint"], model_dims=state["model_dims"])
+    rows = state.get("source_rows")
+    source_rows = None if rows is None else SourceRows(**{k: v.numpy() for k, v in rows.items()})
+    return FederatedData(clients, state["fingerprint"], model_dims=state["model_dims"], source_rows=source_rows)
 
 
 def _examples_state(examples) -> dict[str, torch.Tensor]:

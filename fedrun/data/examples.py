@@ -151,11 +151,37 @@ def pack_parts(train: Examples, train_parts: Sequence[np.ndarray], test: Example
 
 
 @dataclass
+class SourceRows:
+    """Which rows of a table file each client holds in each split (data=table's instruction
+    examples): row numbers counted from 0 in the file's order (a folder's files concatenated in
+    name order; a CSV's header not counted), each client's in one array per split, packed."""
+    train: np.ndarray  # int64 row numbers, client after client
+    train_offsets: np.ndarray  # (K + 1,): client k's are train[train_offsets[k]:train_offsets[k + 1]]
+    test: np.ndarray
+    test_offsets: np.ndarray
+
+    @classmethod
+    def of(cls, train: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> SourceRows:
+        def packed(parts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            flat = np.concatenate(parts).astype(np.int64) if len(parts) else np.empty(0, dtype=np.int64)
+            return flat, np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+
+        (tr, tr_off), (te, te_off) = packed(train), packed(test)
+        return cls(tr, tr_off, te, te_off)
+
+    def client(self, k: int, split: str) -> np.ndarray:
+        rows, offsets = (self.train, self.train_offsets) if split == "train" else (self.test, self.test_offsets)
+        return rows[offsets[k]:offsets[k + 1]]
+
+
+@dataclass
 class FederatedData:
     clients: Sequence[ClientData]  # a list, or PackedClients (what fedrun's data sources build)
     fingerprint: dict
     # Keyword arguments every model of this data needs, e.g. vocab_size and seq_len.
     model_dims: dict = field(default_factory=dict)
+    # The table rows behind each client's examples (partition.csv records them), where a source has rows.
+    source_rows: SourceRows | None = None
     # How this data was obtained (cache hit or miss, seconds): not part of what the data is.
     provenance: dict = field(default_factory=dict, compare=False, repr=False)
 

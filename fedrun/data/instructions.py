@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from fedrun.core import FedrunError, Stream, numpy_rng
-from fedrun.data.examples import ClientData, FederatedData, Windows, pack, pack_parts
+from fedrun.data.examples import ClientData, FederatedData, SourceRows, Windows, pack, pack_parts
 from fedrun.data.text import VOCAB_SIZE, num_test
 
 log = logging.getLogger(__name__)
@@ -228,10 +228,11 @@ def largest(named: list, sizes: list[int], max_clients: int | None) -> list:
 
 def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: float, template: str | None,
                      tokenizer: Any, seed: int, identity: dict, partition: str = "natural",
-                     packing: bool = False) -> FederatedData:
+                     packing: bool = False, rows: Sequence[np.ndarray] | None = None) -> FederatedData:
     """Client k holds the examples of named_examples[k], one window each (`encode`), shuffled by
     its own stream (seed, PARTITION, 1, k) and the last `test_fraction` of them held out; with
-    `packing`, each client's train and test examples are then packed (`pack_examples`)."""
+    `packing`, each client's train and test examples are then packed (`pack_examples`).
+    `rows[k]`: the source rows of client k's examples, recorded per split (FederatedData.source_rows)."""
     windows = encode([e for _, examples in named_examples for e in examples], seq_len, template=template,
                      tokenizer=tokenizer)
     starts = np.cumsum([0] + [len(examples) for _, examples in named_examples])
@@ -242,6 +243,8 @@ def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: floa
         cut = len(part) - num_test(len(part), test_fraction)
         train.append(shuffled[:cut])
         test.append(shuffled[cut:])
+    source_rows = None if rows is None else SourceRows.of(*(
+        [rows[k][split[k] - starts[k]] for k in range(len(rows))] for split in (train, test)))
     clients = pack_parts(windows, train, windows, test, names=[name for name, _ in named_examples])
     if packing:
         clients = pack([ClientData(c.name, pack_examples(cast(Windows, c.train)), pack_examples(cast(Windows, c.test)))
@@ -254,7 +257,8 @@ def instruction_data(named_examples: Named, *, seq_len: int, test_fraction: floa
         "tokens": tokenizer.name if tokenizer else "bytes",
     }
     vocab_size = tokenizer.vocab_size if tokenizer else VOCAB_SIZE
-    return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len})
+    return FederatedData(clients, fingerprint, model_dims={"vocab_size": vocab_size, "seq_len": seq_len},
+                         source_rows=source_rows)
 
 
 def template_used(template: str | None, tokenizer: Any) -> str:

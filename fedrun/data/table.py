@@ -126,7 +126,7 @@ class Table:
                         self.path, ", ".join(strings or [str(self.messages_key)]))
         identity = {"source": "table", "path": str(Path(self.path).expanduser().resolve()), "files": files,
                     "rows": int(usable.sum())}
-        return frame[usable].reset_index(drop=True), identity
+        return frame[usable], identity  # its index: each row's number in the file (partition.csv records them)
 
     # ---- building ------------------------------------------------------------------------
 
@@ -164,13 +164,14 @@ class Table:
                         len(examples), self.path)
         if not keep:
             raise FedrunError(f"data.messages_key: no row of {self.path} holds a chat with an assistant turn")
-        frame = frame.iloc[keep].reset_index(drop=True)
-        kept = [e for e in examples if e is not None]  # row j of frame is kept[j]
+        frame = frame.iloc[keep]
+        kept = [e for e in examples if e is not None]  # the j-th row of frame is kept[j]
         parts, names = self._parts(frame, seed)
         named = [(name, [kept[i] for i in part]) for name, part in zip(names, parts)]
+        numbers = frame.index.to_numpy(dtype=np.int64)  # each row's number in the file
         return instruction_data(named, seq_len=self.seq_len, test_fraction=self.test_fraction, template=self.template,
                                 tokenizer=tokenizer, seed=seed, identity=identity, partition=self.partition,
-                                packing=self.packing)
+                                packing=self.packing, rows=[numbers[part] for part in parts])
 
     def _examples(self, frame: pd.DataFrame) -> list[Instruction | None]:
         if self.messages_key:
