@@ -346,3 +346,49 @@ def test_an_exported_run_is_a_checkpoint_that_starts_where_the_run_ended(compose
     end = pd.read_csv(first / "metrics.csv")["eval_loss"].iloc[-1]
     start = pd.read_csv(second / "metrics.csv")["eval_loss"].iloc[0]  # LoRA B = 0: the base exactly
     assert start == pytest.approx(end, abs=1e-5)
+
+
+# ---- model.lora.aggregation=ffa (FFA-LoRA: A frozen, only B trains and travels) -----------------
+
+FFA = dataclasses.replace(LORA, aggregation="ffa")
+
+
+def test_ffa_trains_only_b_and_every_worker_draws_the_same_a(cfg=GPT2):
+    model = build(cfg, FFA)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_B" in n for n in trainable)
+    assert flatten_parameters(model).numel() == lora_size_closed_form(cfg, LORA.r) * 3 // 4  # B: (3 n_embd) x r
+    torch.manual_seed(123)  # another caller RNG (another worker): the same frozen A
+    other = build(cfg, FFA)
+    for (_, a, _), (_, a2, _) in zip(lora_pairs(model), lora_pairs(other)):
+        assert torch.equal(a, a2) and a.abs().sum() > 0  # peft's A is random, not zero
+
+
+def test_ffa_aggregation_error_is_zero_and_avg_is_not():
+    torch.manual_seed(0)
+    ffa, avg = build(lora=FFA), build(lora=LORA)
+    for model in (ffa, avg):
+        flat = flatten_parameters(model)
+        clients = [flat + 0.1 * torch.randn_like(flat) for _ in range(4)]
+        error = lora_aggregation_error(clients, model, weights=[1.0, 2.0, 3.0, 4.0])
+        if model is ffa:  # mean(B_i A) = mean(B_i) A: equal up to float64 rounding
+            assert error < 1e-14
+        else:
+            assert error > 1e-3
+
+
+def test_ffa_run_sends_only_b(compose_cfg, tmp_path):
+    import pandas as pd
+
+    from fedrun import config, train
+
+    exp = config.build(compose_cfg("model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1",
+                                   "model.lora.r=2", "model.lora.aggregation=ffa", "rounds=2", "data.seq_len=16",
+                                   "data.min_samples=4", "sampler.clients_per_round=3",
+                                   f"run_dir={tmp_path / 'ffa'}", tiny=False))
+    b_size = 1 * 3 * 16 * 2  # B of GPT-2's c_attn: (3 n_embd) x r, one layer
+    assert sum(p.numel() for p in exp.make_model().parameters() if p.requires_grad) == b_size
+    run_dir, _ = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
+    assert (m["bytes_up"] == m["reported"] * b_size * 4).all()
+    assert (m["lora_agg_error"] < 1e-14).all()

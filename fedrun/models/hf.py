@@ -8,10 +8,14 @@ Averaging the factors separately (mean B)(mean A) is not the average of the upda
 `lora_aggregation_error` measures that gap (Sun et al. 2024, "Improving LoRA in
 Privacy-preserving Federated Learning", FFA-LoRA; Wang et al. 2024, FLoRA).
 
-Tokens are bytes (vocabulary 256), as everywhere in fedrun. A pretrained checkpoint's larger
-vocabulary still accepts them (bytes index its first 256 ids, which do not mean those bytes),
-and the logits are cut to the first `vocab_size` ids; using the checkpoint's own tokenizer
-is future work. Weights are never downloaded: `name_or_path` must be a local directory.
+`lora.aggregation` picks how the factors are combined: `avg` averages A and B separately
+(FedIT); `ffa` (FFA-LoRA) keeps every A frozen at its seeded initialisation, the same in every
+worker, so that only B trains and travels and the mean of B_i A is exactly mean(B_i) A.
+
+Text is read in the checkpoint's own tokenizer when its folder has one (fedrun.data.text.Tokenizer),
+else as bytes (vocabulary 256: they index a larger checkpoint's first 256 ids, and the logits
+are cut to the first `vocab_size` ids). Weights are never downloaded: `name_or_path` must be a
+local directory.
 """
 from __future__ import annotations
 
@@ -24,12 +28,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 from torch import nn
 
-from fedrun.components import Range
+from fedrun.components import OneOf, Range
 from fedrun.core import FedrunError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+# model.lora.aggregation: `avg` (FedIT: A and B averaged apart), `ffa` (FFA-LoRA: A frozen, B alone).
+AGGREGATIONS = ("avg", "ffa")
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
@@ -43,6 +49,7 @@ class LoRAConfig:
     alpha: Annotated[int, Range(ge=1)]
     dropout: Annotated[float, Range(ge=0, lt=1)]
     target_modules: list[str] | None = None  # None: DEFAULT_TARGET_MODULES of the model type
+    aggregation: Annotated[str, OneOf(*AGGREGATIONS)] = "avg"  # how clients' factors combine
 
     @classmethod
     def of(cls, value: LoRAConfig | Mapping[str, Any]) -> LoRAConfig:
@@ -91,8 +98,17 @@ class HFCausalLM(nn.Module):
             torch.manual_seed(init_seed)
             base = _load_base(name_or_path, from_config, vocab_size=vocab_size, seq_len=seq_len)
         self.lora_enabled = bool(lora.enabled)
-        # A transformers model, or peft's (untyped) wrapper of one: save_pretrained and config are theirs.
-        self.model: Any = _with_lora(base, lora) if self.lora_enabled else base
+        self.lora_aggregation = lora.aggregation if self.lora_enabled else None
+        if not self.lora_enabled:
+            self.model: Any = base  # a transformers model, or peft's (untyped) wrapper of one
+        elif lora.aggregation == "ffa":  # A is never sent: every worker must draw the same one
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed + 1)
+                self.model = _with_lora(base, lora)
+            for _, a, _ in lora_pairs(self.model):
+                a.requires_grad_(False)
+        else:
+            self.model = _with_lora(base, lora)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits."""
@@ -189,15 +205,16 @@ def lora_aggregation_error(client_vectors: Sequence[torch.Tensor], model: nn.Mod
     """Mean over layers of ||mean_i(B_i A_i) - mean(B_i) mean(A_i)||_F / ||mean_i(B_i A_i)||_F.
 
     `client_vectors` are the clients' adapter weights (not deltas) as flat vectors in the order
-    of `[p for p in model.parameters() if p.requires_grad]`; clients count equally unless
+    of `[p for p in model.parameters() if p.requires_grad]`; a factor that does not train (A
+    under `ffa`) is the model's own, the same for every client. Clients count equally unless
     `weights` is given. A layer whose mean product is zero counts 0 (or inf if the gap is not)."""
     offsets = _trainable_offsets(model)
     w = torch.tensor(weights if weights is not None else [1.0] * len(client_vectors), dtype=torch.float64)
     w = (w / w.sum()).view(-1, 1, 1)  # (N, 1, 1)
     errors = []
     for _, a, b in lora_pairs(model):
-        a_i = torch.stack([_slice(v, offsets[id(a)], a) for v in client_vectors])  # (N, r, in)
-        b_i = torch.stack([_slice(v, offsets[id(b)], b) for v in client_vectors])  # (N, out, r)
+        a_i = torch.stack([_factor(v, offsets, a) for v in client_vectors])  # (N, r, in)
+        b_i = torch.stack([_factor(v, offsets, b) for v in client_vectors])  # (N, out, r)
         exact = (w * (b_i @ a_i)).sum(0)  # (out, in)
         gap = torch.linalg.matrix_norm(exact - (w * b_i).sum(0) @ (w * a_i).sum(0))
         norm = torch.linalg.matrix_norm(exact)
@@ -215,5 +232,10 @@ def _trainable_offsets(model: nn.Module) -> dict[int, int]:
     return offsets
 
 
-def _slice(vector: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    return vector[offset : offset + like.numel()].view(like.shape).to(torch.float64)
+def _factor(vector: torch.Tensor, offsets: dict[int, int], factor: torch.Tensor) -> torch.Tensor:
+    """A client's value of `factor` (float64): its slice of the client's vector, or the model's
+    own value when the factor does not train."""
+    if id(factor) not in offsets:
+        return factor.detach().to(torch.float64)
+    offset = offsets[id(factor)]
+    return vector[offset : offset + factor.numel()].view(factor.shape).to(torch.float64)
