@@ -59,6 +59,7 @@ def _check_combinations(cfg: DictConfig) -> None:
         raise FedrunError(f"client.optimizer: strategy={_named(cfg, 'strategy')} needs plain local SGD "
                           f"(client.optimizer=sgd, client.momentum=0; got {c.optimizer}, momentum {c.momentum}): "
                           "its client rule assumes it")
+    _check_no_exchange(cfg)
     _check_privacy(cfg)
     _check_distillation(cfg)
     _check_eval(cfg)
@@ -151,15 +152,36 @@ def _check_distillation(cfg: DictConfig) -> None:
     _check_model_entries(cfg.client.models)
 
 
+def _check_no_exchange(cfg: DictConfig) -> None:
+    """A strategy whose clients send nothing (local training alone): what acts on what is sent has nothing."""
+    if capability(cfg.strategy, "strategy", "exchanges") != "nothing":
+        return
+    name = _named(cfg, "strategy")
+    if uses_secure_sum(cfg.privacy) or capability(cfg.privacy, "privacy", "dp_level") == "user":
+        raise FedrunError(f"privacy: strategy={name} sends nothing to protect; allowed: privacy=none, or local_dp "
+                          "(DP-SGD inside each client's training)")
+    why = {"attack": "attacks tamper with updates sent to a server", "compression": "nothing is sent",
+           "audit": f"the canary audit measures one global model, which {name} has not"}
+    for group, reason in why.items():
+        if not capability(cfg[group], group, "is_noop"):
+            raise FedrunError(f"{group}: must be none with strategy={name}: {reason}")
+
+
 def _check_eval(cfg: DictConfig) -> None:
     """eval.samples and eval.choices read a global language model's answers."""
+    if cfg.eval.clients is not None and not cfg.eval.per_client:
+        raise FedrunError("eval.clients: samples the clients of eval.per_client, which is false; set "
+                          "eval.per_client=true")
+    if cfg.eval.per_client and capability(cfg.strategy, "strategy", "exchanges") == "logits":
+        raise FedrunError(f"eval.per_client: not built for strategy={_named(cfg, 'strategy')} yet (its clients' "
+                          "models are evaluated per architecture on the shared test set); set eval.per_client=false")
     key = "eval.samples" if cfg.eval.samples else "eval.choices" if cfg.eval.choices is not None else None
     if key is None:
         return
     if capability(cfg.data, "data", "data_kind") != "text":
         raise FedrunError(f"{key}: responses and multiple-choice answers need text data (a language model), "
                           f"not data={_named(cfg, 'data')}")
-    if capability(cfg.strategy, "strategy", "exchanges") == "logits":
+    if capability(cfg.strategy, "strategy", "exchanges") in ("logits", "nothing"):
         raise FedrunError(f"{key}: strategy={_named(cfg, 'strategy')} has no global model to answer with "
                           "(each client keeps its own); set eval.samples=0 and eval.choices=null")
 

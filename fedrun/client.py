@@ -78,8 +78,11 @@ class LocalTrainer:
 
     def train(self, job: ClientJob, data: ClientData, weights: torch.Tensor,
               ctx: RoundContext) -> ClientUpdate:
-        """Train from `weights` on the client's data; return `local - weights` and stats."""
+        """Train from `weights` (or the job's own start) on the client's data; return `local -
+        start` and stats."""
         start = time.perf_counter()
+        if job.start is not None:  # a client that holds its own weights (strategy=local)
+            weights = job.start.to(weights)
         self.flat.copy_(weights)
         self.optimizer.reset()  # a fresh optimizer for each client, without re-creating it
         order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id)

@@ -363,7 +363,8 @@ CAPABILITIES: dict[str, dict[str, tuple[str, Any]]] = {
         "client_sends_extras": ("its clients send vectors besides the update, which user-level DP does not clip "
                                 "or noise", False),
         "needs_plain_sgd": ("its client rule assumes plain local SGD (client.optimizer=sgd, momentum 0)", False),
-        "exchanges": ("what clients send: 'weights' (updates) or 'logits' (predictions on public data)", "weights"),
+        "exchanges": ("what clients send: 'weights' (updates), 'logits' (predictions on public data) or 'nothing' "
+                      "(strategy=local)", "weights"),
         "config_nodes": ("nodes of its config the run builds into objects before building it, by group "
                          "({'public': 'data'}: a public corpus)", {}),
     },

@@ -35,6 +35,7 @@ from fedrun import startup
 from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
+from fedrun.client_eval import ClientEvaluation
 from fedrun.components import capability, component, typed_node
 from fedrun.core import FedrunError, ResponseEval, make_deterministic
 from fedrun.data import cache as data_cache
@@ -259,8 +260,11 @@ def build(cfg: DictConfig) -> Experiment:
     # compression packs it, privacy clips (and masks) it last: DP bounds the vector actually sent,
     # error feedback's leftovers included (clipping a sparse or min-max-quantised vector keeps its format).
     client_hooks = [h for h in (getattr(strategy, "client_state", None), attack, compression, mechanism) if h]
+    personal = strategy if hasattr(strategy, "personal_weights") else None  # clients with their own weights
+    client_eval = None if not (cfg.eval.per_client or personal) else ClientEvaluation(
+        data, seed=cfg.seed, clients=cfg.eval.clients, listed=cfg.eval.per_client, personal=personal)
     server_model = getattr(strategy, "server_model", None) or GlobalModel(
-        make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data))
+        make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data), client_eval=client_eval)
     return Experiment(
         cfg=cfg,
         data=data,

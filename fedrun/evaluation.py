@@ -34,14 +34,9 @@ def eval_batch(examples: Examples) -> int:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict[str, float]:
-    """Loss averaged over all predictions, its perplexity, and top-1 accuracy.
-
-    An empty set is an error: averaged over nothing, the loss would read 0 and the perplexity 1.
-    """
-    if len(examples) == 0:
-        raise FedrunError("data: no test examples to evaluate on: a client holds out examples only when "
-                          "data.test_fraction > 0 and it has at least 2; fedrun's eval metrics are test metrics")
+def evaluate_sums(model: nn.Module, examples: Examples, device: torch.device) -> tuple[float, int, int]:
+    """(summed cross-entropy, correct top-1 predictions, predictions counted) over `examples`:
+    what `evaluate` averages, and what pools across clients each scored by its own model."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -56,7 +51,26 @@ def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict
         tokens += int((y != IGNORE).sum()) if isinstance(examples, Windows) and examples.mask is not None \
             else y.numel()
     model.train(was_training)
-    loss = float(loss_sum) / tokens
+    return float(loss_sum), int(correct), tokens
+
+
+def scores(loss_sum: float, correct: int, count: int) -> dict[str, float]:
+    """eval_loss, eval_ppl and eval_acc from `evaluate_sums`' sums."""
+    loss = loss_sum / count
     # A diverged model's perplexity is reported as inf rather than crashing the run.
-    ppl = math.exp(loss) if loss < 709.0 else math.inf
-    return {"eval_loss": loss, "eval_ppl": ppl, "eval_acc": int(correct) / tokens}
+    return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": correct / count}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+def evaluate(model: nn.Module, examples: Examples, device: torch.device) -> dict[str, float]:
+    """Loss averaged over all predictions, its perplexity, and top-1 accuracy.
+
+    An empty set is an error: averaged over nothing, the loss would read 0 and the perplexity 1.
+    """
+    if len(examples) == 0:
+        raise FedrunError("data: no test examples to evaluate on: a client holds out examples only when "
+                          "data.test_fraction > 0 and it has at least 2; fedrun's eval metrics are test metrics")
+    return scores(*evaluate_sums(model, examples, device))

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from fedrun.client_eval import CLIENTS_EVAL_COLUMNS, CLIENTS_EVAL_FILE
 from fedrun.core import (
     Backend,
     ClientHook,
@@ -32,7 +33,7 @@ from fedrun.records import (
     round_row,
     summarize,
 )
-from fedrun.rundir import JsonLines, RunDir
+from fedrun.rundir import CsvTable, JsonLines, RunDir
 from fedrun.sampling import drop_out
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
             on_round(history[0])
     else:
         samples = JsonLines(rundir.path / "samples.jsonl")  # eval.samples' responses: cut back as the tables
-        weights, history = restore(exp, checkpoint, metrics, [t for t in (clients, ledger, samples) if t])
+        per_client = CsvTable(rundir.path / CLIENTS_EVAL_FILE, CLIENTS_EVAL_COLUMNS) \
+            if (rundir.path / CLIENTS_EVAL_FILE).exists() else None  # eval.per_client's rows
+        weights, history = restore(exp, checkpoint, metrics, [t for t in (clients, ledger, samples, per_client) if t])
     for round_idx in range(history[-1]["round"] + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         rundir.set_status("running", round_idx=round_idx - 1)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from fedrun.client_eval import ClientEvaluation
 from fedrun.core import ClientUpdate, ResponseEval, Stream, derive_seed
 from fedrun.data.examples import Examples
 from fedrun.evaluation import evaluate
@@ -36,11 +37,13 @@ class GlobalModel:
     """One model whose flat weights are the loop's `weights`; with LoRA, the adapter is saved too."""
 
     def __init__(self, make_model: Callable[[], nn.Module], *, device: torch.device, seed: int,
-                 audit: CanaryAudit | None = None, evals: Sequence[ResponseEval] = ()):
+                 audit: CanaryAudit | None = None, evals: Sequence[ResponseEval] = (),
+                 client_eval: ClientEvaluation | None = None):
         self.model, self.flat = initial_model(make_model, device, seed)
-        self.device, self.audit, self.evals = device, audit, list(evals)
+        self.device, self.audit, self.evals, self.client_eval = device, audit, list(evals), client_eval
         self.lora = getattr(self.model, "lora_enabled", False)
         self.metric_columns = ((["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora else [])
+                               + (client_eval.metric_columns if client_eval else [])
                                + [c for e in self.evals for c in e.metric_columns])
 
     def initial_weights(self) -> torch.Tensor:
@@ -49,8 +52,14 @@ class GlobalModel:
     def evaluate(self, weights: torch.Tensor, test: Examples, *, round_idx: int, run_dir: Path) -> dict:
         self.flat.copy_(weights)
         measured = self.audit.measure(self.model, self.device) if self.audit else {}
-        metrics = evaluate(self.model, test, self.device)
+        per_client = self.client_eval.score(self.model, self.flat, weights, self.device) if self.client_eval else []
+        if self.client_eval is not None and self.client_eval.personal is not None:
+            metrics = self.client_eval.pooled(per_client)  # each test example scored by its owner's model
+        else:
+            metrics = evaluate(self.model, test, self.device)
         metrics |= {"canary_exposure": measured["canary_exposure"]} if self.audit else {}
+        if self.client_eval is not None:  # clients_eval.csv, eval_client_ppl_*
+            metrics |= self.client_eval.listing(per_client, round_idx=round_idx, run_dir=run_dir)
         for extra in self.evals:  # fedrun/response_eval.py: samples.jsonl, multiple-choice accuracy
             metrics |= extra.evaluate(self.model, self.device, round_idx=round_idx, run_dir=run_dir)
         return metrics
@@ -68,6 +77,8 @@ class GlobalModel:
         rundir.save_model(self.model, {"round": str(round_idx)})
         if self.lora:  # peft's layout, loadable with PeftModel.from_pretrained
             cast("HFCausalLM", self.model).save_adapter(Path(rundir.path) / "adapter")
+        if self.client_eval is not None and self.client_eval.personal is not None:  # the clients' own weights
+            self.client_eval.personal.save_personal(Path(rundir.path), round_idx=round_idx)
 
     def summary(self) -> dict:
         return {"audit": self.audit.summary(self.model, self.device)} if self.audit else {}

@@ -6,6 +6,7 @@ against fedrun's own `batch_indices`.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,6 +56,22 @@ def test_floor_matches_fedrun_on_text_steps(tmp_path):
                  "client.local_steps=6", "rounds=2"]
     floor, _ = floor_weights(overrides)
     assert_same(fedrun_weights(overrides, tmp_path), floor)
+
+
+def test_the_lora_floor_ends_with_fedrun_adapter_weights(tmp_path):
+    # W4's floor: one PEFT model built by benchmarks.lora (not fedrun's wrapper), instruction
+    # examples (only the response's targets count), GPT-2's dropout reseeded per client as fedrun does.
+    pytest.importorskip("transformers", reason="W4 (model=hf) needs the [llm] extra: pip install -e .[llm]")
+    pytest.importorskip("peft", reason="W4 (model=hf) needs the [llm] extra: pip install -e .[llm]")
+    play = make_play(tmp_path / "play.txt")
+    overrides = ["data=shakespeare_dialogue", f"data.path={play}", "data.seq_len=32", "data.min_samples=2",
+                 "model=hf", "model.lora.r=4", *SGD, "client.batch_size=4", "client.local_steps=3",
+                 "sampler.clients_per_round=3", "rounds=2"]
+    floor, _ = floor_weights(overrides)
+    fedrun = fedrun_weights(overrides, tmp_path)
+    assert any("lora_B" in name for name in fedrun) and len(floor) == len(fedrun)
+    assert_same(fedrun, floor)
+    assert any(float(v.abs().max()) > 0 for name, v in fedrun.items() if "lora_B" in name)  # it trained
 
 
 def test_exported_batches_are_fedrun_batches(tmp_path):

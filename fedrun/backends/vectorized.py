@@ -205,7 +205,8 @@ class VectorizedBackend:
         x_all, y_all = concat([p.data.train for p in plans]).inputs_targets(device)
         steps = pad_steps(plans)
         index, share = steps.index.to(device), steps.share.to(device)
-        stack = weights.expand(len(plans), -1).clone()  # (K, D): row k is client k's weights
+        starts = [weights if p.job.start is None else p.job.start.to(weights) for p in plans]  # (own: strategy=local)
+        stack = torch.stack(starts)  # (K, D): row k is client k's weights
         optimizer = flat_optimizer(stack, cfg)
         rule = self.trainer.local_rule
         term = None if rule is None else rule.gradient_term([p.job for p in plans], weights)  # row k: plans[k]
@@ -220,7 +221,7 @@ class VectorizedBackend:
             loss_sum[:active] += loss
             descend(optimizer, stack, grad, active=active, step=s, term=term)
         seconds = (time.perf_counter() - start) / len(plans)
-        return [self.client_update(p, stack[k] - weights, float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
+        return [self.client_update(p, stack[k] - starts[k], float(loss_sum[k]), seconds) for k, p in enumerate(plans)]
 
     def finish_alone(self, stack: torch.Tensor, optimizer: FlatOptimizer, plan: ClientPlan, first: int,
                      loss_sum: torch.Tensor, *, term: GradientTerm | None) -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from fedrun.components import option_name
 from fedrun.core import FedrunError
-from fedrun.report.runs import CONFIG_PREFIX, RESULTS
+from fedrun.report.runs import CONFIG_PREFIX, OPTIONAL, RESULTS
 
 IGNORED = {"run_dir", "name", "seed"}  # differ between runs of one setting; never distinguish groups
 FINISHED = "finished"
@@ -137,9 +137,10 @@ def group_runs(runs: pd.DataFrame, keys: list[str], metrics: list[str] | None = 
     """
     runs = filter_runs(runs, where)
     runs = runs[runs["status"].isin(list(statuses))]
-    if metrics is None:  # multiple-choice accuracy where some run measured it (eval.choices)
-        mc_acc = pd.to_numeric(runs.get("final_eval_mc_acc", pd.Series(dtype=float)), errors="coerce")
-        metrics = DEFAULT_METRICS + (["final_eval_mc_acc"] if mc_acc.notna().any() else [])
+    if metrics is None:  # eval.choices' and eval.per_client's metrics where some run measured them
+        measured = [f"final_{m}" for m in OPTIONAL
+                    if pd.to_numeric(runs.get(f"final_{m}", pd.Series(dtype=float)), errors="coerce").notna().any()]
+        metrics = DEFAULT_METRICS + measured
     metrics = list(metrics)
     sort_by = resolve_metric(sort) if sort else None
     if sort_by and sort_by not in metrics:

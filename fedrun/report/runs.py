@@ -30,8 +30,10 @@ from fedrun.rundir import read_regular_bytes
 log = logging.getLogger(__name__)
 
 EVAL = ("eval_loss", "eval_ppl", "eval_acc")
+# Final values of metrics only some runs have: eval.choices' accuracy, eval.per_client's ppl spread.
+OPTIONAL = ("eval_mc_acc", "eval_client_ppl_mean", "eval_client_ppl_p10", "eval_client_ppl_p90")
 RESULTS = ["path", "status", "rounds", *(f"final_{m}" for m in EVAL), *(f"best_{m}" for m in EVAL),
-           "final_eval_mc_acc", "epsilon", "bytes", "seconds", "error", "note"]  # mc: eval.choices runs only
+           *(f"final_{m}" for m in OPTIONAL), "epsilon", "bytes", "seconds", "error", "note"]
 CONFIG_PREFIX = "config."  # for a config key that has a result's name (`rounds`: planned, not reached)
 FRESH_SECONDS = 60  # a run with no status.json whose metrics.csv changed this recently is running
 MAX_JSON_BYTES = 1 << 20  # status.json and summary.json are a few KiB
@@ -176,7 +178,8 @@ def results(metrics: pd.DataFrame, summary: dict) -> dict[str, float]:
         values = column(evaluated, m)
         out[f"final_{m}"] = values.iloc[-1] if len(values) else math.nan
         out[f"best_{m}"] = values.max() if m == "eval_acc" else values.min()
-    out["final_eval_mc_acc"] = last(column(metrics, "eval_mc_acc"))
+    for m in OPTIONAL:
+        out[f"final_{m}"] = last(column(metrics, m))
     fallback = {"rounds": summary.get("rounds"), "epsilon": summary.get("epsilon"),
                 "bytes": _sum(summary.get("bytes_up"), summary.get("bytes_down")), "seconds": summary.get("seconds"),
                 **{f"{k}_{m}": (summary.get(k) or {}).get(m) for k in ("final", "best") for m in EVAL}}

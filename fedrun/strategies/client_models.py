@@ -14,7 +14,6 @@ model before any has) and reports each architecture's mean loss, its perplexity 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 
 from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, numpy_rng
 from fedrun.data.examples import Examples
-from fedrun.evaluation import evaluate
+from fedrun.evaluation import evaluate, perplexity
 from fedrun.params import flatten_parameters
 from fedrun.rundir import atomic_write
 
@@ -111,12 +110,12 @@ class ClientModels:
                 results.append(evaluate(self.models[k], test, self.device))
             loss = sum(r["eval_loss"] for r in results) / len(results)
             acc = sum(r["eval_acc"] for r in results) / len(results)
-            per_arch |= {f"eval_loss_{spec.name}": loss, f"eval_ppl_{spec.name}": _ppl(loss),
+            per_arch |= {f"eval_loss_{spec.name}": loss, f"eval_ppl_{spec.name}": perplexity(loss),
                          f"eval_acc_{spec.name}": acc}
             losses += [r["eval_loss"] for r in results]
             accs += [r["eval_acc"] for r in results]
         loss = sum(losses) / len(losses)
-        overall = {"eval_loss": loss, "eval_ppl": _ppl(loss), "eval_acc": sum(accs) / len(accs)}
+        overall = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": sum(accs) / len(accs)}
         return overall | (per_arch if self.metric_columns else {})
 
     def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict:
@@ -142,5 +141,3 @@ class ClientModels:
         self.weights = {int(c): w.to(self.device) for c, w in state["weights"].items()}
 
 
-def _ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 709.0 else math.inf
