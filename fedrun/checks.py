@@ -153,15 +153,24 @@ def _check_distillation(cfg: DictConfig) -> None:
 
 
 def _check_no_exchange(cfg: DictConfig) -> None:
-    """A strategy whose clients send nothing (local training alone): what acts on what is sent has nothing."""
-    if capability(cfg.strategy, "strategy", "exchanges") != "nothing":
+    """A baseline that sends nothing (local training alone, or one model on pooled data): what acts
+    on what is sent has nothing to act on."""
+    central = capability(cfg.strategy, "strategy", "trains_centrally")
+    if capability(cfg.strategy, "strategy", "exchanges") != "nothing" and not central:
         return
     name = _named(cfg, "strategy")
+    if central and (capability(cfg.privacy, "privacy", "dp_level") is not None or uses_secure_sum(cfg.privacy)):
+        raise FedrunError(f"privacy: strategy={name} trains one model on the pooled data, with no client to "
+                          "protect; allowed: privacy=none")
+    if central and option_name("backend", cfg.backend._target_) != "sequential":
+        raise FedrunError(f"backend: strategy={name} trains one model in the main process; allowed: "
+                          "backend=sequential")
     if uses_secure_sum(cfg.privacy) or capability(cfg.privacy, "privacy", "dp_level") == "user":
         raise FedrunError(f"privacy: strategy={name} sends nothing to protect; allowed: privacy=none, or local_dp "
                           "(DP-SGD inside each client's training)")
     why = {"attack": "attacks tamper with updates sent to a server", "compression": "nothing is sent",
-           "audit": f"the canary audit measures one global model, which {name} has not"}
+           "audit": "the canary audit plants secrets in clients' data" if central
+           else f"the canary audit measures one global model, which {name} has not"}
     for group, reason in why.items():
         if not capability(cfg[group], group, "is_noop"):
             raise FedrunError(f"{group}: must be none with strategy={name}: {reason}")

@@ -105,7 +105,7 @@ def _num(x: float) -> str:
 # What the run provides to a component of each group when it builds it (fedrun/config.py
 # `build`), by parameter name; every other parameter is a config key.
 RUN_CONTEXT = ("num_clients", "num_params", "device", "seed", "make_model", "model_specs", "sample_rate", "rounds",
-               "batch_size", "dropout", "strategy", "max_examples", "public")
+               "batch_size", "dropout", "strategy", "max_examples", "public", "data", "client_config")
 CONTEXT: dict[str, frozenset[str]] = {
     "data": frozenset(),  # a source is built from its keys alone; `load(seed=, ...)` gets the rest
     "model": frozenset({"vocab_size", "seq_len", "num_features", "num_classes"}),
@@ -365,6 +365,8 @@ CAPABILITIES: dict[str, dict[str, tuple[str, Any]]] = {
         "needs_plain_sgd": ("its client rule assumes plain local SGD (client.optimizer=sgd, momentum 0)", False),
         "exchanges": ("what clients send: 'weights' (updates), 'logits' (predictions on public data) or 'nothing' "
                       "(strategy=local)", "weights"),
+        "trains_centrally": ("it pools the clients' data and trains one model itself, in the main process "
+                             "(strategy=centralized): there is no client to attack, protect or compress", False),
         "config_nodes": ("nodes of its config the run builds into objects before building it, by group "
                          "({'public': 'data'}: a public corpus)", {}),
     },

@@ -237,7 +237,7 @@ def build(cfg: DictConfig) -> Experiment:
     context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
                "make_model": make_model, "model_specs": model_specs(cfg, data, make_model),
                "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size,
-               "dropout": cfg.sampler.dropout}
+               "dropout": cfg.sampler.dropout, "data": data, "client_config": client_config(cfg)}
     strategy = build_strategy(cfg, context)
     # Logit exchange sends predictions, not weights: privacy clips and noises those vectors.
     mechanism = with_context(instantiate(cfg.privacy, _partial_=True),

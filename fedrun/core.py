@@ -84,9 +84,9 @@ class ClientJob:
     client_id: int
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # sent down, counted in bytes_down
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # what the client keeps: never sent
-    # The weights the client starts from when it holds its own (strategy=local): nothing of the
-    # global weights is sent down then. None: the global weights, sent to it.
+    # The weights the client starts from when it holds its own (strategy=local). None: the global weights.
     start: torch.Tensor | None = None
+    receives_weights: bool = True  # the global weights go down to it (counted in bytes_down)
 
     @property
     def extra_bytes(self) -> int:

@@ -89,7 +89,9 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         exp.strategy.begin_round(ctx)
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
-        updates = exp.backend.train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
+        # A strategy that trains one model itself (centralized) takes the backend's place.
+        train_cohort = getattr(exp.strategy, "train_cohort", exp.backend.train_cohort)
+        updates = train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
         previous, weights = weights, server_step(exp, weights, updates, ctx)
         row = round_row(round_idx, updates, previous, jobs=list(jobs.values()), dropped=len(dropped))
         row.update(server.round_metrics(previous, updates))

@@ -19,7 +19,7 @@ def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor
     """The round's metrics.csv row before evaluation; train_loss is example-weighted.
 
     The global weights (and any strategy state, e.g. SCAFFOLD's c) go down to every sampled
-    client, dropped ones included, except to a client that starts from its own (strategy=local);
+    client, dropped ones included, unless a baseline sends nothing (strategy=local, centralized);
     updates come up from those that report."""
     examples = sum(u.num_examples for u in updates)
     return {
@@ -28,7 +28,7 @@ def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor
         "examples": examples,
         "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples if updates else None,
         "bytes_up": sum(u.bytes_up for u in updates),
-        "bytes_down": sum(weights.numel() * weights.element_size() * (j.start is None) + j.extra_bytes for j in jobs),
+        "bytes_down": sum(weights.numel() * weights.element_size() * j.receives_weights + j.extra_bytes for j in jobs),
         "sampled": len(jobs),
         "reported": len(updates),
         "dropped": dropped,

@@ -152,3 +152,45 @@ def test_report_shows_the_client_ppl_spread(tmp_path):
     assert "client ppl" in out.output and "client p90" in out.output
     p90 = pd.read_csv(run_dir / "metrics.csv")["eval_client_ppl_p90"].dropna().iloc[-1]
     assert f"{p90:.4g}" in out.output
+
+
+# ---- strategy=centralized: one model on the pooled training data --------------------------------
+
+def test_centralized_is_a_hand_written_sgd_loop_on_the_pooled_data(tmp_path):
+    exp, run_dir = _run(tmp_path, "strategy=centralized")
+    # The pooled data: every client's training examples, client after client.
+    x_all = torch.cat([exp.data.clients[k].train.features for k in range(6)])
+    y_all = torch.cat([exp.data.clients[k].train.labels for k in range(6)])
+    model = _initial(exp)
+    for round_idx in range(1, 5):  # 3 clients x 4 local steps a round, batches from the pooled stream (id N = 6)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for idx in batch_indices(len(x_all), 8, 12, torch_generator(exp.cfg.seed, Stream.CLIENT, round_idx, 6)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx]).backward()
+            optimizer.step()
+    saved = exp.make_model()
+    saved.load_state_dict(load_file(run_dir / "model.safetensors"))
+    torch.testing.assert_close(flatten_parameters(saved), flatten_parameters(model).detach(), rtol=1e-5, atol=1e-6)
+    clients = pd.read_csv(run_dir / "clients.csv")
+    assert clients["client_id"].tolist() == [6] * 4 and clients["local_steps"].tolist() == [12] * 4
+    assert (clients["examples"] == len(x_all)).all()
+    metrics = pd.read_csv(run_dir / "metrics.csv").set_index("round")
+    assert (metrics.loc[1:, "bytes_up"] == 0).all() and (metrics.loc[1:, "bytes_down"] == 0).all()
+
+
+def test_centralized_takes_the_steps_the_cohort_would_take(tmp_path):
+    epochs = ["client.local_steps=null", "client.local_epochs=1", "client.optimizer=sgd"]
+    _, fed = _run(tmp_path, *epochs, name="fed")
+    _, central = _run(tmp_path, *epochs, "strategy=centralized", name="central")
+    per_round = pd.read_csv(fed / "clients.csv").groupby("round")["local_steps"].sum()
+    assert pd.read_csv(central / "clients.csv").set_index("round")["local_steps"].equals(per_round)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("privacy=local_dp", "privacy: strategy=centralized trains one model on the pooled data"),
+    ("backend=vectorized", "backend: strategy=centralized trains one model in the main process"),
+    ("attack=sign_flip", "attack: must be none with strategy=centralized"),
+])
+def test_centralized_refuses_what_needs_clients(override, message):
+    with pytest.raises(FedrunError, match=message):
+        config.compose([*SYNTH, "strategy=centralized", override])

@@ -36,7 +36,7 @@ class Local:
         pass
 
     def client_job(self, client_id: int) -> ClientJob:
-        return ClientJob(client_id=client_id, start=self.own.get(client_id, self.initial))
+        return ClientJob(client_id=client_id, start=self.own.get(client_id, self.initial), receives_weights=False)
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
         return self.initial.new_zeros(0)  # nothing to combine: the loop's weights stay the initial ones
