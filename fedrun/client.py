@@ -81,8 +81,7 @@ class LocalTrainer:
         """Train from `weights` (or the job's own start) on the client's data; return `local -
         start` and stats."""
         start = time.perf_counter()
-        if job.start is not None:  # a client that holds its own weights (strategy=local)
-            weights = job.start.to(weights)
+        weights = job.start(weights)  # with weights of its own (strategy=local, fedsa), from those
         self.flat.copy_(weights)
         self.optimizer.reset()  # a fresh optimizer for each client, without re-creating it
         order = torch_generator(ctx.seed, Stream.CLIENT, ctx.round_idx, job.client_id)

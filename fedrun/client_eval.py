@@ -30,9 +30,10 @@ CLIENT_PPL_COLUMNS = ["eval_client_ppl_mean", "eval_client_ppl_p10", "eval_clien
 
 
 class PersonalWeights(Protocol):
-    """A strategy whose clients hold weights of their own (strategy=local)."""
+    """Clients that hold weights of their own (strategy=local; lora.aggregation=fedsa: their B)."""
 
-    def personal_weights(self, client_id: int) -> torch.Tensor: ...
+    def personal_weights(self, client_id: int, weights: torch.Tensor) -> torch.Tensor:
+        """The weights client `client_id` holds, given the global `weights`."""
 
     def save_personal(self, run_dir: Path, *, round_idx: int) -> None: ...
 
@@ -67,7 +68,7 @@ class ClientEvaluation:
               device: torch.device) -> list[ClientScore]:
         results = []
         for k in self.scored:
-            own = self.personal.personal_weights(k) if self.personal is not None else None
+            own = self.personal.personal_weights(k, weights) if self.personal is not None else None
             flat.copy_(weights if own is None else own)
             test = self.data.clients[k].test
             results.append(ClientScore(k, evaluate_sums(model, test, device), len(test), own is not None))

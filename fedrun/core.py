@@ -78,15 +78,33 @@ def make_deterministic(device: torch.device) -> None:
 
 
 @dataclass
+class OwnCoordinates:
+    """Weights a client keeps for itself: `values` at `index` of the flat vector (all of it when
+    `index` is None); the other coordinates come from the global weights."""
+
+    values: torch.Tensor
+    index: torch.Tensor | None = None  # int64 positions
+
+    def start(self, weights: torch.Tensor) -> torch.Tensor:
+        values = self.values.to(weights)
+        return values if self.index is None else weights.index_copy(0, self.index.to(weights.device), values)
+
+
+@dataclass
 class ClientJob:
     """What the server sends one client besides the global weights, and what the client keeps."""
 
     client_id: int
     payload: dict[str, torch.Tensor] = field(default_factory=dict)  # sent down, counted in bytes_down
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # what the client keeps: never sent
-    # The weights the client starts from when it holds its own (strategy=local). None: the global weights.
-    start: torch.Tensor | None = None
-    receives_weights: bool = True  # the global weights go down to it (counted in bytes_down)
+    # Coordinates of the weights the client holds itself and starts from instead of the global
+    # ones (strategy=local: all of them; lora.aggregation=fedsa: its B factors). None: none.
+    own: OwnCoordinates | None = None
+    coords_down: int | None = None  # how many coordinates of the global weights go down to it; None: all
+
+    def start(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights the client starts training from, given the global `weights`."""
+        return weights if self.own is None else self.own.start(weights)
 
     @property
     def extra_bytes(self) -> int:

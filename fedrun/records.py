@@ -28,7 +28,8 @@ def round_row(round_idx: int, updates: list[ClientUpdate], weights: torch.Tensor
         "examples": examples,
         "train_loss": sum(u.train_loss * u.num_examples for u in updates) / examples if updates else None,
         "bytes_up": sum(u.bytes_up for u in updates),
-        "bytes_down": sum(weights.numel() * weights.element_size() * j.receives_weights + j.extra_bytes for j in jobs),
+        "bytes_down": sum(weights.element_size() * (weights.numel() if j.coords_down is None else j.coords_down)
+                          + j.extra_bytes for j in jobs),
         "sampled": len(jobs),
         "reported": len(updates),
         "dropped": dropped,

@@ -205,7 +205,7 @@ class VectorizedBackend:
         x_all, y_all = concat([p.data.train for p in plans]).inputs_targets(device)
         steps = pad_steps(plans)
         index, share = steps.index.to(device), steps.share.to(device)
-        starts = [weights if p.job.start is None else p.job.start.to(weights) for p in plans]  # (own: strategy=local)
+        starts = [p.job.start(weights) for p in plans]  # the global weights, or a client's own (strategy=local)
         stack = torch.stack(starts)  # (K, D): row k is client k's weights
         optimizer = flat_optimizer(stack, cfg)
         rule = self.trainer.local_rule

@@ -39,7 +39,7 @@ class Centralized(ServerStrategy):
         self.trainer = LocalTrainer(make_model, client_config, device)
 
     def client_job(self, client_id: int) -> ClientJob:
-        return ClientJob(client_id=client_id, receives_weights=False)  # its data is pooled: nothing goes down
+        return ClientJob(client_id=client_id, coords_down=0)  # its data is pooled: nothing goes down
 
     def cohort_steps(self, cohort: Sequence[int], ctx: RoundContext) -> int:
         """The local steps the cohort's clients would take in all this round."""

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fedrun.core import ClientJob, ClientUpdate, RoundContext
+from fedrun.core import ClientJob, ClientUpdate, OwnCoordinates, RoundContext
 from fedrun.rundir import atomic_write
 from fedrun.server_model import initial_model
 
@@ -36,7 +36,7 @@ class Local:
         pass
 
     def client_job(self, client_id: int) -> ClientJob:
-        return ClientJob(client_id=client_id, start=self.own.get(client_id, self.initial), receives_weights=False)
+        return ClientJob(client_id=client_id, own=OwnCoordinates(self.personal_weights(client_id)), coords_down=0)
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> torch.Tensor:
         return self.initial.new_zeros(0)  # nothing to combine: the loop's weights stay the initial ones
@@ -44,7 +44,7 @@ class Local:
     def apply(self, weights: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return weights
 
-    def personal_weights(self, client_id: int) -> torch.Tensor:
+    def personal_weights(self, client_id: int, weights: torch.Tensor | None = None) -> torch.Tensor:
         """The weights client `client_id` holds now (the initial ones before it first trains)."""
         return self.own.get(client_id, self.initial)
 
