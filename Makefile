@@ -35,7 +35,8 @@ test-all: install
 
 # Flower and pfl in their own environment: flwr 1.42 pins ray, typer and rich, which must not
 # constrain fedrun's. torch first again, for the same reason as above; pfl's [pytorch] extra
-# then finds it satisfied.
+# then finds it satisfied. transformers and peft (W4's FlowerTune client) at the versions of
+# fedrun's .venv, so that both sides build the same model.
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
@@ -45,6 +46,7 @@ $(BENCH_STAMP):
 	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
 	$(BENCH_VENV)/bin/pip install --quiet 'flwr[simulation]==1.42.0'
 	$(BENCH_VENV)/bin/pip install --quiet 'pfl[pytorch]==0.6.0'
+	$(BENCH_VENV)/bin/pip install --quiet 'transformers==5.25.0' 'peft==0.21.2'
 	touch $(BENCH_STAMP)
 
 # Speed and memory against a bare PyTorch floor, Flower and pfl (benchmarks/README.md);

@@ -3,7 +3,8 @@
 Only torch is needed here (no fedrun), so the Flower and pfl scripts in `.venv-bench` use
 the very same local training and evaluation code as the floor. Examples come in the two
 kinds fedrun has: byte windows (N, T + 1), whose inputs are the first T bytes and targets
-the last T, and labelled features (N, F) with labels (N,).
+the last T, and labelled features (N, F) with labels (N,). Instruction windows carry a
+(N, T + 1) `mask` too: only the targets it marks (the response's) count in a loss.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 # costs every contender the same memory.
 EVAL_TOKENS = 8192
 EVAL_EXAMPLES = 1024
+IGNORE = -100  # a target no loss counts (cross_entropy's ignore_index, fedrun's IGNORE)
 
 
 def eval_batch(examples: dict[str, torch.Tensor]) -> int:
@@ -26,9 +28,12 @@ def eval_batch(examples: dict[str, torch.Tensor]) -> int:
 
 
 def inputs_targets(examples: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) inputs and targets of windows, or (B, F) features and (B,) labels."""
+    """(B, T) inputs and targets of windows (IGNORE where a mask leaves a target out), or
+    (B, F) features and (B,) labels."""
     if "tokens" in examples:
         tokens = examples["tokens"].long()
+        if "mask" in examples:
+            return tokens[:, :-1], tokens[:, 1:].masked_fill(~examples["mask"][:, 1:], IGNORE)
         return tokens[:, :-1], tokens[:, 1:]
     return examples["features"], examples["labels"]
 
@@ -82,13 +87,13 @@ def num_steps(num_examples: int, *, batch_size: int, local_steps: int | None, lo
 
 @torch.inference_mode()
 def eval_loss(model: nn.Module, examples: dict[str, torch.Tensor]) -> float:
-    """Cross-entropy averaged over every prediction of the test set."""
+    """Cross-entropy averaged over every prediction of the test set that counts."""
     model.eval()
     total, count = 0.0, 0
     batch = eval_batch(examples)
     for start in range(0, size(examples), batch):
         x, y = inputs_targets(take(examples, slice(start, start + batch)))
         total += float(loss_of(model, x, y, reduction="sum"))
-        count += y.numel()
+        count += int((y != IGNORE).sum())
     model.train()
     return total / max(count, 1)

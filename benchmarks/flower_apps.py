@@ -10,7 +10,7 @@ as Flower's quickstarts do: it builds the model, loads the arrays it was sent, t
 the shared plain-PyTorch loop and returns its weights and example count. One virtual
 SuperNode per client of the population; each round the strategy picks as many nodes as
 fedrun samples clients, and each message names which client's data to train on (fedrun's
-cohort and batch order), so the work is the same as the floor's. Ray listens on loopback,
+cohort, batch order and dropout seed), so the work is the same as the floor's. Ray listens on loopback,
 with 2 CPUs and a small object store.
 """
 from __future__ import annotations
@@ -65,11 +65,12 @@ class TimedFedAvg(FedAvg):
         self.clock.start_round()
         w = work()
         ids, seeds = w["cohorts"][server_round - 1], w["order_seeds"][server_round - 1]
+        dropout_seeds = w["dropout_seeds"][server_round - 1]
         nodes, _ = sample_nodes(grid, self.min_available_nodes, len(ids))
         return [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
-                    {"client-id": c, "order-seed": s, "server-round": server_round})}),
+                    {"client-id": c, "order-seed": s, "dropout-seed": d, "server-round": server_round})}),
                         message_type=MessageType.TRAIN, dst_node_id=node)
-                for node, c, s in zip(nodes, ids, seeds)]
+                for node, c, s, d in zip(nodes, ids, seeds, dropout_seeds)]
 
     def aggregate_train(self, server_round, replies):
         result = super().aggregate_train(server_round, replies)

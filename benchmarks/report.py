@@ -15,7 +15,14 @@ def one_line(r: dict) -> str:
     if "error" in r:
         return f"FAILED {r['error'][:300]}"
     return (f"{r['seconds_per_round']:.3f} s/round, first round after {r['time_to_first_round']:.1f} s, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB (tree {r['tree_pss_mb']:.0f} MB), eval loss {r['eval_loss']:.6f}")
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (tree {r['tree_pss_mb']:.0f} MB), eval loss {r['eval_loss']:.6f}"
+            + (f", load average {load(r)}" if "load_average_1m" in r else ""))
+
+
+def load(r: dict) -> str:
+    """The 1-minute load average at a contender's start and end, e.g. `2.1-2.6`."""
+    start, end = r["load_average_1m"]
+    return f"{start:.1f}-{end:.1f}"
 
 
 def find(results: list[dict], workload: str, contender: str) -> dict | None:
@@ -28,18 +35,38 @@ def ratio(a: dict | None, b: dict | None, key: str = "seconds_per_round") -> flo
 
 
 def workload_table(results: list[dict], workload: str) -> str:
+    """One row per contender; with the load average at its start and end where run.py recorded it."""
     rows = [r for r in results if r["workload"] == workload]
     floor = find(results, workload, "floor")
-    lines = ["| contender | s/round | x floor | first round (s) | peak RSS (MB) | tree PSS (MB) | eval loss |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    loads = any("load_average_1m" in r for r in rows)
+    lines = ["| contender | s/round | x floor | first round (s) | peak RSS (MB) | tree PSS (MB) | eval loss |"
+             + (" load (1 min) |" if loads else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if loads else "")]
     for r in rows:
+        end = f" {load(r)} |" if "load_average_1m" in r else (" |" if loads else "")
         if "error" in r:
-            lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['contender']} | failed: {r['error'][:120]} | | | | | |" + end)
             continue
         x = f"{ratio(r, floor):.2f}" if floor else ""
         lines.append(f"| {r['contender']} | {r['seconds_per_round']:.3f} | {x} | {r['time_to_first_round']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['tree_pss_mb']:.0f} | {r['eval_loss']:.6f} |")
+                     f"{r['peak_rss_mb']:.0f} | {r['tree_pss_mb']:.0f} | {r['eval_loss']:.6f} |" + end)
     return "\n".join(lines)
+
+
+def phases_table(r: dict) -> str:
+    """Where Flower's W4 time goes: each phase of a ClientApp call, as the calls timed themselves,
+    against the round's wall clock (Flower's two Ray actors run two calls at a time)."""
+    phases = r["client_phases"]
+    calls = sum(p["per_round"] for p in phases.values())
+    lines = ["| phase of a call | s per call (median) | s per round, summed over its calls (median) | share |",
+             "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {p['per_call']:.3f} | {p['per_round']:.2f} | {p['per_round'] / calls:.0%} |"
+              for name, p in phases.items()]
+    lines.append(f"| all four | | {calls:.2f} | 100% |")
+    return "\n".join(lines) + (
+        f"\n\nA round took {r['seconds_per_round']:.2f} s (median): its calls' {calls:.2f} s over 2 actors would fill "
+        f"{calls / 2:.2f} s, and {r['seconds_per_round'] - calls / 2:.2f} s is Flower's and Ray's own (messages, "
+        "scheduling, aggregation) or an actor waiting for the other.")
 
 
 def w3_table(results: list[dict]) -> str:
@@ -126,6 +153,14 @@ def targets(results: list[dict], extra: dict | None = None) -> str:
                      *check(ratio(find(results, w, "flower"), both), lambda v: v >= 5)))
         rows.append((f"{w}: fedrun-process2 / fedrun-sequential, s/round", "< 1",
                      *check(ratio(find(results, w, "fedrun-process2"), seq), lambda v: v < 1)))
+    for w in sorted({r["workload"] for r in results if r["group"] == "W4"}):
+        seq, floor = find(results, w, "fedrun-sequential"), find(results, w, "floor")
+        rows.append((f"{w}: fedrun-sequential / floor, s/round", "<= 1.05",
+                     *check(ratio(seq, floor), lambda v: v <= 1.05)))
+        rows.append((f"{w}: fedrun-sequential / floor, peak RSS", "<= 1.25",
+                     *check(ratio(seq, floor, "peak_rss_mb"), lambda v: v <= 1.25)))
+        rows.append((f"{w}: Flower (FlowerTune's client) / fedrun-sequential, s/round", "(as measured)",
+                     *check(ratio(find(results, w, "flower"), seq), lambda v: None)))
     for backend in sorted({r["contender"] for r in results if r["group"] == "W3"}):
         sweep = [r for r in results if r["group"] == "W3" and r["contender"] == backend
                  and r["clients_per_round"] == 100 and "error" not in r]
@@ -154,13 +189,20 @@ def markdown(results: list[dict], meta: dict, extra: dict | None = None) -> str:
     in processes of their own: w3_interleaved and batching_bound (either may be missing)."""
     extra = extra or {}
     interleaved, bound = extra.get("w3_interleaved"), extra.get("batching_bound")
-    parts = [f"Measured {meta['date']} on {meta['cores']} cores ({meta['cpu']}), torch {meta['torch']}, "
+    groups = ", ".join(meta.get("groups", []))
+    parts = [f"Measured {meta['date']}{f' ({groups})' if meta.get('measured') else ''} on {meta['cores']} cores "
+             f"({meta['cpu']}), torch {meta['torch']}, "
              f"{meta['threads_per_contender']} intra-op thread(s) per contender process"
              f"{' (BENCH_QUICK: few rounds, smoke test only)' if meta['quick'] else ''}. "
              f"Load average (1 min) during the run: {min(meta['load_average_1m']):.1f} to "
-             f"{max(meta['load_average_1m']):.1f}.", "", "### Targets", "", targets(results, extra)]
+             f"{max(meta['load_average_1m']):.1f}.", *earlier_lines(meta), "", "### Targets", "",
+             targets(results, extra)]
     for w in dict.fromkeys(r["workload"] for r in results if r["group"] != "W3"):
         parts += ["", f"### {w}", "", workload_table(results, w)]
+        flower = find(results, w, "flower")
+        if flower and "client_phases" in flower:
+            parts += ["", f"Where Flower's {w} time goes (each ClientApp call timed inside itself):", "",
+                      phases_table(flower)]
     if bound:
         parts += ["", "### W1, the most that training the cohort together could gain"
                       " (`python -m benchmarks.batching_bound`)", "", bound_table(bound)]
@@ -172,6 +214,21 @@ def markdown(results: list[dict], meta: dict, extra: dict | None = None) -> str:
         parts += ["", "The 100,000-client point needs `data.max_client_examples` (not in fedrun.data.synthetic "
                   "yet): uncapped, 100,000 Synthetic(1, 1) clients hold about 38M examples (~9 GB)."]
     return "\n".join(parts) + "\n"
+
+
+def earlier_lines(meta: dict) -> list[str]:
+    """When the results kept from an earlier run (a BENCH_ONLY run keeps the other groups') were measured."""
+    by_date: dict[str, list[str]] = {}
+    for group, when in meta.get("measured", {}).items():
+        by_date.setdefault(json.dumps(when, sort_keys=True), []).append(group)
+    lines = []
+    for when, groups in by_date.items():
+        w = json.loads(when)
+        loads = w.get("load_average_1m")
+        lines += ["", f"{', '.join(groups)}: kept from an earlier run, measured {w['date']}"
+                  + (f", load average (1 min) {loads[0]:.1f} to {loads[1]:.1f}" if loads else "") + "."
+                  + (f" {w['note']}" if w.get("note") else "")]
+    return lines
 
 
 def plot_w3(results: list[dict], path: Path) -> None:

@@ -4,11 +4,13 @@ fedrun and the floor run in fedrun's `.venv` (this interpreter); Flower and pfl 
 `.venv-bench` (BENCH_PYTHON), reading the workload from a file `benchmarks.export` writes.
 Each contender process gets one intra-op thread (BENCH_THREADS, default 1: Ray gives its
 workers one, and on a shared 2-core machine two spinning threads per process mostly wait on
-each other), and the same start stamp BENCH_T0. Results go to benchmarks/results/.
-`python -m benchmarks.run` (BENCH_QUICK=1 for a smoke run of a few minutes).
+each other), and the same start stamp BENCH_T0. Results go to benchmarks/results/; a run of
+some workload groups only (BENCH_ONLY) keeps the other groups' results from results.json, with
+when they were measured. `python -m benchmarks.run` (BENCH_QUICK=1 for a smoke run of a few minutes).
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -23,18 +25,20 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.export import export
 from benchmarks.measure import TreeMemory
-from benchmarks.workloads import FEDRUN, ROOT, SHAKESPEARE, Workload, w1, w2, w3
+from benchmarks.workloads import FEDRUN, ROOT, SHAKESPEARE, Workload, w1, w2, w3, w4
 
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH_PYTHON = os.environ.get("BENCH_PYTHON", str(ROOT / ".venv-bench" / "bin" / "python"))
 TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", 1200))  # seconds per contender run
 MEMORY_LIMIT_MB = float(os.environ.get("BENCH_MEMORY_LIMIT_MB", 10000))  # per contender process tree
+GROUPS = "W1,W2,W3,W4"
+EXTRA_GROUP = {"w3_interleaved": "W3", "batching_bound": "W1"}  # what run.py measures besides, and for which group
 
 
-def contender_command(name: str) -> list[str]:
-    if name in ("flower", "pfl"):
-        return [BENCH_PYTHON, "-m", f"benchmarks.contender_{name}"]
-    return [sys.executable, "-m", "benchmarks.contender_floor" if name == "floor" else "benchmarks.contender_fedrun"]
+def contender_command(name: str, workload: Workload) -> list[str]:
+    python = BENCH_PYTHON if name in ("flower", "pfl") else sys.executable
+    default = f"benchmarks.contender_{name}" if name in ("flower", "pfl", "floor") else "benchmarks.contender_fedrun"
+    return [python, "-m", workload.modules.get(name, default)]
 
 
 def child_env(export_path: Path | None) -> dict[str, str]:
@@ -58,7 +62,8 @@ def run_contender(name: str, workload: Workload, workdir: Path, export_path: Pat
     result_path = workdir / "result.json"
     log = open(workdir / "output.log", "w")
     env = child_env(export_path)
-    proc = subprocess.Popen(contender_command(name) + [str(workdir / "spec.json"), str(result_path)],
+    load_before = os.getloadavg()[0]
+    proc = subprocess.Popen(contender_command(name, workload) + [str(workdir / "spec.json"), str(result_path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     memory = TreeMemory(proc.pid, limit_mb=MEMORY_LIMIT_MB)
     try:
@@ -73,7 +78,8 @@ def run_contender(name: str, workload: Workload, workdir: Path, export_path: Pat
     proc.wait()
     log.close()
     base = {"contender": name, "workload": workload.name, "group": workload.group, **workload.point,
-            "tree_pss_mb": tree_mb, "wall_seconds": time.time() - float(env["BENCH_T0"])}
+            "tree_pss_mb": tree_mb, "wall_seconds": time.time() - float(env["BENCH_T0"]),
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # at its start and end
     if rc == 0 and result_path.exists():
         return base | json.loads(result_path.read_text())
     if memory.exceeded:
@@ -91,14 +97,27 @@ def has_cap() -> bool:
 
 
 def workloads(quick: bool) -> list[Workload]:
+    only = os.environ.get("BENCH_ONLY", GROUPS).split(",")
     chosen = []
     if SHAKESPEARE.is_file():
         chosen += w1(quick=quick)
     else:
         print(f"W1 skipped: {SHAKESPEARE} not found (the tinyshakespeare file of the project's machines)")
-    only = os.environ.get("BENCH_ONLY", "W1,W2,W3").split(",")
     chosen += w2(quick=quick, has_cap=has_cap()) + w3(quick=quick, has_cap=has_cap())
+    if "W4" in only:
+        chosen += lora_workloads(quick)
     return [w for w in chosen if w.group in only]
+
+
+def lora_workloads(quick: bool) -> list[Workload]:
+    """W4, or nothing and why."""
+    if not SHAKESPEARE.is_file():
+        print(f"W4 skipped: {SHAKESPEARE} not found (its turns of dialogue are W4's instruction data)")
+        return []
+    if not all(importlib.util.find_spec(m) for m in ("transformers", "peft")):
+        print("W4 skipped: model=hf needs transformers and peft in fedrun's .venv (pip install -e .[llm])")
+        return []
+    return w4(quick=quick)
 
 
 def machine() -> dict:
@@ -134,6 +153,23 @@ def least_disturbed(runs: list[dict]) -> dict:
     return best | ({"runs_seconds_per_round": [r.get("seconds_per_round") for r in runs]} if len(runs) > 1 else {})
 
 
+def earlier(groups: set[str]) -> tuple[list[dict], dict, dict]:
+    """What results.json holds for the groups this run leaves out: their results, when they were
+    measured (date, load average, note: per group) and the extras measured with them."""
+    path = RESULTS / "results.json"
+    if not path.is_file():
+        return [], {}, {}
+    saved = json.loads(path.read_text())
+    kept = [r for r in saved["results"] if r["group"] not in groups]
+    m, kept_groups = saved["machine"], sorted({r["group"] for r in kept})
+    loads = m.get("load_average_1m", [])
+    then = ({"date": m["date"]} | ({"load_average_1m": [min(loads), max(loads)]} if loads else {})
+            | ({"note": m["note"]} if "note" in m else {}))
+    measured = {g: m.get("measured", {}).get(g, then) for g in kept_groups}
+    extras = {k: v for k, v in saved.items() if EXTRA_GROUP.get(k) in kept_groups}
+    return kept, measured, extras
+
+
 def save(results: list[dict], meta: dict, **extra) -> None:
     """results.json after every contender, so an interrupted run keeps what it measured."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -160,9 +196,13 @@ def measure_in_process(module: str, what: str):
 def main() -> None:
     quick = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
     work = RESULTS / "work"
-    results, loads = [], [os.getloadavg()]
+    loads = [os.getloadavg()]
     meta = machine() | {"quick": quick, "synthetic_cap": has_cap()}
     chosen = workloads(quick)
+    groups = {w.group for w in chosen}
+    # A smoke run stands alone; a full run of some groups joins the published results of the others.
+    results, measured, kept_extra = ([], {}, {}) if quick or not chosen else earlier(groups)
+    meta |= {"groups": sorted(groups)} | ({"measured": measured} if measured else {})
     repeats = os.environ.get("BENCH_REPEATS")
     for w in chosen:
         w.repeats = int(repeats) if repeats else w.repeats
@@ -191,14 +231,15 @@ def main() -> None:
                 runs.setdefault((workload.name, name), []).append(result)
                 results = [x for x in results if (x["workload"], x["contender"]) != (workload.name, name)]
                 results.append(least_disturbed(runs[(workload.name, name)]))
-                save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]})
+                save(results, meta | {"load_average_1m": [round(x[0], 2) for x in loads]}, **kept_extra)
     # W3's population sweep again, its rounds interleaved in one process (the drift cancels),
     # and the most that training W1's cohort together could gain on this machine.
     w1_ran, w3_ran = (not quick and any(w.group == g for w in chosen) for g in ("W1", "W3"))
-    extra = {"w3_interleaved": measure_in_process("w3_interleaved", "W3, the populations' rounds interleaved in one "
-                                                  "process") if w3_ran and has_cap() else None,
-             "batching_bound": measure_in_process("batching_bound", "W1, the most that training the cohort together "
-                                                  "could gain") if w1_ran else None}
+    extra = kept_extra | {
+        "w3_interleaved": measure_in_process("w3_interleaved", "W3, the populations' rounds interleaved in one "
+                                             "process") if w3_ran and has_cap() else kept_extra.get("w3_interleaved"),
+        "batching_bound": measure_in_process("batching_bound", "W1, the most that training the cohort together "
+                                             "could gain") if w1_ran else kept_extra.get("batching_bound")}
     meta |= {"load_average_1m": [round(x[0], 2) for x in loads]}
     save(results, meta, **extra)
     markdown = report.markdown(results, meta, extra)
