@@ -60,6 +60,7 @@ def _check_combinations(cfg: DictConfig) -> None:
                           f"(client.optimizer=sgd, client.momentum=0; got {c.optimizer}, momentum {c.momentum}): "
                           "its client rule assumes it")
     _check_no_exchange(cfg)
+    _check_lora(cfg)
     _check_privacy(cfg)
     _check_distillation(cfg)
     _check_eval(cfg)
@@ -150,6 +151,23 @@ def _check_distillation(cfg: DictConfig) -> None:
         raise FedrunError(f"privacy: strategy={name} supports privacy=none or central_dp (noise on the mean "
                           "of the clients' predictions)")
     _check_model_entries(cfg.client.models)
+
+
+def _check_lora(cfg: DictConfig) -> None:
+    """model.lora.aggregation: a method other than avg needs adapters, and fedsa a strategy that averages them."""
+    lora = cfg.model.get("lora")
+    if lora is None or lora.aggregation == "avg":
+        return
+    if not lora.enabled:
+        raise FedrunError(f"model.lora.aggregation: {lora.aggregation} combines LoRA factors; it needs "
+                          "model.lora.enabled=true (or model.lora.aggregation=avg for full fine-tuning)")
+    strategy = cfg.strategy
+    if lora.aggregation == "fedsa" and (capability(strategy, "strategy", "exchanges") != "weights"
+                                       or capability(strategy, "strategy", "trains_centrally")
+                                       or capability(strategy, "strategy", "client_sends_extras")):
+        raise FedrunError(f"model.lora.aggregation: fedsa keeps each client's B and averages A through the strategy; "
+                          f"strategy={_named(cfg, 'strategy')} does not average plain updates (use fedavg, fedavgm, "
+                          "fedprox, an adaptive or a robust strategy)")
 
 
 def _check_no_exchange(cfg: DictConfig) -> None:

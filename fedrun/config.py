@@ -42,6 +42,7 @@ from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
 from fedrun.data.text import Tokenizer, has_tokenizer
 from fedrun.loop import Experiment
+from fedrun.lora import round_method
 from fedrun.response_eval import MultipleChoice, SampleResponses, read_choices
 from fedrun.server_model import GlobalModel
 from fedrun.settings import COMPONENT_GROUPS, GROUPS, EvalSettings, RunSettings
@@ -259,12 +260,17 @@ def build(cfg: DictConfig) -> Experiment:
     # Client-side order: the client's own state is kept, an attacker tampers with its update,
     # compression packs it, privacy clips (and masks) it last: DP bounds the vector actually sent,
     # error feedback's leftovers included (clipping a sparse or min-max-quantised vector keeps its format).
-    client_hooks = [h for h in (getattr(strategy, "client_state", None), attack, compression, mechanism) if h]
-    personal = strategy if hasattr(strategy, "personal_weights") else None  # clients with their own weights
+    lora_node = cfg.model.get("lora")
+    lora = None if not (lora_node and lora_node.enabled) else round_method(
+        lora_node.aggregation, make_model=make_model, device=device, seed=cfg.seed)
+    # A client keeps what is its own (its state, fedsa's B) before anything else sees its update.
+    client_hooks = [h for h in (getattr(strategy, "client_state", None), lora, attack, compression, mechanism) if h]
+    personal = strategy if hasattr(strategy, "personal_weights") else lora  # clients with weights of their own
     client_eval = None if not (cfg.eval.per_client or personal) else ClientEvaluation(
         data, seed=cfg.seed, clients=cfg.eval.clients, listed=cfg.eval.per_client, personal=personal)
     server_model = getattr(strategy, "server_model", None) or GlobalModel(
-        make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data), client_eval=client_eval)
+        make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data), client_eval=client_eval,
+        lora_method=lora)
     return Experiment(
         cfg=cfg,
         data=data,
@@ -280,6 +286,7 @@ def build(cfg: DictConfig) -> Experiment:
         server_model=server_model,
         audit=audit,
         compression=compression,
+        lora=lora,
     )
 
 

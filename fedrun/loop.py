@@ -23,6 +23,7 @@ from fedrun.core import (
     Strategy,
 )
 from fedrun.data.examples import FederatedData
+from fedrun.lora import LoRAMethod
 from fedrun.privacy.audit import CanaryAudit
 from fedrun.records import (
     CLIENT_COLUMNS,
@@ -55,6 +56,7 @@ class Experiment:
     server_model: ServerModel
     audit: CanaryAudit | None = None
     compression: StatefulHook | None = None
+    lora: LoRAMethod | None = None  # model.lora.aggregation's round-level part (fedsa), if it has one
 
 
 def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | None = None,
@@ -89,6 +91,8 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         exp.strategy.begin_round(ctx)
         reporting, dropped = drop_out(ctx.cohort, exp.sampler.dropout, ctx)
         jobs = {cid: exp.strategy.client_job(cid) for cid in ctx.cohort}
+        if exp.lora is not None:  # e.g. fedsa: each client starts from its own B
+            jobs = {cid: exp.lora.client_job(job) for cid, job in jobs.items()}
         # A strategy that trains one model itself (centralized) takes the backend's place.
         train_cohort = getattr(exp.strategy, "train_cohort", exp.backend.train_cohort)
         updates = train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
@@ -136,6 +140,8 @@ def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.T
     exp.mechanism.load_state_dict(checkpoint["privacy"])
     if exp.compression is not None:
         exp.compression.load_state_dict(checkpoint["compression"])
+    if exp.lora is not None:
+        exp.lora.load_state_dict(checkpoint["lora"])
     for table in (metrics, *others):
         table.truncate_after(checkpoint["round"])
     return checkpoint["weights"].to(exp.device), history
@@ -159,4 +165,5 @@ def checkpoint_state(exp: Experiment, weights: torch.Tensor, round_idx: int) -> 
     return {"round": round_idx, "weights": weights.detach().cpu(), "strategy": exp.strategy.state_dict(),
             "privacy": exp.mechanism.state_dict(),
             "compression": exp.compression.state_dict() if exp.compression is not None else {},
+            "lora": exp.lora.state_dict() if exp.lora is not None else {},
             "rng": {"seed": exp.cfg.seed, "torch": torch.get_rng_state()}}

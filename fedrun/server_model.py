@@ -22,6 +22,7 @@ from fedrun.params import flatten_parameters
 from fedrun.privacy.audit import CanaryAudit
 
 if TYPE_CHECKING:
+    from fedrun.lora import LoRAMethod
     from fedrun.models.hf import HFCausalLM
 
 
@@ -38,8 +39,9 @@ class GlobalModel:
 
     def __init__(self, make_model: Callable[[], nn.Module], *, device: torch.device, seed: int,
                  audit: CanaryAudit | None = None, evals: Sequence[ResponseEval] = (),
-                 client_eval: ClientEvaluation | None = None):
+                 client_eval: ClientEvaluation | None = None, lora_method: LoRAMethod | None = None):
         self.model, self.flat = initial_model(make_model, device, seed)
+        self.lora_method = lora_method
         self.device, self.audit, self.evals, self.client_eval = device, audit, list(evals), client_eval
         self.lora = getattr(self.model, "lora_enabled", False)
         self.metric_columns = ((["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora else [])
@@ -68,6 +70,9 @@ class GlobalModel:
         """Averaging LoRA factors A and B separately is not averaging B A: log the relative gap."""
         if not self.lora or not updates or not updates[0].delta.is_floating_point():
             return {}
+        if self.lora_method is not None:  # its own measure of what its aggregation loses
+            error = self.lora_method.aggregation_error(previous, updates)
+            return {} if error is None else {"lora_agg_error": error}
         from fedrun.models.hf import lora_aggregation_error
 
         return {"lora_agg_error": lora_aggregation_error([previous + u.delta for u in updates], self.model)}

@@ -194,3 +194,70 @@ def test_centralized_takes_the_steps_the_cohort_would_take(tmp_path):
 def test_centralized_refuses_what_needs_clients(override, message):
     with pytest.raises(FedrunError, match=message):
         config.compose([*SYNTH, "strategy=centralized", override])
+
+
+# ---- model.lora.aggregation=fedsa: A averaged, B kept by each client ------------------------------
+
+HF = ["model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1", "model.lora.r=2",
+      "model.lora.aggregation=fedsa", "rounds=3", "data.seq_len=16", "data.min_samples=4",
+      "sampler.clients_per_round=3", "eval_every=1", "eval.per_client=true", "checkpoint_every=1"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_fedsa_keeps_b_on_the_clients_and_sends_only_a(compose_cfg, tmp_path):
+    pytest.importorskip("peft", reason="model=hf's LoRA needs the [llm] extra: pip install -e .[llm]")
+    exp = config.build(compose_cfg(*HF, f"run_dir={tmp_path / 'fedsa'}", tiny=False))
+    method = exp.lora
+    a_size = 1 * 2 * 16  # A of GPT-2's c_attn: r x n_embd, one layer
+    assert method.shared == a_size and len(method.b_index) == 1 * 3 * 16 * 2
+    run_dir, _ = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv").set_index("round")
+    assert (m.loc[1:, "bytes_up"] == m.loc[1:, "reported"] * a_size * 4).all()  # B never leaves a client
+    assert (m.loc[1:, "bytes_down"] == m.loc[1:, "sampled"] * a_size * 4).all()
+    assert (m.loc[1:, "lora_agg_error"] > 0).all()  # a client's B next to the mean A is not its own B A
+    own = load_file(run_dir / "client_lora_b.safetensors")
+    trained = [k for k in own if k.startswith("client_")]
+    assert trained and all(own[k].abs().sum() > 0 for k in trained)
+    assert len({tuple(own[k].tolist()) for k in trained}) == len(trained)  # each client's own B
+    # Each client is scored with the global A and its own B: an independent evaluation of that model.
+    rows = pd.read_csv(run_dir / "clients_eval.csv")
+    last = rows[rows["round"] == 3].set_index("client_id")
+    model = exp.make_model()
+    flat = flatten_parameters(model)
+    flat.copy_(exp.server_model.flat)  # the final global weights (A averaged; B as initialised)
+    for key in trained[:2]:
+        k = int(key.removeprefix("client_"))
+        with torch.no_grad():
+            flat[own["b_index"]] = own[key]
+        expected = evaluate(model, exp.data.clients[k].test, torch.device("cpu"))
+        assert last.loc[k, "eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+        assert last.loc[k, "model"] == "own"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_fedsa_client_state_survives_resume(compose_cfg, tmp_path):
+    import shutil
+
+    pytest.importorskip("peft", reason="model=hf's LoRA needs the [llm] extra: pip install -e .[llm]")
+    whole, _ = train.train(config.build(compose_cfg(*HF, f"run_dir={tmp_path / 'whole'}", tiny=False)))
+    stopped = tmp_path / "stopped"  # killed during round 3: the newest checkpoint is round 2's
+    shutil.copytree(whole, stopped)
+    for name in ("summary.json", "client_lora_b.safetensors", "checkpoints/round_0003.pt",
+                 "checkpoints/round_0003.sha256"):
+        (stopped / name).unlink()
+    train.resume(*train.load_for_resume(stopped))
+    for name in ("metrics.csv", "clients_eval.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(stopped / name).drop(columns="seconds", errors="ignore"),
+                                      pd.read_csv(whole / name).drop(columns="seconds", errors="ignore"))
+    a, b = load_file(whole / "client_lora_b.safetensors"), load_file(stopped / "client_lora_b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.lora.enabled=false"], "model.lora.aggregation: fedsa combines LoRA factors"),
+    (["strategy=scaffold", "client.optimizer=sgd"], "fedsa keeps each client's B"),
+    (["strategy=local"], "fedsa keeps each client's B"),
+])
+def test_fedsa_refusals(compose_cfg, overrides, message):
+    with pytest.raises(FedrunError, match=message):
+        compose_cfg("model=hf", "model.lora.aggregation=fedsa", *overrides, tiny=False)

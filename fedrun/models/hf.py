@@ -34,8 +34,9 @@ from fedrun.core import FedrunError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# model.lora.aggregation: `avg` (FedIT: A and B averaged apart), `ffa` (FFA-LoRA: A frozen, B alone).
-AGGREGATIONS = ("avg", "ffa")
+# model.lora.aggregation: `avg` (FedIT: A and B averaged apart), `ffa` (FFA-LoRA: A frozen, B alone),
+# `fedsa` (FedSA-LoRA: A averaged, B kept by each client; fedrun/lora/fedsa.py).
+AGGREGATIONS = ("avg", "ffa", "fedsa")
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
@@ -208,7 +209,7 @@ def lora_aggregation_error(client_vectors: Sequence[torch.Tensor], model: nn.Mod
     of `[p for p in model.parameters() if p.requires_grad]`; a factor that does not train (A
     under `ffa`) is the model's own, the same for every client. Clients count equally unless
     `weights` is given. A layer whose mean product is zero counts 0 (or inf if the gap is not)."""
-    offsets = _trainable_offsets(model)
+    offsets = trainable_offsets(model)
     w = torch.tensor(weights if weights is not None else [1.0] * len(client_vectors), dtype=torch.float64)
     w = (w / w.sum()).view(-1, 1, 1)  # (N, 1, 1)
     errors = []
@@ -222,7 +223,7 @@ def lora_aggregation_error(client_vectors: Sequence[torch.Tensor], model: nn.Mod
     return sum(errors) / len(errors)
 
 
-def _trainable_offsets(model: nn.Module) -> dict[int, int]:
+def trainable_offsets(model: nn.Module) -> dict[int, int]:
     """id(parameter) -> its offset in the flat vector of trainable parameters."""
     offsets, offset = {}, 0
     for p in model.parameters():
