@@ -168,6 +168,14 @@ def _check_lora(cfg: DictConfig) -> None:
         raise FedrunError(f"model.lora.aggregation: fedsa keeps each client's B and averages A through the strategy; "
                           f"strategy={_named(cfg, 'strategy')} does not average plain updates (use fedavg, fedavgm, "
                           "fedprox, an adaptive or a robust strategy)")
+    if lora.aggregation == "flexlora":
+        if not capability(strategy, "strategy", "averages_plainly"):
+            raise FedrunError(f"model.lora.aggregation: flexlora forms the server step itself (the SVD of the clients' "
+                              f"mean product); it replaces strategy=fedavg's, not {_named(cfg, 'strategy')}'s")
+        if uses_secure_sum(cfg.privacy) or capability(cfg.privacy, "privacy", "dp_level") == "user":
+            raise FedrunError(f"privacy: model.lora.aggregation=flexlora multiplies each client's own factors, which "
+                              f"privacy={_named(cfg, 'privacy')} hides from the server; allowed: privacy=none or "
+                              "local_dp")
 
 
 def _check_no_exchange(cfg: DictConfig) -> None:

@@ -365,6 +365,8 @@ CAPABILITIES: dict[str, dict[str, tuple[str, Any]]] = {
         "needs_plain_sgd": ("its client rule assumes plain local SGD (client.optimizer=sgd, momentum 0)", False),
         "exchanges": ("what clients send: 'weights' (updates), 'logits' (predictions on public data) or 'nothing' "
                       "(strategy=local)", "weights"),
+        "averages_plainly": ("its server step adds the example-weighted mean of the updates as is (FedAvg), so a "
+                             "LoRA method that forms its own step (flexlora) may take its place", False),
         "trains_centrally": ("it pools the clients' data and trains one model itself, in the main process "
                              "(strategy=centralized): there is no client to attack, protect or compress", False),
         "config_nodes": ("nodes of its config the run builds into objects before building it, by group "

@@ -265,7 +265,7 @@ def build(cfg: DictConfig) -> Experiment:
         lora_node.aggregation, make_model=make_model, device=device, seed=cfg.seed)
     # A client keeps what is its own (its state, fedsa's B) before anything else sees its update.
     client_hooks = [h for h in (getattr(strategy, "client_state", None), lora, attack, compression, mechanism) if h]
-    personal = strategy if hasattr(strategy, "personal_weights") else lora  # clients with weights of their own
+    personal = strategy if hasattr(strategy, "personal_weights") else lora if lora and lora.personal else None
     client_eval = None if not (cfg.eval.per_client or personal) else ClientEvaluation(
         data, seed=cfg.seed, clients=cfg.eval.clients, listed=cfg.eval.per_client, personal=personal)
     server_model = getattr(strategy, "server_model", None) or GlobalModel(

@@ -149,12 +149,15 @@ def restore(exp: Experiment, checkpoint: dict, metrics, others) -> tuple[torch.T
 
 def server_step(exp: Experiment, weights: torch.Tensor, updates, ctx: RoundContext) -> torch.Tensor:
     """Aggregate (through the privacy mechanism) and apply the strategy's server update."""
+    previous = weights
     delta = exp.mechanism.aggregate(updates, ctx, exp.strategy)
     if delta is None:
         log.warning("round %d: no aggregate (%d of %d sampled reported); the global model is kept",
                     ctx.round_idx, len(updates), len(ctx.cohort))
         return weights
     weights = exp.strategy.apply(weights, delta)
+    if exp.lora is not None:  # e.g. flexlora: the SVD of the clients' mean product replaces the mean factors
+        weights = exp.lora.server_step(previous, weights, updates)
     if not torch.isfinite(weights).all():
         raise FedrunError(f"training diverged: the global weights are not finite after round {ctx.round_idx}")
     return weights

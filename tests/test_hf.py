@@ -392,3 +392,55 @@ def test_ffa_run_sends_only_b(compose_cfg, tmp_path):
     m = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
     assert (m["bytes_up"] == m["reported"] * b_size * 4).all()
     assert (m["lora_agg_error"] < 1e-14).all()
+
+
+# ---- model.lora.aggregation=flexlora: the rank-r SVD of the clients' mean product ----------------
+
+def test_flexlora_step_is_numpys_truncated_svd_of_the_mean_product():
+    from fedrun.core import ClientUpdate
+    from fedrun.lora.flexlora import FlexLoRA
+
+    def make():
+        return build(lora=dataclasses.replace(LORA, aggregation="flexlora"))
+
+    method = FlexLoRA(make_model=make, device=torch.device("cpu"), seed=0)
+    model = make()
+    previous = flatten_parameters(model).detach().clone()
+    g = torch.Generator().manual_seed(0)
+    updates = [ClientUpdate(client_id=i, delta=0.1 * torch.randn(previous.shape, generator=g), num_examples=n,
+                            train_loss=0.0, seconds=0.0, bytes_up=0) for i, n in enumerate([3, 5, 8])]
+    stepped = method.server_step(previous, previous.clone(), updates)
+    p = np.array([3, 5, 8], dtype=np.float64) / 16
+    errors = []
+    for (_, a, b), (a_at, a_shape, b_at, b_shape) in zip(lora_pairs(model), method.layers):
+        full = sum(w * (previous + u.delta)[b_at:b_at + b.numel()].view(b.shape).double().numpy()
+                   @ (previous + u.delta)[a_at:a_at + a.numel()].view(a.shape).double().numpy()
+                   for w, u in zip(p, updates))
+        u_, s, vh = np.linalg.svd(full, full_matrices=False)
+        r = a.shape[0]
+        best = (u_[:, :r] * s[:r]) @ vh[:r]  # Eckart-Young: the best rank-r approximation
+        b_new = stepped[b_at:b_at + b.numel()].view(b.shape).double().numpy()
+        a_new = stepped[a_at:a_at + a.numel()].view(a.shape).double().numpy()
+        np.testing.assert_allclose(b_new @ a_new, best, rtol=1e-5, atol=1e-7)
+        errors.append(np.linalg.norm(full - best) / np.linalg.norm(full))
+    assert method.aggregation_error(previous, updates) == pytest.approx(np.mean(errors), rel=1e-4)
+    assert 0 < np.mean(errors) < 1  # three rank-4 products: their mean has rank up to 12
+
+
+def test_flexlora_run_and_refusals(compose_cfg, tmp_path):
+    import pandas as pd
+
+    from fedrun import config, train
+    from fedrun.core import FedrunError
+
+    tiny = ["model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1", "model.lora.r=2",
+            "model.lora.aggregation=flexlora", "data.seq_len=16", "data.min_samples=4"]
+    exp = config.build(compose_cfg(*tiny, "rounds=2", "sampler.clients_per_round=3", f"run_dir={tmp_path / 'flex'}",
+                                   tiny=False))
+    run_dir, _ = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv").iloc[1:]
+    assert m["lora_agg_error"].between(0, 1).all() and m["eval_loss"].notna().iloc[-1]
+    for extra, message in ((["strategy=fedadam"], "flexlora forms the server step itself"),
+                           (["privacy=central_dp", "sampler.kind=poisson"], "flexlora multiplies each client's own")):
+        with pytest.raises(FedrunError, match=message):
+            compose_cfg(*tiny, *extra, tiny=False)

@@ -5,7 +5,8 @@ frozen at a seeded draw, fedrun/models/hf.py) need nothing at the round level. A
 does is a class here: it may give each client weights of its own (`client_job`), act on the
 client's update before anything leaves the client (`on_client`, a client hook), say which
 weights a client evaluates with (`personal_weights`) and measure its own aggregation error
-(`aggregation_error`); its state goes into checkpoints.
+(`aggregation_error`) and replace the strategy's server step (`server_step`); its state goes
+into checkpoints.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from fedrun.core import ClientJob, ClientUpdate, RoundContext
 
 
 class LoRAMethod(Protocol):
+    personal: bool  # clients hold weights of their own (personal_weights, save_personal)
+
     def client_job(self, job: ClientJob) -> ClientJob: ...
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate: ...
@@ -27,6 +30,10 @@ class LoRAMethod(Protocol):
     def personal_weights(self, client_id: int, weights: torch.Tensor) -> torch.Tensor: ...
 
     def save_personal(self, run_dir: Path, *, round_idx: int) -> None: ...
+
+    def server_step(self, previous: torch.Tensor, weights: torch.Tensor,
+                    updates: Sequence[ClientUpdate]) -> torch.Tensor:
+        """The round's new global weights, given the strategy's (`weights`) and the updates."""
 
     def aggregation_error(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> float | None: ...
 
@@ -42,4 +49,8 @@ def round_method(aggregation: str, *, make_model: Callable[[], nn.Module], devic
         from fedrun.lora.fedsa import FedSA
 
         return FedSA(make_model=make_model, device=device, seed=seed)
+    if aggregation == "flexlora":
+        from fedrun.lora.flexlora import FlexLoRA
+
+        return FlexLoRA(make_model=make_model, device=device, seed=seed)
     return None

@@ -29,6 +29,7 @@ OWN_B_FILE = "client_lora_b.safetensors"
 
 
 class FedSA:
+    personal = True  # each client evaluates with its own B
     def __init__(self, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int):
         model, flat = initial_model(make_model, device, seed)
         offsets = trainable_offsets(model)
@@ -53,6 +54,10 @@ class FedSA:
         update.delta = delta.index_fill(0, self.b_index.to(delta.device), 0)
         update.bytes_up -= len(self.b_index) * delta.element_size()
         return update
+
+    def server_step(self, previous: torch.Tensor, weights: torch.Tensor,
+                    updates: Sequence[ClientUpdate]) -> torch.Tensor:
+        return weights  # the strategy's mean of A is the step
 
     def personal_weights(self, client_id: int, weights: torch.Tensor) -> torch.Tensor:
         return OwnCoordinates(self.own.get(client_id, self.initial_b), self.b_index).start(weights)

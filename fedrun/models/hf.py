@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 # model.lora.aggregation: `avg` (FedIT: A and B averaged apart), `ffa` (FFA-LoRA: A frozen, B alone),
-# `fedsa` (FedSA-LoRA: A averaged, B kept by each client; fedrun/lora/fedsa.py).
-AGGREGATIONS = ("avg", "ffa", "fedsa")
+# `fedsa` (FedSA-LoRA: A averaged, B kept by each client; fedrun/lora/fedsa.py), `flexlora`
+# (FlexLoRA: the rank-r SVD of the clients' mean product; fedrun/lora/flexlora.py).
+AGGREGATIONS = ("avg", "ffa", "fedsa", "flexlora")
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 

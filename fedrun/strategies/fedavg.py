@@ -9,3 +9,4 @@ class FedAvg(ServerStrategy):
     """The example-weighted mean of the deltas, added to the global weights (the base's two halves)."""
 
     secure_sum_weighting = "examples"
+    averages_plainly = True  # its step adds the example-weighted mean as is: a LoRA method may replace it
