@@ -168,14 +168,22 @@ def _check_lora(cfg: DictConfig) -> None:
         raise FedrunError(f"model.lora.aggregation: fedsa keeps each client's B and averages A through the strategy; "
                           f"strategy={_named(cfg, 'strategy')} does not average plain updates (use fedavg, fedavgm, "
                           "fedprox, an adaptive or a robust strategy)")
-    if lora.aggregation == "flexlora":
+    method = lora.aggregation
+    if method in ("flexlora", "flora"):
         if not capability(strategy, "strategy", "averages_plainly"):
-            raise FedrunError(f"model.lora.aggregation: flexlora forms the server step itself (the SVD of the clients' "
-                              f"mean product); it replaces strategy=fedavg's, not {_named(cfg, 'strategy')}'s")
+            raise FedrunError(f"model.lora.aggregation: {method} forms the server step itself (from the clients' "
+                              f"products); it replaces strategy=fedavg's, not {_named(cfg, 'strategy')}'s")
         if uses_secure_sum(cfg.privacy) or capability(cfg.privacy, "privacy", "dp_level") == "user":
-            raise FedrunError(f"privacy: model.lora.aggregation=flexlora multiplies each client's own factors, which "
-                              f"privacy={_named(cfg, 'privacy')} hides from the server; allowed: privacy=none or "
-                              "local_dp")
+            raise FedrunError(f"privacy: model.lora.aggregation={method} multiplies each client's own factors, which "
+                              f"privacy={_named(cfg, 'privacy')} hides from the server; allowed: privacy=none"
+                              + (" or local_dp" if method == "flexlora" else ""))
+    if method == "flora":
+        if capability(cfg.privacy, "privacy", "dp_level") == "example":
+            raise FedrunError("privacy: model.lora.aggregation=flora trains beside base weights that must stay "
+                              "fixed, which DP-SGD's per-example steps would move; allowed: privacy=none")
+        if cfg.client.weight_decay:
+            raise FedrunError(f"client.weight_decay: {cfg.client.weight_decay} would move the base weights that "
+                              "model.lora.aggregation=flora keeps fixed on the clients; allowed: 0")
 
 
 def _check_no_exchange(cfg: DictConfig) -> None:

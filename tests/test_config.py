@@ -101,7 +101,7 @@ def _fedrun(*args):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["rounds=abc"], "rounds: 'abc' is not allowed; allowed: an integer"),
-    (["strategy=nope"], "strategy: unknown option 'nope'; allowed: centralized, fed_distill, fedadagrad, fedadam, fedavg,"),
+    (["strategy=nope"], "strategy: unknown option 'nope'; allowed: centralized, fed_distill, fedadagrad, fedadam,"),
     (["client.lr=-1"], "client.lr: -1.0 is not allowed; allowed: a number > 0"),
     (["sampler.clients_per_round=7"], "sampler.clients_per_round: 7 is more than the 6 clients"),
     (["data.path=/no/such/file.txt"], "data.path: file not found: /no/such/file.txt"),

@@ -412,7 +412,7 @@ def test_flexlora_step_is_numpys_truncated_svd_of_the_mean_product():
     stepped = method.server_step(previous, previous.clone(), updates)
     p = np.array([3, 5, 8], dtype=np.float64) / 16
     errors = []
-    for (_, a, b), (a_at, a_shape, b_at, b_shape) in zip(lora_pairs(model), method.layers):
+    for (_, a, b), (a_at, _, b_at, _) in zip(lora_pairs(model), method.layers):
         full = sum(w * (previous + u.delta)[b_at:b_at + b.numel()].view(b.shape).double().numpy()
                    @ (previous + u.delta)[a_at:a_at + a.numel()].view(a.shape).double().numpy()
                    for w, u in zip(p, updates))
@@ -444,3 +444,83 @@ def test_flexlora_run_and_refusals(compose_cfg, tmp_path):
                            (["privacy=central_dp", "sampler.kind=poisson"], "flexlora multiplies each client's own")):
         with pytest.raises(FedrunError, match=message):
             compose_cfg(*tiny, *extra, tiny=False)
+
+
+# ---- model.lora.aggregation=flora: the exact mean product merged into the base ---------------------
+
+FLORA = dataclasses.replace(LORA, aggregation="flora")
+
+
+def test_flora_merges_exactly_the_mean_product_into_the_base():
+    from fedrun.core import ClientUpdate
+    from fedrun.lora.flora import FLoRA
+
+    method = FLoRA(make_model=lambda: build(lora=FLORA), device=torch.device("cpu"), seed=0)
+    model = build(lora=FLORA)
+    previous = flatten_parameters(model).detach().clone()
+    adapters = torch.zeros_like(previous, dtype=torch.bool)
+    for layer in method.layers:
+        adapters[layer.a_at:layer.a_at + layer.a_shape.numel()] = True
+        adapters[layer.b_at:layer.b_at + layer.b_shape.numel()] = True
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.where(adapters, 0.05 * torch.randn(previous.shape, generator=g), 0) for _ in range(2)]
+    updates = [ClientUpdate(client_id=i, delta=d, num_examples=n, train_loss=0.0, seconds=0.0, bytes_up=0)
+               for i, (d, n) in enumerate(zip(deltas, [2, 6]))]
+    stepped = method.server_step(previous, previous.clone(), updates)
+    assert method.aggregation_error(previous, updates) < 1e-6
+    flatten_parameters(model).copy_(stepped)
+    # By hand: the plain base (same init_seed), each c_attn weight plus (alpha/r) sum_i p_i (B_i A_i)^T (Conv1D).
+    plain = build(lora=NO_LORA)
+    p = np.array([2, 6]) / 8
+    with torch.no_grad():
+        for block, layer in zip(plain.model.transformer.h, method.layers):
+            product = sum(w * (previous + u.delta)[layer.b_at:layer.b_at + layer.b_shape.numel()].view(layer.b_shape)
+                          .double().numpy() @ (previous + u.delta)[layer.a_at:layer.a_at + layer.a_shape.numel()]
+                          .view(layer.a_shape).double().numpy() for w, u in zip(p, updates))
+            block.attn.c_attn.weight += torch.from_numpy(LORA.alpha / LORA.r * product.T).float()
+    x = tokens()
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)  # adapters restarted: B = 0
+    for layer in method.layers:  # A back to the run's initial draw, B to 0
+        torch.testing.assert_close(stepped[layer.a_at:layer.a_at + layer.a_shape.numel()],
+                                   method.initial[layer.a_at:layer.a_at + layer.a_shape.numel()])
+        assert not stepped[layer.b_at:layer.b_at + layer.b_shape.numel()].any()
+
+
+def test_flora_run_trains_adapters_only_and_exports_the_merged_model(compose_cfg, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from fedrun import config, train
+    from fedrun.cli import app
+
+    exp = config.build(compose_cfg("model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1",
+                                   "model.lora.r=2", "model.lora.aggregation=flora", "data.seq_len=16",
+                                   "data.min_samples=4", "rounds=2", "sampler.clients_per_round=3",
+                                   "client.optimizer=adam", f"run_dir={tmp_path / 'flora'}", tiny=False))
+    adapters = 1 * 2 * (16 + 3 * 16)
+    assert exp.lora.base_coords == 16 * 3 * 16
+    from fedrun.client import LocalTrainer
+    from fedrun.config import client_config
+    from fedrun.core import ClientJob, RoundContext
+
+    trainer = LocalTrainer(exp.make_model, client_config(exp.cfg), torch.device("cpu"))  # Adam, 2 local steps
+    start = exp.server_model.initial_weights()
+    delta = trainer.train(ClientJob(0), exp.data.clients[0], start, RoundContext(1, 0, exp.data.num_clients)).delta
+    layer = exp.lora.layers[0]
+    assert not delta[layer.w_at:layer.w_at + layer.w_shape.numel()].any()  # the base weights never train
+    assert delta[layer.b_at:layer.b_at + layer.b_shape.numel()].any()
+    run_dir, _ = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv").set_index("round")
+    assert (m.loc[1:, "bytes_up"] == m.loc[1:, "reported"] * adapters * 4).all()  # the base never trains
+    assert m.loc[1, "bytes_down"] == 0 and m.loc[2, "bytes_down"] == m.loc[2, "sampled"] * 3 * adapters * 4
+    assert (m.loc[1:, "lora_agg_error"] < 1e-5).all()
+    out = CliRunner().invoke(app, ["export", str(run_dir), str(tmp_path / "merged")])
+    assert out.exit_code == 0, out.output
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True)
+    from fedrun import generate
+
+    final = generate.load_model(run_dir, device="cpu")[0]  # the run's final global model
+    x = tokens()[:, :16]
+    torch.testing.assert_close(merged.eval()(input_ids=x).logits[..., :256], final.eval()(x), rtol=1e-4, atol=1e-5)

@@ -49,6 +49,10 @@ def round_method(aggregation: str, *, make_model: Callable[[], nn.Module], devic
         from fedrun.lora.fedsa import FedSA
 
         return FedSA(make_model=make_model, device=device, seed=seed)
+    if aggregation == "flora":
+        from fedrun.lora.flora import FLoRA
+
+        return FLoRA(make_model=make_model, device=device, seed=seed)
     if aggregation == "flexlora":
         from fedrun.lora.flexlora import FlexLoRA
 

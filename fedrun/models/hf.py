@@ -19,6 +19,7 @@ local directory.
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
 
 # model.lora.aggregation: `avg` (FedIT: A and B averaged apart), `ffa` (FFA-LoRA: A frozen, B alone),
 # `fedsa` (FedSA-LoRA: A averaged, B kept by each client; fedrun/lora/fedsa.py), `flexlora`
-# (FlexLoRA: the rank-r SVD of the clients' mean product; fedrun/lora/flexlora.py).
-AGGREGATIONS = ("avg", "ffa", "fedsa", "flexlora")
+# (FlexLoRA: the rank-r SVD of the clients' mean product; fedrun/lora/flexlora.py), `flora`
+# (FLoRA: the exact mean product merged into the adapted base weights; fedrun/lora/flora.py).
+AGGREGATIONS = ("avg", "ffa", "fedsa", "flora", "flexlora")
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
@@ -111,6 +113,11 @@ class HFCausalLM(nn.Module):
                 a.requires_grad_(False)
         else:
             self.model = _with_lora(base, lora)
+        if self.lora_aggregation == "flora":  # the adapted weights change at the server: they travel, never train
+            for module in lora_layers(self.model):
+                weight = module.base_layer.weight
+                weight.requires_grad_(True)
+                weight.register_hook(torch.zeros_like)  # clients train the adapters alone
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits."""
@@ -121,6 +128,11 @@ class HFCausalLM(nn.Module):
         """peft's `save_pretrained` layout: `PeftModel.from_pretrained(base, path)` loads it.
 
         Without LoRA this writes the whole model in transformers' layout instead."""
+        if self.lora_aggregation == "flora":  # the learnt update is merged in the base: save the whole model
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            state = {k: v.detach().clone() for k, v in merged.state_dict().items()}  # safetensors: no shared storage
+            merged.save_pretrained(str(path), state_dict=state)
+            return
         if self.lora_enabled:  # peft copies the adapters itself
             self.model.save_pretrained(str(path))
             return
@@ -187,6 +199,13 @@ def _with_lora(base: PreTrainedModel, lora: LoRAConfig) -> nn.Module:
         return peft.get_peft_model(base, config)
     except ValueError as e:
         raise FedrunError(f"model.lora.target_modules: {e}") from None
+
+
+def lora_layers(model: nn.Module) -> list[Any]:
+    """peft's LoRA layers of `model` (untyped: mypy would see nn.Module's attributes, not their adapters)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
 def lora_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
