@@ -153,9 +153,13 @@ def _check_distillation(cfg: DictConfig) -> None:
     _check_model_entries(cfg.client.models)
 
 
+MIXED_RANKS = ("flora", "flexlora", "hetlora")  # the LoRA methods that combine factors of different ranks
+
+
 def _check_lora(cfg: DictConfig) -> None:
     """model.lora.aggregation: a method other than avg needs adapters, and fedsa a strategy that averages them."""
     lora = cfg.model.get("lora")
+    _check_lora_ranks(cfg.client.lora_ranks, lora)
     if lora is None or lora.aggregation == "avg":
         return
     if not lora.enabled:
@@ -169,14 +173,14 @@ def _check_lora(cfg: DictConfig) -> None:
                           f"strategy={_named(cfg, 'strategy')} does not average plain updates (use fedavg, fedavgm, "
                           "fedprox, an adaptive or a robust strategy)")
     method = lora.aggregation
-    if method in ("flexlora", "flora"):
+    if method in MIXED_RANKS:
         if not capability(strategy, "strategy", "averages_plainly"):
             raise FedrunError(f"model.lora.aggregation: {method} forms the server step itself (from the clients' "
                               f"products); it replaces strategy=fedavg's, not {_named(cfg, 'strategy')}'s")
         if uses_secure_sum(cfg.privacy) or capability(cfg.privacy, "privacy", "dp_level") == "user":
             raise FedrunError(f"privacy: model.lora.aggregation={method} multiplies each client's own factors, which "
                               f"privacy={_named(cfg, 'privacy')} hides from the server; allowed: privacy=none"
-                              + (" or local_dp" if method == "flexlora" else ""))
+                              + ("" if method == "flora" else " or local_dp"))
     if method == "flora":
         if capability(cfg.privacy, "privacy", "dp_level") == "example":
             raise FedrunError("privacy: model.lora.aggregation=flora trains beside base weights that must stay "
@@ -184,6 +188,33 @@ def _check_lora(cfg: DictConfig) -> None:
         if cfg.client.weight_decay:
             raise FedrunError(f"client.weight_decay: {cfg.client.weight_decay} would move the base weights that "
                               "model.lora.aggregation=flora keeps fixed on the clients; allowed: 0")
+
+
+def _check_lora_ranks(entries, lora) -> None:
+    """client.lora_ranks: [{rank, fraction}, ...] for a LoRA method that combines mixed ranks."""
+    if entries is None:
+        return
+    if lora is None or not lora.enabled or lora.aggregation not in MIXED_RANKS:
+        method = "no LoRA" if lora is None or not lora.enabled else f"model.lora.aggregation={lora.aggregation}"
+        raise FedrunError(f"client.lora_ranks: {method} cannot combine adapters of different ranks; allowed with "
+                          f"model=hf and model.lora.aggregation one of {', '.join(MIXED_RANKS)}")
+    if not entries:
+        raise FedrunError("client.lora_ranks: an empty list; give at least one {rank, fraction}, or null")
+    for i, entry in enumerate(entries):
+        if not {"rank", "fraction"} <= set(entry) or set(entry) - {"rank", "fraction"}:
+            raise FedrunError(f"client.lora_ranks[{i}]: each entry is {{rank: R, fraction: F}}; got {dict(entry)}")
+        if not (isinstance(entry.rank, int) and 1 <= entry.rank <= lora.r):
+            raise FedrunError(f"client.lora_ranks[{i}].rank: {entry.rank!r} is not allowed; allowed: an integer in "
+                              f"1..{lora.r} (model.lora.r, the rank the adapters are built at)")
+        if not 0 < entry.fraction <= 1:
+            raise FedrunError(f"client.lora_ranks[{i}].fraction: {entry.fraction!r} is not allowed; allowed: a number "
+                              "in (0, 1]")
+    total = sum(e.fraction for e in entries)
+    if abs(total - 1) > 1e-6:
+        raise FedrunError(f"client.lora_ranks: the fractions sum to {total:g}; allowed: fractions that sum to 1")
+    if max(e.rank for e in entries) != lora.r:
+        raise FedrunError(f"model.lora.r: the adapters are built at the largest rank of client.lora_ranks "
+                          f"({max(e.rank for e in entries)}); set model.lora.r={max(e.rank for e in entries)}")
 
 
 def _check_no_exchange(cfg: DictConfig) -> None:

@@ -27,6 +27,9 @@ class ClientConfig:
     # strategy=fed_distill only: each client's architecture by fraction (conf/client/hetero.yaml);
     # local training itself never reads it.
     models: list[Any] | None = None
+    # model=hf with model.lora.aggregation flora, flexlora or hetlora: each client's LoRA rank by
+    # fraction, [{rank: 4, fraction: 0.5}, ...] (fedrun/lora/ranks.py); null: every client model.lora.r.
+    lora_ranks: list[Any] | None = None
 
     def num_steps(self, num_examples: int, generator: torch.Generator) -> int:
         if self.local_steps_min is not None:

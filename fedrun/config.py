@@ -262,7 +262,8 @@ def build(cfg: DictConfig) -> Experiment:
     # error feedback's leftovers included (clipping a sparse or min-max-quantised vector keeps its format).
     lora_node = cfg.model.get("lora")
     lora = None if not (lora_node and lora_node.enabled) else round_method(
-        lora_node.aggregation, make_model=make_model, device=device, seed=cfg.seed)
+        lora_node.aggregation, make_model=make_model, device=device, seed=cfg.seed,
+        rank_entries=cfg.client.lora_ranks, num_clients=data.num_clients)
     # A client keeps what is its own (its state, fedsa's B) before anything else sees its update.
     client_hooks = [h for h in (getattr(strategy, "client_state", None), lora, attack, compression, mechanism) if h]
     personal = strategy if hasattr(strategy, "personal_weights") else lora if lora and lora.personal else None

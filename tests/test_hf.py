@@ -524,3 +524,109 @@ def test_flora_run_trains_adapters_only_and_exports_the_merged_model(compose_cfg
     final = generate.load_model(run_dir, device="cpu")[0]  # the run's final global model
     x = tokens()[:, :16]
     torch.testing.assert_close(merged.eval()(input_ids=x).logits[..., :256], final.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+# ---- client.lora_ranks: heterogeneous ranks (flora, flexlora, hetlora) -----------------------------
+
+def _mixed(aggregation: str):
+    """A rank-4 model, and the method with clients of ranks 1, 2 and 4."""
+    from fedrun.lora import round_method
+
+    lora = dataclasses.replace(LORA, aggregation=aggregation)
+    entries = [{"rank": 1, "fraction": 0.25}, {"rank": 2, "fraction": 0.25}, {"rank": 4, "fraction": 0.5}]
+    method = round_method(aggregation, make_model=lambda: build(lora=lora), device=torch.device("cpu"), seed=0,
+                          rank_entries=entries, num_clients=8)
+    return lora, method
+
+
+def test_a_lower_rank_client_starts_truncated_and_keeps_the_rest_at_zero():
+    from fedrun.client import LocalTrainer
+    from fedrun.client_config import ClientConfig
+    from fedrun.core import ClientJob, RoundContext
+    from fedrun.data.examples import ClientData, Windows
+
+    lora, method = _mixed("flexlora")
+    ranks = method.ranks
+    assert sorted(ranks.rank_of) == [1, 1, 2, 2, 4, 4, 4, 4]  # by fraction, a seeded permutation
+    client = ranks.rank_of.index(1)
+    model = build(lora=lora)
+    weights = flatten_parameters(model).detach().clone()
+    job = method.client_job(ClientJob(client))
+    start = job.start(weights)
+    for (a_at, a_shape, b_at, b_shape) in method.layers:
+        a = start[a_at:a_at + a_shape.numel()].view(a_shape)
+        b = start[b_at:b_at + b_shape.numel()].view(b_shape)
+        assert not a[1:].any() and not b[:, 1:].any() and a[0].equal(weights[a_at:a_at + a_shape[1]])
+    assert job.coords_down == weights.numel() - len(ranks.beyond[1])
+    data = ClientData("c", Windows(tokens(8, seed=3).to(torch.uint8)), Windows(tokens(2).to(torch.uint8)))
+    cfg = ClientConfig(optimizer="adam", lr=0.01, momentum=0.0, weight_decay=0.0, batch_size=4, local_epochs=None,
+                       local_steps=3)
+    update = LocalTrainer(lambda: build(lora=lora), cfg, torch.device("cpu")).train(job, data, weights,
+                                                                                   RoundContext(1, 0, 8))
+    assert not update.delta[ranks.beyond[1]].any() and update.delta.any()  # rows and columns past rank 1 stay 0
+    sent = method.on_client(update, RoundContext(1, 0, 8)).bytes_up
+    assert sent == 4 * sum(1 * (a_shape[1] + b_shape[0]) for _, a_shape, _, b_shape in method.layers)
+
+
+def test_hetlora_is_a_zero_padded_sparsity_weighted_average():
+    from fedrun.core import ClientUpdate
+
+    lora, method = _mixed("hetlora")
+    model = build(lora=lora)
+    previous = flatten_parameters(model).detach().clone()
+    g = torch.Generator().manual_seed(2)
+    clients = [method.ranks.rank_of.index(r) for r in (1, 2, 4)]
+    updates = []
+    for n, c in enumerate(clients):
+        start = method.ranks.start(c, previous)
+        local = start + 0.1 * torch.randn(previous.shape, generator=g)
+        local = method.ranks.start(c, local)  # its coordinates past its rank stay 0
+        updates.append(ClientUpdate(client_id=c, delta=local - start, num_examples=n + 1, train_loss=0.0,
+                                    seconds=0.0, bytes_up=0))
+    stepped = method.server_step(previous, previous.clone(), updates)
+    for a_at, a_shape, b_at, b_shape in method.layers:
+        a_i = [(method.ranks.start(u.client_id, previous) + u.delta)[a_at:a_at + a_shape.numel()]
+               .view(a_shape).double().numpy() for u in updates]
+        b_i = [(method.ranks.start(u.client_id, previous) + u.delta)[b_at:b_at + b_shape.numel()]
+               .view(b_shape).double().numpy() for u in updates]
+        norms = np.array([np.linalg.norm(b @ a) for a, b in zip(a_i, b_i)])
+        p = norms / norms.sum()
+        np.testing.assert_allclose(stepped[a_at:a_at + a_shape.numel()].view(a_shape).numpy(),
+                                   sum(w * a for w, a in zip(p, a_i)), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(stepped[b_at:b_at + b_shape.numel()].view(b_shape).numpy(),
+                                   sum(w * b for w, b in zip(p, b_i)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregation", ["flora", "flexlora", "hetlora"])
+def test_mixed_rank_runs(aggregation, compose_cfg, tmp_path):
+    import pandas as pd
+
+    from fedrun import config, train
+
+    ranks = "client.lora_ranks=[{rank: 1, fraction: 0.5}, {rank: 2, fraction: 0.5}]"
+    exp = config.build(compose_cfg("model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1",
+                                   "model.lora.r=2", f"model.lora.aggregation={aggregation}", ranks,
+                                   "data.seq_len=16", "data.min_samples=4", "rounds=2", "sampler.clients_per_round=3",
+                                   f"run_dir={tmp_path / aggregation}", tiny=False))
+    run_dir, _ = train.train(exp)
+    m = pd.read_csv(run_dir / "metrics.csv").set_index("round")
+    clients = pd.read_csv(run_dir / "clients.csv")
+    per_rank = 16 + 3 * 16  # in + out of c_attn, one layer
+    expected = sum(exp.lora.ranks.rank(c) * per_rank * 4 for c in clients[clients["round"] == 1]["client_id"])
+    assert m.loc[1, "bytes_up"] == expected  # each client sends its rank's coordinates only
+    assert m["lora_agg_error"].iloc[1:].between(0, 1).all() and np.isfinite(m.loc[2, "eval_loss"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["client.lora_ranks=[{rank: 1, fraction: 1.0}]", "model.lora.r=1"],
+     "client.lora_ranks: model.lora.aggregation=avg"),
+    (["model.lora.aggregation=flexlora", "client.lora_ranks=[{rank: 2, fraction: 1.0}]", "model.lora.r=4"],
+     "model.lora.r: the adapters are built at the largest rank of client.lora_ranks"),
+    (["model.lora.aggregation=hetlora", "client.lora_ranks=[{rank: 2, fraction: 0.7}]", "model.lora.r=2"],
+     "fractions sum to 0.7"),
+])
+def test_mixed_rank_refusals(compose_cfg, overrides, message):
+    from fedrun.core import FedrunError
+
+    with pytest.raises(FedrunError, match=message):
+        compose_cfg("model=hf", *overrides, tiny=False)

@@ -10,6 +10,7 @@ into checkpoints.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -42,19 +43,18 @@ class LoRAMethod(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def round_method(aggregation: str, *, make_model: Callable[[], nn.Module], device: torch.device,
-                 seed: int) -> LoRAMethod | None:
-    """The round-level part of `model.lora.aggregation`, or None when it has none (avg, ffa)."""
+def round_method(aggregation: str, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int,
+                 rank_entries: Sequence[dict] | None = None, num_clients: int = 0) -> LoRAMethod | None:
+    """The round-level part of `model.lora.aggregation`, or None when it has none (avg, ffa).
+    `rank_entries`: client.lora_ranks (flora, flexlora, hetlora)."""
     if aggregation == "fedsa":
         from fedrun.lora.fedsa import FedSA
 
         return FedSA(make_model=make_model, device=device, seed=seed)
-    if aggregation == "flora":
-        from fedrun.lora.flora import FLoRA
-
-        return FLoRA(make_model=make_model, device=device, seed=seed)
-    if aggregation == "flexlora":
-        from fedrun.lora.flexlora import FlexLoRA
-
-        return FlexLoRA(make_model=make_model, device=device, seed=seed)
-    return None
+    methods = {"flora": ("fedrun.lora.flora", "FLoRA"), "flexlora": ("fedrun.lora.flexlora", "FlexLoRA"),
+               "hetlora": ("fedrun.lora.hetlora", "HetLoRA")}
+    if aggregation not in methods:
+        return None
+    module, name = methods[aggregation]
+    method = getattr(importlib.import_module(module), name)
+    return method(make_model=make_model, device=device, seed=seed, rank_entries=rank_entries, num_clients=num_clients)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedrun.core import ClientJob, ClientUpdate, RoundContext
+from fedrun.lora.ranks import client_ranks
 from fedrun.models.hf import lora_pairs, trainable_offsets
 from fedrun.server_model import initial_model
 
@@ -24,17 +25,22 @@ from fedrun.server_model import initial_model
 class FlexLoRA:
     personal = False  # every client starts from the global factors
 
-    def __init__(self, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int):
-        model, _ = initial_model(make_model, device, seed)
+    def __init__(self, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int,
+                 rank_entries: Sequence[dict] | None = None, num_clients: int = 0):
+        model, flat = initial_model(make_model, device, seed)
         offsets = trainable_offsets(model)
         self.layers = [(offsets[id(a)], a.shape, offsets[id(b)], b.shape) for _, a, b in lora_pairs(model)]
+        self.total = flat.numel()
+        self.ranks = client_ranks(rank_entries, layers=self.layers, num_clients=num_clients, seed=seed, device=device)
         self.error: float | None = None
 
     def client_job(self, job: ClientJob) -> ClientJob:
-        return job
+        """A client of a lower rank starts from the global SVD factors truncated to it: its best
+        approximation of the global product at that rank."""
+        return job if self.ranks is None else self.ranks.truncate(job, self.total)
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
-        return update
+        return update if self.ranks is None else self.ranks.sent_less(update)
 
     def server_step(self, previous: torch.Tensor, weights: torch.Tensor,
                     updates: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -47,7 +53,7 @@ class FlexLoRA:
         for a_at, a_shape, b_at, b_shape in self.layers:
             full = torch.zeros(b_shape[0], a_shape[1], dtype=torch.float64, device=previous.device)
             for weight, u in zip(p, updates):
-                local = previous + u.delta
+                local = (previous if self.ranks is None else self.ranks.start(u.client_id, previous)) + u.delta
                 a = local[a_at:a_at + a_shape.numel()].view(a_shape).double()
                 b = local[b_at:b_at + b_shape.numel()].view(b_shape).double()
                 full += weight * (b @ a)

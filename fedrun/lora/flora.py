@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fedrun.core import ClientJob, ClientUpdate, RoundContext
+from fedrun.lora.ranks import client_ranks
 from fedrun.models.hf import lora_layers, trainable_offsets
 from fedrun.server_model import initial_model
 
@@ -41,7 +42,8 @@ class Layer:
 class FLoRA:
     personal = False
 
-    def __init__(self, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int):
+    def __init__(self, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int,
+                 rank_entries: Sequence[dict] | None = None, num_clients: int = 0):
         model, flat = initial_model(make_model, device, seed)
         offsets = trainable_offsets(model)
         self.layers = []
@@ -52,17 +54,22 @@ class FLoRA:
                                      offsets[id(weight)], weight.shape, bool(module.fan_in_fan_out),
                                      float(module.scaling[name])))
         self.initial = flat.detach().clone()  # the adapters' restart values: A's seeded draw, B = 0
+        self.total = flat.numel()
+        self.ranks = client_ranks(rank_entries, layers=[(x.a_at, x.a_shape, x.b_at, x.b_shape) for x in self.layers],
+                                  num_clients=num_clients, seed=seed, device=device)
         self.base_coords = sum(layer.w_shape.numel() for layer in self.layers)
         self.stacked = 0  # coordinates of the last round's stacked factors: what a client downloads
         self.error: float | None = None
 
     def client_job(self, job: ClientJob) -> ClientJob:
+        if self.ranks is not None:  # its adapters restart truncated to its rank
+            job = self.ranks.truncate(job, self.total)
         job.coords_down = self.stacked
         return job
 
     def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
         update.bytes_up -= self.base_coords * update.delta.element_size()  # zero: the base never trains
-        return update
+        return update if self.ranks is None else self.ranks.sent_less(update)
 
     def server_step(self, previous: torch.Tensor, weights: torch.Tensor,
                     updates: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -75,7 +82,7 @@ class FLoRA:
         for layer in self.layers:
             product = torch.zeros(layer.b_shape[0], layer.a_shape[1], dtype=torch.float64, device=previous.device)
             for weight, u in zip(p, updates):
-                local = previous + u.delta
+                local = (previous if self.ranks is None else self.ranks.start(u.client_id, previous)) + u.delta
                 a = local[layer.a_at:layer.a_at + layer.a_shape.numel()].view(layer.a_shape).double()
                 b = local[layer.b_at:layer.b_at + layer.b_shape.numel()].view(layer.b_shape).double()
                 product += weight * (b @ a)
@@ -89,7 +96,9 @@ class FLoRA:
             for at, shape in ((layer.a_at, layer.a_shape), (layer.b_at, layer.b_shape)):
                 out[at:at + shape.numel()] = self.initial[at:at + shape.numel()]
         self.error = sum(errors) / len(errors)
-        self.stacked = len(updates) * sum(layer.a_shape.numel() + layer.b_shape.numel() for layer in self.layers)
+        per_rank = sum(layer.a_shape[1] + layer.b_shape[0] for layer in self.layers)  # in + out, every layer
+        self.stacked = per_rank * sum(self.layers[0].a_shape[0] if self.ranks is None else self.ranks.rank(u.client_id)
+                                      for u in updates)
         return out
 
     def aggregation_error(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> float | None:

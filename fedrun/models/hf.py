@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 # model.lora.aggregation: `avg` (FedIT: A and B averaged apart), `ffa` (FFA-LoRA: A frozen, B alone),
 # `fedsa` (FedSA-LoRA: A averaged, B kept by each client; fedrun/lora/fedsa.py), `flexlora`
 # (FlexLoRA: the rank-r SVD of the clients' mean product; fedrun/lora/flexlora.py), `flora`
-# (FLoRA: the exact mean product merged into the adapted base weights; fedrun/lora/flora.py).
-AGGREGATIONS = ("avg", "ffa", "fedsa", "flora", "flexlora")
+# (FLoRA: the exact mean product merged into the adapted base weights; fedrun/lora/flora.py),
+# `hetlora` (HetLoRA: zero-padded, sparsity-weighted average of mixed-rank factors; fedrun/lora/hetlora.py).
+AGGREGATIONS = ("avg", "ffa", "fedsa", "flora", "flexlora", "hetlora")
 # peft's defaults for these architectures, spelled out so a peft upgrade cannot change a run.
 DEFAULT_TARGET_MODULES = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 

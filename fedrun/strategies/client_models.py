@@ -37,13 +37,15 @@ class ModelSpec:
     fraction: float
 
 
-def assign_architectures(fractions: Sequence[float], *, num_clients: int, seed: int) -> np.ndarray:
-    """(num_clients,) architecture index of each client."""
+def assign_architectures(fractions: Sequence[float], *, num_clients: int, seed: int,
+                         key: int | None = None) -> np.ndarray:
+    """(num_clients,) architecture (or LoRA rank: `key` 1) index of each client."""
     quotas = np.asarray(fractions, dtype=np.float64) * num_clients
     counts = np.floor(quotas).astype(np.int64)
     leftover = num_clients - counts.sum()
     counts[np.argsort(-(quotas - counts), kind="stable")[:leftover]] += 1  # largest remainder
-    order = numpy_rng(seed, Stream.MODELS).permutation(num_clients)
+    order = (numpy_rng(seed, Stream.MODELS) if key is None else numpy_rng(seed, Stream.MODELS, key)).permutation(
+        num_clients)
     arch = np.empty(num_clients, dtype=np.int64)
     arch[order] = np.repeat(np.arange(len(counts)), counts)
     return arch
