@@ -93,7 +93,20 @@ class OneOf:
         return "one of " + ", ".join(map(str, self.values))
 
 
-Marker = Range | OneOf
+@dataclass(frozen=True)
+class Local:
+    """A file or folder on this machine. Such a key is made absolute when a run is built
+    (`absolute_paths`), so that its run directory works from any working directory."""
+
+    def allows(self, value: Any) -> bool:
+        return True
+
+    def describe(self, kind: type) -> str:
+        return "a local path"
+
+
+LocalPath = Annotated[str, Local()]  # the type of a key that names a local file or folder
+Marker = Range | OneOf | Local
 
 
 def _num(x: float) -> str:
@@ -198,7 +211,7 @@ def _key(name: str, hint: Any, default: Any) -> Key:
     markers: tuple[Marker, ...] = ()
     if typing.get_origin(hint) is Annotated:
         hint, *extra = typing.get_args(hint)
-        markers = tuple(m for m in extra if isinstance(m, (Range, OneOf)))
+        markers = tuple(m for m in extra if isinstance(m, (Range, OneOf, Local)))
     optional = False
     if typing.get_origin(hint) in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -206,7 +219,7 @@ def _key(name: str, hint: Any, default: Any) -> Key:
         hint = args[0] if len(args) == 1 else Any
         if typing.get_origin(hint) is Annotated:
             hint, *extra = typing.get_args(hint)
-            markers += tuple(m for m in extra if isinstance(m, (Range, OneOf)))
+            markers += tuple(m for m in extra if isinstance(m, (Range, OneOf, Local)))
     if typing.get_origin(hint) is Literal:
         markers += (OneOf(*typing.get_args(hint)),)
         hint = type(typing.get_args(hint)[0])

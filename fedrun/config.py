@@ -36,7 +36,7 @@ from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
 from fedrun.client_eval import ClientEvaluation
-from fedrun.components import capability, component, typed_node
+from fedrun.components import Local, capability, component, config_keys, typed_node
 from fedrun.core import FedrunError, ResponseEval, make_deterministic
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
@@ -221,7 +221,31 @@ def build_data(cfg: DictConfig, *, audit: Any = None) -> FederatedData:
     return data
 
 
+def absolute_paths(cfg: DictConfig) -> dict[str, str]:
+    """Every key typed `LocalPath` (data.path, model.name_or_path, eval.choices, ...) made absolute
+    in place: `~` expanded and resolved from the working directory, so that the run directory's
+    config works from anywhere (resume, eval, generate, export). Returns {key: what was typed}
+    for the keys it changed."""
+    typed: dict[str, str] = {}
+
+    def visit(node: DictConfig, target: Any, where: str, group: str) -> None:
+        for key in config_keys(target, group):
+            value = node.get(key.name)
+            if any(isinstance(m, Local) for m in key.markers) and isinstance(value, str) and value:
+                absolute = str(Path(value).expanduser().resolve())
+                if absolute != value:
+                    typed[f"{where}.{key.name}"], node[key.name] = value, absolute
+        for name, node_group in getattr(target, "config_nodes", {}).items():  # e.g. feddf's public data
+            visit(node[name], component(node[name]), f"{where}.{name}", node_group)
+
+    for group in COMPONENT_GROUPS:
+        visit(cfg[group], component(cfg[group]), group, group)
+    visit(cfg.eval, EvalSettings, "eval", "eval")
+    return typed
+
+
 def build(cfg: DictConfig) -> Experiment:
+    typed_paths = absolute_paths(cfg)
     device = resolve_device(cfg.device, cfg.backend.get("_target_", ""))
     make_deterministic(device)
     audit = None  # audit=none (is_noop): no secrets planted, nothing measured
@@ -288,6 +312,7 @@ def build(cfg: DictConfig) -> Experiment:
         audit=audit,
         compression=compression,
         lora=lora,
+        typed_paths=typed_paths,
     )
 
 

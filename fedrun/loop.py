@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -57,6 +57,7 @@ class Experiment:
     audit: CanaryAudit | None = None
     compression: StatefulHook | None = None
     lora: LoRAMethod | None = None  # model.lora.aggregation's round-level part (fedsa), if it has one
+    typed_paths: dict[str, str] = field(default_factory=dict)  # paths as typed, before they were made absolute
 
 
 def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | None = None,

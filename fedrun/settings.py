@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fedrun.components import OneOf, Range
+from fedrun.components import LocalPath, OneOf, Range
 
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVES = ("eval_loss", "eval_ppl", "eval_acc")
@@ -32,6 +32,6 @@ class EvalSettings:
     """The `eval` node: what each evaluation measures besides the test loss (fedrun/response_eval.py)."""
 
     samples: Annotated[int, Range(ge=0)]  # greedy responses to this many held-out prompts (samples.jsonl); 0: off
-    choices: str | None  # a JSONL file of multiple-choice questions (eval_mc_acc, eval_mc_acc_norm); null: off
+    choices: LocalPath | None  # a JSONL file of multiple-choice questions (eval_mc_acc, eval_mc_acc_norm); null: off
     per_client: bool  # each client on its own test split: clients_eval.csv, eval_client_ppl_mean/_p10/_p90
     clients: Annotated[int, Range(ge=1)] | None  # with per_client: a seeded sample of this many clients; null: all

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import time
@@ -22,6 +23,9 @@ from fedrun.rundir import RunDir, atomic_write, is_run_dir
 log = logging.getLogger(__name__)
 
 
+TYPED_PATHS_FILE = "typed_paths.json"  # the paths as the user typed them; config.yaml has them absolute
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a run; it is recorded as `interrupted` and can be resumed."""
 
@@ -35,6 +39,10 @@ def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = Non
     rundir = RunDir.create(exp.cfg.run_dir, exp.cfg)  # locked until the run ends
     with _closed_on_error(rundir):
         log.info("run directory: %s", rundir.path)
+        for key, typed in exp.typed_paths.items():  # config.yaml has them absolute
+            log.info("%s: %s, as typed: %s", key, OmegaConf.select(exp.cfg, key), typed)
+        if exp.typed_paths:
+            atomic_write(rundir.path / TYPED_PATHS_FILE, lambda p: p.write_text(json.dumps(exp.typed_paths, indent=1)))
         log.info("data: %s", exp.data.fingerprint)
         write_partition(rundir, exp)
     return rundir.path, _run_to_end(exp, rundir, on_round=on_round, checkpoint=None)

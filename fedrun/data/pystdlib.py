@@ -9,6 +9,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from fedrun.components import LocalPath
 from fedrun.core import FedrunError
 from fedrun.data.text import Documents, TextSource
 
@@ -16,7 +17,7 @@ _NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "
 
 
 class PyStdlib(TextSource):
-    def __init__(self, *, root: str | None, **keys: Any):
+    def __init__(self, *, root: LocalPath | None, **keys: Any):
         super().__init__(**keys)
         self.root = root  # None: this interpreter's stdlib
 

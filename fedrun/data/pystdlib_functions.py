@@ -14,7 +14,7 @@ import re
 import sysconfig
 from typing import Annotated, Any
 
-from fedrun.components import Range
+from fedrun.components import LocalPath, Range
 from fedrun.core import FedrunError
 from fedrun.data.examples import FederatedData
 from fedrun.data.instructions import Instruction, check_template, instruction_data, natural_clients
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class PyStdlibFunctions:
     data_kind = "text"
 
-    def __init__(self, *, root: str | None, seq_len: Annotated[int, Range(ge=1)],
+    def __init__(self, *, root: LocalPath | None, seq_len: Annotated[int, Range(ge=1)],
                  test_fraction: Annotated[float, TEST_FRACTION], min_samples: Annotated[int, Range(ge=1)],
                  max_clients: Annotated[int, Range(ge=1)] | None,
                  max_client_examples: Annotated[int, Range(ge=1)] | None, template: str | None):

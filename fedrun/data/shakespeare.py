@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fedrun.components import LocalPath
 from fedrun.core import FedrunError
 from fedrun.data.text import Documents, TextSource
 
@@ -15,7 +16,7 @@ _SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
 
 
 class Shakespeare(TextSource):
-    def __init__(self, *, path: str, **keys: Any):
+    def __init__(self, *, path: LocalPath, **keys: Any):
         super().__init__(**keys)
         self.path = path
 

@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
-from fedrun.components import Range
+from fedrun.components import LocalPath, Range
 from fedrun.core import FedrunError
 from fedrun.data.examples import FederatedData
 from fedrun.data.instructions import Instruction, check_template, instruction_data, natural_clients
@@ -19,7 +19,7 @@ from fedrun.data.text import TEST_FRACTION, Tokenizer
 class ShakespeareDialogue:
     data_kind = "text"
 
-    def __init__(self, *, path: str, seq_len: Annotated[int, Range(ge=1)],
+    def __init__(self, *, path: LocalPath, seq_len: Annotated[int, Range(ge=1)],
                  test_fraction: Annotated[float, TEST_FRACTION], min_samples: Annotated[int, Range(ge=1)],
                  max_clients: Annotated[int, Range(ge=1)] | None, template: str | None):
         self.path, self.seq_len, self.test_fraction = path, seq_len, test_fraction

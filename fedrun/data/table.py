@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import numpy as np
 import pandas as pd
 
-from fedrun.components import OneOf, Range
+from fedrun.components import LocalPath, OneOf, Range
 from fedrun.core import FedrunError, Stream, numpy_rng
 from fedrun.data import partition as partitioners
 from fedrun.data.examples import FederatedData
@@ -43,8 +43,8 @@ Column = str | None
 class Table:
     data_kind = "text"
 
-    def __init__(self, *, path: str, text_key: Column, prompt_key: Column, response_key: Column, system_key: Column,
-                 messages_key: Column, client_key: Column, label_key: Column,
+    def __init__(self, *, path: LocalPath, text_key: Column, prompt_key: Column, response_key: Column,
+                 system_key: Column, messages_key: Column, client_key: Column, label_key: Column,
                  partition: Annotated[str, OneOf(*PARTITIONS)], num_clients: Annotated[int, Range(ge=1)] | None,
                  dirichlet_alpha: Annotated[float, Range(gt=0)], size_skew: Annotated[float, Range(ge=0)],
                  min_samples: Annotated[int, Range(ge=1)],

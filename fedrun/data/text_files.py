@@ -10,12 +10,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from fedrun.components import LocalPath
 from fedrun.core import FedrunError
 from fedrun.data.text import Documents, TextSource
 
 
 class TextFiles(TextSource):
-    def __init__(self, *, path: str, pattern: str, **keys: Any):
+    def __init__(self, *, path: LocalPath, pattern: str, **keys: Any):
         super().__init__(**keys)
         self.path, self.pattern = path, pattern
 

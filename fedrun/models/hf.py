@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 from torch import nn
 
-from fedrun.components import OneOf, Range
+from fedrun.components import LocalPath, OneOf, Range
 from fedrun.core import FedrunError
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class HFCausalLM(nn.Module):
     drawn from the caller's RNG (peft's init: B = 0, so the adapted model starts as the base).
     """
 
-    def __init__(self, *, vocab_size: int, seq_len: int, name_or_path: str | None,
+    def __init__(self, *, vocab_size: int, seq_len: int, name_or_path: LocalPath | None,
                  from_config: dict | None, lora: LoRAConfig, init_seed: int):
         super().__init__()
         _offline()
