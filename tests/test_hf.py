@@ -459,9 +459,9 @@ def test_flora_merges_exactly_the_mean_product_into_the_base():
     model = build(lora=FLORA)
     previous = flatten_parameters(model).detach().clone()
     adapters = torch.zeros_like(previous, dtype=torch.bool)
-    for layer in method.layers:
-        adapters[layer.a_at:layer.a_at + layer.a_shape.numel()] = True
-        adapters[layer.b_at:layer.b_at + layer.b_shape.numel()] = True
+    for a_at, a_shape, b_at, b_shape in method.layers:
+        adapters[a_at:a_at + a_shape.numel()] = True
+        adapters[b_at:b_at + b_shape.numel()] = True
     g = torch.Generator().manual_seed(1)
     deltas = [torch.where(adapters, 0.05 * torch.randn(previous.shape, generator=g), 0) for _ in range(2)]
     updates = [ClientUpdate(client_id=i, delta=d, num_examples=n, train_loss=0.0, seconds=0.0, bytes_up=0)
@@ -473,17 +473,16 @@ def test_flora_merges_exactly_the_mean_product_into_the_base():
     plain = build(lora=NO_LORA)
     p = np.array([2, 6]) / 8
     with torch.no_grad():
-        for block, layer in zip(plain.model.transformer.h, method.layers):
-            product = sum(w * (previous + u.delta)[layer.b_at:layer.b_at + layer.b_shape.numel()].view(layer.b_shape)
-                          .double().numpy() @ (previous + u.delta)[layer.a_at:layer.a_at + layer.a_shape.numel()]
-                          .view(layer.a_shape).double().numpy() for w, u in zip(p, updates))
+        for block, (a_at, a_shape, b_at, b_shape) in zip(plain.model.transformer.h, method.layers):
+            product = sum(w * (previous + u.delta)[b_at:b_at + b_shape.numel()].view(b_shape).double().numpy()
+                          @ (previous + u.delta)[a_at:a_at + a_shape.numel()].view(a_shape).double().numpy()
+                          for w, u in zip(p, updates))
             block.attn.c_attn.weight += torch.from_numpy(LORA.alpha / LORA.r * product.T).float()
     x = tokens()
     torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)  # adapters restarted: B = 0
-    for layer in method.layers:  # A back to the run's initial draw, B to 0
-        torch.testing.assert_close(stepped[layer.a_at:layer.a_at + layer.a_shape.numel()],
-                                   method.initial[layer.a_at:layer.a_at + layer.a_shape.numel()])
-        assert not stepped[layer.b_at:layer.b_at + layer.b_shape.numel()].any()
+    for a_at, a_shape, b_at, b_shape in method.layers:  # A back to the run's initial draw, B to 0
+        torch.testing.assert_close(stepped[a_at:a_at + a_shape.numel()], method.initial[a_at:a_at + a_shape.numel()])
+        assert not stepped[b_at:b_at + b_shape.numel()].any()
 
 
 def test_flora_run_trains_adapters_only_and_exports_the_merged_model(compose_cfg, tmp_path):
@@ -506,9 +505,9 @@ def test_flora_run_trains_adapters_only_and_exports_the_merged_model(compose_cfg
     trainer = LocalTrainer(exp.make_model, client_config(exp.cfg), torch.device("cpu"))  # Adam, 2 local steps
     start = exp.server_model.initial_weights()
     delta = trainer.train(ClientJob(0), exp.data.clients[0], start, RoundContext(1, 0, exp.data.num_clients)).delta
-    layer = exp.lora.layers[0]
-    assert not delta[layer.w_at:layer.w_at + layer.w_shape.numel()].any()  # the base weights never train
-    assert delta[layer.b_at:layer.b_at + layer.b_shape.numel()].any()
+    base, (_, _, b_at, b_shape) = exp.lora.bases[0], exp.lora.layers[0]
+    assert not delta[base.at:base.at + base.shape.numel()].any()  # the base weights never train
+    assert delta[b_at:b_at + b_shape.numel()].any()
     run_dir, _ = train.train(exp)
     m = pd.read_csv(run_dir / "metrics.csv").set_index("round")
     assert (m.loc[1:, "bytes_up"] == m.loc[1:, "reported"] * adapters * 4).all()  # the base never trains

@@ -10,73 +10,30 @@ Rank self-pruning (the paper's optional shrinking of a client's rank) is not bui
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from fedrun.core import ClientJob, ClientUpdate, RoundContext
-from fedrun.lora.ranks import client_ranks
-from fedrun.models.hf import lora_pairs, trainable_offsets
-from fedrun.server_model import initial_model
+from fedrun.core import ClientUpdate
+from fedrun.lora.factors import FactorMethod, relative_gap
 
 
-class HetLoRA:
-    personal = False
-
-    def __init__(self, *, make_model: Callable[[], nn.Module], device: torch.device, seed: int,
-                 rank_entries: Sequence[dict] | None = None, num_clients: int = 0):
-        model, flat = initial_model(make_model, device, seed)
-        offsets = trainable_offsets(model)
-        self.layers = [(offsets[id(a)], a.shape, offsets[id(b)], b.shape) for _, a, b in lora_pairs(model)]
-        self.total = flat.numel()
-        self.ranks = client_ranks(rank_entries, layers=self.layers, num_clients=num_clients, seed=seed, device=device)
-        self.error: float | None = None
-
-    def client_job(self, job: ClientJob) -> ClientJob:
-        return job if self.ranks is None else self.ranks.truncate(job, self.total)
-
-    def on_client(self, update: ClientUpdate, ctx: RoundContext) -> ClientUpdate:
-        return update if self.ranks is None else self.ranks.sent_less(update)
-
+class HetLoRA(FactorMethod):
     def server_step(self, previous: torch.Tensor, weights: torch.Tensor,
                     updates: Sequence[ClientUpdate]) -> torch.Tensor:
         if not updates:
             return weights
         out, errors = weights.clone(), []
-        for a_at, a_shape, b_at, b_shape in self.layers:
-            a_i, b_i = [], []
-            for u in updates:  # each client's own factors: zero beyond its rank (zero-padded)
-                start = previous if self.ranks is None else self.ranks.start(u.client_id, previous)
-                local = start + u.delta
-                a_i.append(local[a_at:a_at + a_shape.numel()].view(a_shape).double())
-                b_i.append(local[b_at:b_at + b_shape.numel()].view(b_shape).double())
+        for layer in self.layers:
+            a_at, a_shape, b_at, b_shape = layer
+            a_i, b_i = zip(*(self.factors(previous, u, *layer) for u in updates))  # zero past each client's rank
             products = [b @ a for a, b in zip(a_i, b_i)]
             norms = torch.stack([torch.linalg.matrix_norm(p) for p in products])
             p = norms / norms.sum() if norms.sum() > 0 else torch.full_like(norms, 1 / len(norms))
             a_mean = sum(w * a for w, a in zip(p, a_i))
             b_mean = sum(w * b for w, b in zip(p, b_i))
-            exact = sum(w * prod for w, prod in zip(p, products))
             out[a_at:a_at + a_shape.numel()] = a_mean.flatten().to(out.dtype)
             out[b_at:b_at + b_shape.numel()] = b_mean.flatten().to(out.dtype)
-            norm = torch.linalg.matrix_norm(exact)
-            errors.append(float(torch.linalg.matrix_norm(exact - b_mean @ a_mean) / norm) if norm > 0 else 0.0)
+            errors.append(relative_gap(sum(w * prod for w, prod in zip(p, products)), b_mean @ a_mean))
         self.error = sum(errors) / len(errors)
         return out
-
-    def aggregation_error(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> float | None:
-        error, self.error = self.error, None
-        return error
-
-    def personal_weights(self, client_id: int, weights: torch.Tensor) -> torch.Tensor:
-        return weights
-
-    def save_personal(self, run_dir: Path, *, round_idx: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
