@@ -629,3 +629,16 @@ def test_mixed_rank_refusals(compose_cfg, overrides, message):
 
     with pytest.raises(FedrunError, match=message):
         compose_cfg("model=hf", *overrides, tiny=False)
+
+
+def test_flora_is_never_batched_by_vmap_which_would_bypass_its_gradient_hook():
+    from fedrun.backends.vectorized import unbatchable
+    from fedrun.client import LocalTrainer
+    from fedrun.client_config import ClientConfig
+
+    no_dropout = {**GPT2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    cfg = ClientConfig(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=4, local_epochs=None,
+                       local_steps=1)
+    assert unbatchable(LocalTrainer(lambda: build(no_dropout, LORA), cfg, torch.device("cpu"))) is None
+    reason = unbatchable(LocalTrainer(lambda: build(no_dropout, FLORA), cfg, torch.device("cpu")))
+    assert reason is not None and "hook" in reason

@@ -131,6 +131,9 @@ def unbatchable(trainer) -> str | None:
     # cuDNN's RNN under vmap without complaint and trains wrongly: decide by the module.
     if rnn := next((m for m in trainer.model.modules() if isinstance(m, nn.RNNBase)), None):
         return f"vmap cannot batch the fused recurrent layer {type(rnn).__name__}"
+    if any(getattr(p, "_backward_hooks", None) for p in trainer.model.parameters()):
+        return "a parameter's gradient is shaped by a hook (model.lora.aggregation=flora keeps base weights fixed " \
+               "so), which the stacked functional call would bypass"
     if (rate := dropout_rate(trainer.model)) > 0:
         return f"the model has dropout {rate} > 0, whose masks each client draws from its own RNG stream"
     return None
