@@ -246,9 +246,6 @@ def _check_eval(cfg: DictConfig) -> None:
     if cfg.eval.clients is not None and not cfg.eval.per_client:
         raise FedrunError("eval.clients: samples the clients of eval.per_client, which is false; set "
                           "eval.per_client=true")
-    if cfg.eval.per_client and capability(cfg.strategy, "strategy", "exchanges") == "logits":
-        raise FedrunError(f"eval.per_client: not built for strategy={_named(cfg, 'strategy')} yet (its clients' "
-                          "models are evaluated per architecture on the shared test set); set eval.per_client=false")
     key = "eval.samples" if cfg.eval.samples else "eval.choices" if cfg.eval.choices is not None else None
     if key is None:
         return

@@ -10,7 +10,7 @@ their own weights: each test example is scored by its owner's model.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,13 +66,22 @@ class ClientEvaluation:
 
     def score(self, model: nn.Module, flat: torch.Tensor, weights: torch.Tensor,
               device: torch.device) -> list[ClientScore]:
-        results = []
-        for k in self.scored:
+        """Each scored client under the global weights, or its own where it has them."""
+        def load(k: int) -> nn.Module:
             own = self.personal.personal_weights(k, weights) if self.personal is not None else None
             flat.copy_(weights if own is None else own)
-            test = self.data.clients[k].test
-            results.append(ClientScore(k, evaluate_sums(model, test, device), len(test), own is not None))
+            return model
+
+        results = self.score_with(load, device, own=self.personal is not None)
         flat.copy_(weights)
+        return results
+
+    def score_with(self, load: Callable[[int], nn.Module], device: torch.device, *, own: bool) -> list[ClientScore]:
+        """Each scored client under the model `load(client_id)` makes ready (its own: `own`)."""
+        results = []
+        for k in self.scored:
+            test = self.data.clients[k].test
+            results.append(ClientScore(k, evaluate_sums(load(k), test, device), len(test), own))
         return results
 
     def pooled(self, results: Sequence[ClientScore]) -> dict[str, float]:

@@ -293,7 +293,11 @@ def build(cfg: DictConfig) -> Experiment:
     personal = strategy if hasattr(strategy, "personal_weights") else lora if lora and lora.personal else None
     client_eval = None if not (cfg.eval.per_client or personal) else ClientEvaluation(
         data, seed=cfg.seed, clients=cfg.eval.clients, listed=cfg.eval.per_client, personal=personal)
-    server_model = getattr(strategy, "server_model", None) or GlobalModel(
+    own_models = getattr(strategy, "server_model", None)  # fed_distill: the clients' own models
+    if own_models is not None and cfg.eval.per_client:
+        own_models.evaluate_per_client(ClientEvaluation(data, seed=cfg.seed, clients=cfg.eval.clients, listed=True,
+                                                        personal=None))
+    server_model = own_models or GlobalModel(
         make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data), client_eval=client_eval,
         lora_method=lora)
     return Experiment(

@@ -181,3 +181,27 @@ def test_process_backend_gives_the_same_run_as_sequential(compose_cfg, tmp_path)
         return pd.read_csv(run_dir / "metrics.csv").drop(columns="seconds")
 
     pd.testing.assert_frame_equal(metrics("sequential"), metrics("process", "backend=process", "backend.workers=2"))
+
+
+def test_per_client_evaluation_scores_each_clients_own_model_on_its_own_test(compose_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedrun.evaluation import evaluate
+    from fedrun.params import flatten_parameters
+
+    exp = config.build(compose_cfg(*PUBLIC, *HETERO, "rounds=2", "eval.per_client=true",
+                                   f"run_dir={tmp_path / 'run'}"))
+    run_dir, _ = train.train(exp)
+    rows = pd.read_csv(run_dir / "clients_eval.csv")
+    last = rows[rows["round"] == 2].set_index("client_id")
+    assert (rows["model"] == "own").all() and len(last) == sum(len(c.test) > 0 for c in exp.data.clients)
+    own = load_file(run_dir / "client_models.safetensors")
+    models = exp.server_model
+    trained = [int(k.removeprefix("client_")) for k in own if k.startswith("client_")]
+    for k in trained[:3]:  # an independent evaluation of client k's saved weights, in its own architecture
+        model = models.specs[models.arch_of[k]].make_model()
+        flatten_parameters(model).copy_(own[f"client_{k}"])
+        expected = evaluate(model, exp.data.clients[k].test, torch.device("cpu"))
+        assert last.loc[k, "eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+    m = pd.read_csv(run_dir / "metrics.csv").set_index("round")
+    assert m.loc[2, "eval_client_ppl_mean"] == pytest.approx(last["eval_ppl"].mean())

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fedrun.client_eval import ClientEvaluation
 from fedrun.core import ClientUpdate, FedrunError, RoundContext, Stream, derive_seed, numpy_rng
 from fedrun.data.examples import Examples
 from fedrun.evaluation import evaluate, perplexity
@@ -73,6 +74,17 @@ class ClientModels:
         self.weights: dict[int, torch.Tensor] = {}
         self.metric_columns = [] if len(self.specs) == 1 else [
             f"eval_{m}_{s.name}" for s in self.specs for m in ("loss", "ppl", "acc")]
+        self.client_eval: ClientEvaluation | None = None  # eval.per_client: each client's own model on its own test
+
+    def evaluate_per_client(self, client_eval: ClientEvaluation) -> None:
+        """eval.per_client: list every client's own model on its own test split."""
+        self.client_eval = client_eval
+        self.metric_columns = self.metric_columns + client_eval.metric_columns
+
+    def _load(self, client_id: int) -> nn.Module:
+        arch = self.arch_of[client_id]
+        self.flats[arch].copy_(self.weights_of(client_id))
+        return self.models[arch]
 
     def _vocab_size(self) -> int:
         """The width of the models' output: they must agree to exchange distributions."""
@@ -118,7 +130,10 @@ class ClientModels:
             accs += [r["eval_acc"] for r in results]
         loss = sum(losses) / len(losses)
         overall = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_acc": sum(accs) / len(accs)}
-        return overall | (per_arch if self.metric_columns else {})
+        if self.client_eval is not None:
+            scores = self.client_eval.score_with(self._load, self.device, own=True)
+            overall |= self.client_eval.listing(scores, round_idx=round_idx, run_dir=run_dir)
+        return overall | (per_arch if len(self.specs) > 1 else {})
 
     def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict:
         return {}
