@@ -18,6 +18,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedrun.words import plural
+
 app = typer.Typer(
     help="Federated learning of language models with privacy protection: run, sweep, report.",
     no_args_is_help=True,
@@ -187,7 +189,7 @@ def resume(
     if not runs:
         raise FedrunError(f"path: no run directory in {path}")
     if not unfinished:
-        console.print(f"nothing to resume: all {len(runs)} run(s) under {path} have finished")
+        console.print(f"nothing to resume: all {plural(len(runs), 'run')} under {path} have finished")
     for run in unfinished:
         experiment, rundir, checkpoint = training.load_for_resume(run)
         with _round_progress(experiment.cfg.rounds, done=checkpoint["round"] if checkpoint else 0) as on_round:
@@ -346,7 +348,7 @@ def _print_summary(summary: dict) -> None:
                       f"{m['eval_acc']:.4f}")
     console.print(table)
     mb = (summary["bytes_up"] + summary["bytes_down"]) / 1e6
-    console.print(f"{summary['rounds']} rounds in {summary['seconds']:.1f} s, {mb:.1f} MB exchanged")
+    console.print(f"{plural(summary['rounds'], 'round')} in {summary['seconds']:.1f} s, {mb:.1f} MB exchanged")
 
 
 def main() -> None:

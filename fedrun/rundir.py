@@ -45,12 +45,24 @@ def writing(path: Path) -> Iterator[None]:
         raise FedrunError(f"run_dir: cannot write {path}: [Errno {e.errno}] {e.strerror or e}") from e
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets here (0o644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path: Path, write, *, durable: bool = True) -> None:
-    """Call `write(tmp_path)`, flush it to disk (if durable), then rename over `path`."""
+    """Call `write(tmp_path)`, flush it to disk (if durable), then rename over `path`. The file
+    gets an ordinary file's mode: safetensors writes 0600, which other users could not read."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with writing(path):
             write(tmp)
+            os.chmod(tmp, FILE_MODE)
             if durable:
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())

@@ -28,6 +28,10 @@ def test_a_run_made_with_relative_paths_works_from_another_directory(tmp_path, m
     assert cfg.data.path == str(here / "play.txt") and cfg.eval.choices == str(here / "mc.jsonl")
     assert json.loads((run / "typed_paths.json").read_text()) == {"data.path": "play.txt",
                                                                   "eval.choices": "./mc.jsonl"}
+    from fedrun.rundir import FILE_MODE
+
+    for name in ("model.safetensors", "config.yaml", "checkpoints/round_0002.pt"):  # safetensors alone wrote 0600
+        assert (run / name).stat().st_mode & 0o777 == FILE_MODE
     monkeypatch.chdir(elsewhere)  # where play.txt and mc.jsonl are not
     for command in (["eval", str(run)], ["generate", str(run), "--prompt", "A", "--max-new-tokens", "3"]):
         out = CliRunner().invoke(app, command)

@@ -314,7 +314,7 @@ def test_a_crashed_run_is_not_averaged_with_a_finished_run_of_its_config(tmp_pat
 
     shown, files = report([tmp_path / "runs"], out=tmp_path / "out")
     text = " ".join(rendered(shown).split())  # the caption wraps at the table's width
-    assert "1 runs in 1 groups (1 finished)" in text and "not in the means: 1 crashed" in text
+    assert "1 run in 1 group (1 finished)" in text and "not in the means: 1 crashed" in text
     assert "not finished: not in the means above" in text and "2 of 6" in text
     md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "## Not finished" in md and "| crashed | 2 of 6 |" in md

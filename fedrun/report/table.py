@@ -10,6 +10,7 @@ import pandas as pd
 from rich.table import Table
 
 from fedrun.report.groups import STATUSES
+from fedrun.words import plural
 
 HEADERS = {"final_eval_loss": "eval loss", "final_eval_ppl": "eval ppl", "final_eval_acc": "eval acc",
            "best_eval_loss": "best loss", "best_eval_ppl": "best ppl", "best_eval_acc": "best acc",
@@ -70,7 +71,8 @@ def cells(groups: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 def caption(groups: pd.DataFrame, apart: pd.DataFrame | None = None) -> str:
     counts = ", ".join(f"{int(groups[s].sum())} {s}" for s in STATUSES if groups[s].sum())
-    text = f"{int(groups['n'].sum())} runs in {len(groups)} groups" + (f" ({counts})" if counts else "")
+    text = f"{plural(int(groups['n'].sum()), 'run')} in {plural(len(groups), 'group')}"
+    text += f" ({counts})" if counts else ""
     text += "; mean ± std over seeds"
     if apart is not None and len(apart):
         others = ", ".join(f"{n} {s}" for s, n in apart["status"].value_counts(sort=False).items())
