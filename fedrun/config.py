@@ -299,7 +299,8 @@ def build(cfg: DictConfig) -> Experiment:
                                                         personal=None))
     server_model = own_models or GlobalModel(
         make_model, device=device, seed=cfg.seed, audit=audit, evals=build_evals(cfg, data), client_eval=client_eval,
-        lora_method=lora)
+        lora_method=lora, averages_updates=capability(cfg.strategy, "strategy", "exchanges") == "weights"
+        and not capability(cfg.strategy, "strategy", "trains_centrally"))
     return Experiment(
         cfg=cfg,
         data=data,

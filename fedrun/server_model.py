@@ -39,12 +39,16 @@ class GlobalModel:
 
     def __init__(self, make_model: Callable[[], nn.Module], *, device: torch.device, seed: int,
                  audit: CanaryAudit | None = None, evals: Sequence[ResponseEval] = (),
-                 client_eval: ClientEvaluation | None = None, lora_method: LoRAMethod | None = None):
+                 client_eval: ClientEvaluation | None = None, lora_method: LoRAMethod | None = None,
+                 averages_updates: bool = True):
+        """`averages_updates`: the strategy combines clients' updates (not strategy=local or
+        centralized), so what averaging LoRA factors loses (lora_agg_error) is measured."""
         self.model, self.flat = initial_model(make_model, device, seed)
         self.lora_method = lora_method
         self.device, self.audit, self.evals, self.client_eval = device, audit, list(evals), client_eval
-        self.lora = getattr(self.model, "lora_enabled", False)
-        self.metric_columns = ((["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora else [])
+        self.lora = getattr(self.model, "lora_enabled", False)  # the adapters are saved in peft's layout too
+        self.lora_error = self.lora and averages_updates
+        self.metric_columns = ((["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora_error else [])
                                + (client_eval.metric_columns if client_eval else [])
                                + [c for e in self.evals for c in e.metric_columns])
 
@@ -68,7 +72,7 @@ class GlobalModel:
 
     def round_metrics(self, previous: torch.Tensor, updates: Sequence[ClientUpdate]) -> dict:
         """Averaging LoRA factors A and B separately is not averaging B A: log the relative gap."""
-        if not self.lora or not updates or not updates[0].delta.is_floating_point():
+        if not self.lora_error or not updates or not updates[0].delta.is_floating_point():
             return {}
         if self.lora_method is not None:  # its own measure of what its aggregation loses
             error = self.lora_method.aggregation_error(previous, updates)
