@@ -268,5 +268,6 @@ def test_fedsa_refusals(compose_cfg, overrides, message):
 def test_lora_agg_error_is_measured_only_where_updates_are_averaged(compose_cfg, strategy, measured):
     pytest.importorskip("peft", reason="model=hf's LoRA needs the [llm] extra: pip install -e .[llm]")
     exp = config.build(compose_cfg("model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1",
-                                   "data.seq_len=16", "data.min_samples=4", f"strategy={strategy}", tiny=False))
+                                   "data.seq_len=16", "data.min_samples=4", "sampler.clients_per_round=3",
+                                   f"strategy={strategy}", tiny=False))
     assert ("lora_agg_error" in exp.server_model.metric_columns) == measured
