@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from benchmarks import bare, exported  # noqa: E402
-from benchmarks.flower_apps import TimedFedAvg, client_app, work  # noqa: E402
+from benchmarks.flower_apps import SIMULATION_BACKEND, TimedFedAvg, client_app, work  # noqa: E402
 from benchmarks.measure import RoundClock  # noqa: E402
 
 
@@ -35,11 +35,8 @@ def main(spec_path: str, result_path: str) -> None:
                                 num_rounds=w["rounds"])
         final["state"] = result.arrays.to_torch_state_dict()
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "object_store_memory": 256 * 1024 * 1024,
-                             "_node_ip_address": "127.0.0.1", "log_to_driver": False}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend)
+                   backend_config=SIMULATION_BACKEND)
     model = exported.make_model(work())
     model.load_state_dict(final["state"])
     clock.report(result_path, eval_loss=bare.eval_loss(model, work()["test"]), warmup=spec["warmup"])

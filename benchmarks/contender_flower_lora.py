@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from benchmarks import bare, lora  # noqa: E402
-from benchmarks.flower_apps import work  # noqa: E402
+from benchmarks.flower_apps import SIMULATION_BACKEND, work  # noqa: E402
 from benchmarks.flower_lora_apps import ProfiledFedAvg, client_app, get_model  # noqa: E402
 from benchmarks.measure import RoundClock  # noqa: E402
 
@@ -50,11 +50,8 @@ def main(spec_path: str, result_path: str) -> None:
         final["adapters"] = result.arrays.to_torch_state_dict()
         final["phases"] = strategy.phase_summary(spec["warmup"])
 
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": 2, "object_store_memory": 256 * 1024 * 1024,
-                             "_node_ip_address": "127.0.0.1", "log_to_driver": False}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend)
+                   backend_config=SIMULATION_BACKEND)
     clock.report(result_path, eval_loss=final_loss(work(), final["adapters"]), warmup=spec["warmup"],
                  client_phases=final["phases"])
 

@@ -30,6 +30,12 @@ WORK_PATH = os.environ.get("BENCH_EXPORT", "")
 _work: dict | None = None  # loaded once per process (driver and each Ray actor)
 
 
+# Ray on loopback, one CPU a client, two at once: how every Flower contender runs its simulation.
+SIMULATION_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                      "init_args": {"num_cpus": 2, "object_store_memory": 256 * 1024 * 1024,
+                                    "_node_ip_address": "127.0.0.1", "log_to_driver": False}}
+
+
 def work() -> dict:
     global _work
     if _work is None:
