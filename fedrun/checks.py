@@ -7,6 +7,7 @@ Each failure is one line naming the key, what is wrong and what is allowed.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,9 +27,22 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg.eval, EvalSettings, "eval")
     for group in COMPONENT_GROUPS:
         check_component(cfg[group], group, group)
+    _check_run_dir(cfg.run_dir)
     if "n_head" in cfg.model and cfg.model.n_embd % cfg.model.n_head:
         raise FedrunError(f"model.n_embd: {cfg.model.n_embd} is not a multiple of model.n_head={cfg.model.n_head}")
     _check_combinations(cfg)
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """A run directory that is a file, or lies under one, fails before any data is read."""
+    path = Path(run_dir).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == path else f" is inside {folder}, which"
+                raise FedrunError(f"run_dir: {run_dir}{where} is a file; allowed: a folder that does not exist "
+                                  "yet or is empty")
+            return
 
 
 def check_component(node: DictConfig, group: str, where: str) -> None:
@@ -56,13 +70,15 @@ def _check_combinations(cfg: DictConfig) -> None:
         raise FedrunError("client.local_steps: set exactly one of client.local_epochs and client.local_steps "
                           f"(got local_epochs={cfg.client.local_epochs}, local_steps={cfg.client.local_steps})")
     if capability(cfg.strategy, "strategy", "needs_plain_sgd") and (c.optimizer != "sgd" or c.momentum):
-        raise FedrunError(f"client.optimizer: strategy={_named(cfg, 'strategy')} needs plain local SGD "
-                          f"(client.optimizer=sgd, client.momentum=0; got {c.optimizer}, momentum {c.momentum}): "
-                          "its client rule assumes it")
+        # Its YAML selects plain SGD (conf/base/plain_sgd.yaml): only an override can get here.
+        raise FedrunError(f"client.optimizer: strategy={_named(cfg, 'strategy')} needs plain local SGD, which its "
+                          f"client rule assumes (got {c.optimizer}, momentum {c.momentum}); allowed: "
+                          "client.optimizer=sgd client.momentum=0")
     _check_no_exchange(cfg)
     _check_lora(cfg)
     _check_privacy(cfg)
     _check_distillation(cfg)
+    _check_epsilon_audit(cfg)
     _check_eval(cfg)
     f = cfg.strategy.get("num_byzantine")
     if f is not None and cfg.sampler.clients_per_round < 2 * f + 3:
@@ -239,6 +255,28 @@ def _check_no_exchange(cfg: DictConfig) -> None:
     for group, reason in why.items():
         if not capability(cfg[group], group, "is_noop"):
             raise FedrunError(f"{group}: must be none with strategy={name}: {reason}")
+
+
+def _check_epsilon_audit(cfg: DictConfig) -> None:
+    """audit=epsilon's canary clients send a direction in the space of the global model's updates."""
+    if not capability(cfg.audit, "audit", "inserts_clients"):
+        return
+    name, level = _named(cfg, "strategy"), capability(cfg.privacy, "privacy", "dp_level")
+    if capability(cfg.strategy, "strategy", "client_sends_extras"):
+        raise FedrunError(f"audit: epsilon's canary clients send an update and nothing else; strategy={name}'s "
+                          "clients send more (control variates); use fedavg, fedavgm, fedprox or an adaptive strategy")
+    if level == "example":
+        raise FedrunError(f"audit: epsilon measures a user-level guarantee; privacy={_named(cfg, 'privacy')} "
+                          "protects examples inside each client's training; allowed: privacy=central_dp, "
+                          "secure_agg or none")
+    lora = cfg.model.get("lora")
+    if lora is not None and lora.enabled and lora.aggregation not in ("avg", "ffa"):
+        raise FedrunError(f"model.lora.aggregation: audit=epsilon compares canary directions with the change of "
+                          f"one global adapter; {lora.aggregation} does not average the adapters as sent; "
+                          "allowed: avg, ffa")
+    if level is None and not uses_secure_sum(cfg.privacy) and cfg.audit.canary_norm is None:
+        raise FedrunError("audit.canary_norm: privacy=none has no clip norm to scale a canary's direction to; "
+                          "set audit.canary_norm (e.g. a typical update norm, the clients.csv update_norm column)")
 
 
 def _check_eval(cfg: DictConfig) -> None:

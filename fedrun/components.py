@@ -397,7 +397,14 @@ CAPABILITIES: dict[str, dict[str, tuple[str, Any]]] = {
         "trains_on_cpu": ("its workers train on the CPU whatever device=auto finds", False),
     },
     **{group: {"is_noop": ("the option that does nothing (none): changes no update", False)}
-       for group in ("attack", "compression", "audit")},
+       for group in ("attack", "compression")},
+    "audit": {
+        "is_noop": ("the option that does nothing (none): changes no update", False),
+        "plants_secrets": ("it plants text secrets in clients' data, which must then be byte-level text (an "
+                           "instance may say no: audit=epsilon with num_canaries 0)", False),
+        "inserts_clients": ("canary clients join the population (audit=epsilon): the sampler, the accountant "
+                            "and secure aggregation count them as users", False),
+    },
 }
 
 

@@ -36,7 +36,7 @@ from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
 from fedrun.client_eval import ClientEvaluation
-from fedrun.components import Local, capability, component, config_keys, typed_node
+from fedrun.components import Local, capability, component, config_keys, option_name, typed_node
 from fedrun.core import FedrunError, ResponseEval, make_deterministic
 from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
@@ -62,6 +62,7 @@ def conf_dir() -> Path:
 def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) -> DictConfig:
     """The resolved config for these Hydra overrides, its keys, options and types checked, and
     (check_ranges) its values too; FedrunError if anything is wrong."""
+    check_overrides(list(overrides or []))
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="fedrun"):
             cfg = hydra_compose("config", overrides=list(overrides or []))
@@ -79,6 +80,20 @@ def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) ->
     return cfg
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse an override of what an option decides (`data._target_=...`, Hydra's `_x_` keys): a
+    component is chosen by its option, so that only shipped components are built."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not any(len(part) > 2 and part[0] == part[-1] == "_" for part in key.split(".")):
+            continue
+        group, *inner = key.split(".")
+        names = sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")) if len(inner) == 1 else []
+        allowed = (f"{group}=OPTION, one of {', '.join(names)}" if names
+                   else "an option choice, group=OPTION (a node of another group: group@path=OPTION)")
+        raise FedrunError(f"{key}: chosen by picking an option, not set directly; allowed: {allowed}")
+
+
 def _unknown_key(key: str, overrides: list[str]) -> str:
     """`key: unknown key; allowed keys here: ...; did you mean ...?`, listing the keys of its node
     in the config that the overrides' group choices compose."""
@@ -92,7 +107,22 @@ def _unknown_key(key: str, overrides: list[str]) -> str:
     if not parent:  # the run's own settings first, then the groups
         keys = sorted(keys, key=lambda k: (k in GROUPS, list(RunSettings.__dataclass_fields__).index(k)
                                            if k in RunSettings.__dataclass_fields__ else 0))
+    if parent in COMPONENT_GROUPS and "_target_" in node:
+        return _unknown_option_key(key, name, keys, f"{parent}={option_name(parent, node._target_)}")
     return unknown_key_message(key, name, keys)
+
+
+def _unknown_option_key(key: str, name: str, keys: list[str], chosen: str) -> str:
+    """The message for a key the chosen option lacks: its keys, and which options have the key."""
+    from fedrun.options import options_with_key  # reads every option of the group: only on this error
+
+    group = chosen.split("=")[0]
+    message = unknown_key_message(key, name, keys).replace("allowed keys here:", f"allowed keys of {chosen}:", 1)
+    if not keys:
+        message = f"{key}: unknown key; {chosen} has no keys"
+    if owners := options_with_key(group, name):
+        message += f"; {name} is a key of {' and '.join(f'{group}={o}' for o in owners)}"
+    return message
 
 
 def unknown_key_message(key: str, name: str, keys: list[str]) -> str:
@@ -132,7 +162,8 @@ def component_of(node: DictConfig, where: str) -> Any:
     except FedrunError:
         raise
     except Exception as e:  # noqa: BLE001 (an import error of any kind: one line)
-        raise FedrunError(f"{where}._target_: {node.get('_target_')!r} cannot be imported ({e})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__  # Hydra's message runs over lines
+        raise FedrunError(f"{where}._target_: {node.get('_target_')!r} cannot be imported ({reason})") from None
 
 
 def _unknown_option(e: MissingConfigException) -> str:
@@ -251,17 +282,20 @@ def build(cfg: DictConfig) -> Experiment:
     audit = None  # audit=none (is_noop): no secrets planted, nothing measured
     if not capability(cfg.audit, "audit", "is_noop"):
         audit = with_context(instantiate(cfg.audit, _partial_=True), {"seed": cfg.seed})
-    data = build_data(cfg, audit=audit)
+    data = build_data(cfg, audit=audit if audit is not None and audit.plants_secrets else None)
+    # audit=epsilon's canary clients are users to the sampler, the accountant and secure aggregation.
+    population = audit.population(data.num_clients) if audit is not None and audit.inserts_clients \
+        else data.num_clients
     k = cfg.sampler.clients_per_round
-    if k > data.num_clients:
-        raise FedrunError(f"sampler.clients_per_round: {k} is more than the {data.num_clients} clients "
-                          f"of this data; allowed: 1..{data.num_clients}")
+    if k > population:
+        raise FedrunError(f"sampler.clients_per_round: {k} is more than the {population} clients "
+                          f"of this data; allowed: 1..{population}")
     make_model = model_factory(cfg.model, data, key="model")
     num_params = sum(p.numel() for p in make_model().parameters() if p.requires_grad)
     # What a factory may ask for besides its own config keys.
-    context = {"num_clients": data.num_clients, "num_params": num_params, "device": device, "seed": cfg.seed,
+    context = {"num_clients": population, "num_params": num_params, "device": device, "seed": cfg.seed,
                "make_model": make_model, "model_specs": model_specs(cfg, data, make_model),
-               "sample_rate": k / data.num_clients, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size,
+               "sample_rate": k / population, "rounds": cfg.rounds, "batch_size": cfg.client.batch_size,
                "dropout": cfg.sampler.dropout, "data": data, "client_config": client_config(cfg)}
     strategy = build_strategy(cfg, context)
     # Logit exchange sends predictions, not weights: privacy clips and noises those vectors.

@@ -41,6 +41,7 @@ class Stream(enum.IntEnum):
     PUBLIC = 9  # which public windows the server asks for (distillation)
     MODELS = 10  # which clients hold which architecture
     EVAL = 11  # which held-out prompts eval.samples answers
+    AUDIT = 12  # audit=epsilon's canary and held-out directions
 
 
 def derive_seed(seed: int, stream: Stream, *keys: int) -> int:
@@ -145,6 +146,7 @@ class ClientUpdate:
     num_steps: int = 0  # local optimizer steps taken
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's control delta
     malicious: bool = False  # set by an attack: the update is not what honest training gave
+    canary: bool = False  # audit=epsilon's canary client: a planted direction, counted in no client metric
 
     @property
     def update_norm(self) -> float | None:

@@ -9,7 +9,7 @@ from fedrun.data.examples import FederatedData
 METRIC_COLUMNS = ["round", "clients", "examples", "train_loss", "eval_loss", "eval_ppl", "eval_acc",
                   "bytes_up", "bytes_down", "seconds", "sampled", "reported", "dropped"]
 CLIENT_COLUMNS = ["round", "client_id", "examples", "train_loss", "update_norm", "seconds", "status", "local_steps"]
-LEDGER_COLUMNS = ["round", "sample_rate", "noise_multiplier", "clip_norm", "participants", "mechanism"]
+LEDGER_COLUMNS = ["round", "sample_rate", "noise_multiplier", "clip_norm", "participants", "mechanism", "canaries"]
 EVAL_KEYS = ("eval_loss", "eval_ppl", "eval_acc")
 ROUND_TABLES = ("metrics.csv", "clients.csv", "privacy_ledger.csv", "samples.jsonl")  # a resume cuts each to its round
 

@@ -48,7 +48,7 @@ class GlobalModel:
         self.device, self.audit, self.evals, self.client_eval = device, audit, list(evals), client_eval
         self.lora = getattr(self.model, "lora_enabled", False)  # the adapters are saved in peft's layout too
         self.lora_error = self.lora and averages_updates
-        self.metric_columns = ((["canary_exposure"] if audit else []) + (["lora_agg_error"] if self.lora_error else [])
+        self.metric_columns = ((audit.metric_columns if audit else []) + (["lora_agg_error"] if self.lora_error else [])
                                + (client_eval.metric_columns if client_eval else [])
                                + [c for e in self.evals for c in e.metric_columns])
 
@@ -63,7 +63,7 @@ class GlobalModel:
             metrics = self.client_eval.pooled(per_client)  # each test example scored by its owner's model
         else:
             metrics = evaluate(self.model, test, self.device)
-        metrics |= {"canary_exposure": measured["canary_exposure"]} if self.audit else {}
+        metrics |= {k: measured[k] for k in self.audit.metric_columns} if self.audit else {}
         if self.client_eval is not None:  # clients_eval.csv, eval_client_ppl_*
             metrics |= self.client_eval.listing(per_client, round_idx=round_idx, run_dir=run_dir)
         for extra in self.evals:  # fedrun/response_eval.py: samples.jsonl, multiple-choice accuracy

@@ -45,6 +45,7 @@ class DPEvent:
     participants: int  # clients in the round's sum (central); 1 for a client's own steps (local)
     mechanism: str
     steps: int = 1  # a checkpoint's events from before local DP recorded events have none: 1 each
+    canaries: int = 0  # of the participants, audit=epsilon's canary clients
 
 
 class Ledger:

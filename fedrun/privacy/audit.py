@@ -209,6 +209,9 @@ def exposure(model: nn.Module, canaries: Canaries, *, device: torch.device) -> l
 class CanaryAudit:
     """`audit=canaries`: secrets planted in chosen clients' training text, measured after training."""
 
+    plants_secrets = True  # text canaries go into clients' data (which must then be byte-level text)
+    inserts_clients = False  # audit=epsilon's canary clients join the population
+
     def __init__(self, *, num_canaries: AtLeastOne, repeats: AtLeastOne, num_references: AtLeastOne,
                  secret_digits: Annotated[int, Range(ge=1, le=18)], seed: int):
         self.canaries = make_canaries(num_canaries=num_canaries, num_references=num_references, seed=seed,
@@ -219,6 +222,10 @@ class CanaryAudit:
     def insert(self, docs: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         docs, self.holders = insert_canaries(docs, self.canaries, clients=None, repeats=self.repeats, seed=self.seed)
         return docs
+
+    @property
+    def metric_columns(self) -> list[str]:
+        return ["canary_exposure"] if self.plants_secrets else []
 
     def measure(self, model: nn.Module, device: torch.device) -> dict:
         values = exposure(model, self.canaries, device=device)

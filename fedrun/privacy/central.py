@@ -193,7 +193,7 @@ class CentralPrivacy:
 
     def aggregate(self, updates: Sequence[ClientUpdate], ctx: RoundContext, strategy) -> torch.Tensor | None:
         """(sum of clipped updates + noise) / expected clients; None if secure aggregation aborted."""
-        self.ledger.record(self._event(ctx, participants=len(updates)))
+        self.ledger.record(self._event(ctx, participants=len(updates), canaries=sum(u.canary for u in updates)))
         summed = self._sum(updates, ctx)
         if summed is None:
             return None
@@ -231,9 +231,9 @@ class CentralPrivacy:
         noisy = min(1.0, max(0.0, noisy))  # as TFF's QuantileEstimatorQuery: an estimate of a fraction
         self.clip_norm *= math.exp(-self.clip_lr * (noisy - self.target_quantile))
 
-    def _event(self, ctx: RoundContext, *, participants: int) -> DPEvent:
+    def _event(self, ctx: RoundContext, *, participants: int, canaries: int = 0) -> DPEvent:
         return DPEvent(round=ctx.round_idx, sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier,
-                       clip_norm=self.clip_norm, participants=participants,
+                       clip_norm=self.clip_norm, participants=participants, canaries=canaries,
                        mechanism="dp_fedavg" + ("+adaptive" if self.adaptive else "")
                        + ("+secagg" if self.secure_agg else ""))
 

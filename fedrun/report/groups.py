@@ -28,7 +28,8 @@ IGNORED = {"run_dir", "name", "seed"}  # differ between runs of one setting; nev
 FINISHED = "finished"
 STATUSES = (FINISHED, "running", "interrupted", "crashed", "failed")
 METRICS = [r for r in RESULTS if r not in ("path", "status", "error", "note")]
-DEFAULT_METRICS = ["final_eval_ppl", "final_eval_acc", "best_eval_ppl", "epsilon", "rounds", "seconds", "bytes"]
+DEFAULT_METRICS = ["final_eval_ppl", "final_eval_acc", "best_eval_ppl", "epsilon", "epsilon_empirical", "rounds",
+                   "seconds", "bytes"]
 TARGET = "._target_"
 
 

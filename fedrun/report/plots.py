@@ -63,21 +63,27 @@ def curve(frames: list[pd.DataFrame], metric: str) -> pd.DataFrame:
 
 
 def utility_vs_epsilon(points: pd.DataFrame, utilities: list[str], labels: list[str]) -> bytes | None:
-    """One panel per utility metric: its final value against final epsilon, one point per run.
+    """One panel per utility metric: its final value against final epsilon, one point per run:
+    filled at the accounted epsilon, hollow at audit=epsilon's empirical estimate.
 
-    `points`: columns epsilon, the utilities and `group` (an index into `labels`, for colour).
+    `points`: columns epsilon, epsilon_empirical, the utilities and `group` (an index into
+    `labels`, for colour).
     """
-    utilities = [u for u in utilities if (points["epsilon"].notna() & points[u].notna()).any()]
+    kinds = [k for k in ("epsilon", "epsilon_empirical") if k in points]
+    utilities = [u for u in utilities if any((points[k].notna() & points[u].notna()).any() for k in kinds)]
     if not utilities:
         return None
     fig = Figure(figsize=(5 * len(utilities) + 2, 4), dpi=100)
     axes = fig.subplots(1, len(utilities), squeeze=False)[0]
     for ax, utility in zip(axes, utilities):
         for g, label in enumerate(labels):
-            mine = points[(points["group"] == g) & points["epsilon"].notna() & points[utility].notna()]
-            if len(mine):
-                ax.scatter(mine["epsilon"], mine[utility], color=color(g), label=label, s=25)
-        ax.set(xlabel="epsilon (final)", ylabel=utility, title=f"{utility} vs privacy")
+            for kind in kinds:
+                mine = points[(points["group"] == g) & points[kind].notna() & points[utility].notna()]
+                if len(mine):
+                    empirical = kind == "epsilon_empirical"
+                    ax.scatter(mine[kind], mine[utility], s=25, label=f"{label} (empirical)" if empirical else label,
+                               color="none" if empirical else color(g), edgecolors=color(g))
+        ax.set(xlabel="epsilon (final; hollow: empirical)", ylabel=utility, title=f"{utility} vs privacy")
         ax.grid(alpha=0.3)
     if len(labels) > 1:
         axes[-1].legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -33,7 +33,7 @@ EVAL = ("eval_loss", "eval_ppl", "eval_acc")
 # Final values of metrics only some runs have: eval.choices' accuracy, eval.per_client's ppl spread.
 OPTIONAL = ("eval_mc_acc", "eval_client_ppl_mean", "eval_client_ppl_p10", "eval_client_ppl_p90")
 RESULTS = ["path", "status", "rounds", *(f"final_{m}" for m in EVAL), *(f"best_{m}" for m in EVAL),
-           *(f"final_{m}" for m in OPTIONAL), "epsilon", "bytes", "seconds", "error", "note"]
+           *(f"final_{m}" for m in OPTIONAL), "epsilon", "epsilon_empirical", "bytes", "seconds", "error", "note"]
 CONFIG_PREFIX = "config."  # for a config key that has a result's name (`rounds`: planned, not reached)
 FRESH_SECONDS = 60  # a run with no status.json whose metrics.csv changed this recently is running
 MAX_JSON_BYTES = 1 << 20  # status.json and summary.json are a few KiB
@@ -172,6 +172,7 @@ def read_csv_rows(path: Path, notes: list[str]) -> pd.DataFrame:
 def results(metrics: pd.DataFrame, summary: dict) -> dict[str, float]:
     """Key results from metrics.csv, each filled from summary.json where metrics.csv lacks it."""
     out = {"rounds": column(metrics, "round").max(), "epsilon": last(column(metrics, "epsilon")),
+           "epsilon_empirical": last(column(metrics, "epsilon_empirical")),  # audit=epsilon's estimate
            "bytes": total(metrics, "bytes_up", "bytes_down"), "seconds": total(metrics, "seconds")}
     evaluated = metrics[[c for c in EVAL if c in metrics]].dropna(how="all")
     for m in EVAL:

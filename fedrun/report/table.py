@@ -16,7 +16,8 @@ HEADERS = {"final_eval_loss": "eval loss", "final_eval_ppl": "eval ppl", "final_
            "best_eval_loss": "best loss", "best_eval_ppl": "best ppl", "best_eval_acc": "best acc",
            "final_eval_mc_acc": "mc acc", "final_eval_client_ppl_mean": "client ppl",
            "final_eval_client_ppl_p10": "client p10", "final_eval_client_ppl_p90": "client p90",
-           "epsilon": "epsilon", "rounds": "reached", "seconds": "seconds", "bytes": "MB"}
+           "epsilon": "epsilon", "epsilon_empirical": "eps empirical", "rounds": "reached", "seconds": "seconds",
+           "bytes": "MB"}
 
 
 def key_columns(groups: pd.DataFrame) -> list[str]:

@@ -66,7 +66,7 @@ def make_plots(runs: pd.DataFrame, groups: pd.DataFrame, names: list[str]) -> di
             images[f"learning_curves_{metric}.png"] = data
     group_of = {p: g for g, paths in enumerate(groups["runs"]) for p in paths}
     members = runs[runs["path"].isin(group_of)].assign(group=lambda r: r["path"].map(group_of))
-    if members["epsilon"].notna().any():
+    if members[["epsilon", "epsilon_empirical"]].notna().any(axis=None):
         data = plots.utility_vs_epsilon(members, UTILITIES, names)
         if data is not None:
             images["utility_vs_epsilon.png"] = data
