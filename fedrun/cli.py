@@ -15,6 +15,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -43,6 +44,8 @@ def main_options(
 ) -> None:
     """fedrun runs federated learning experiments on language models: `fedrun train` for one run."""
 
+JOBS_FAILED = 3  # the exit code of a sweep (or a sweep's resume) in which a job failed; the others ran
+
 OVERRIDES_HELP = ("Hydra overrides: key=value or group=option, e.g. data=shakespeare "
                   "data.path=../shared/data/tinyshakespeare.txt rounds=50 client.lr=0.1")
 
@@ -69,6 +72,8 @@ def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
             raise
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    except typer.Exit:  # a command's own exit code (JOBS_FAILED), not an error to report
+        raise
     except KeyboardInterrupt as e:
         run_dir = getattr(e, "run_dir", None)
         hint = f"; resume with: fedrun resume {shlex.quote(str(run_dir))}" if run_dir else ""
@@ -145,53 +150,90 @@ def sweep(
              "client.lr=0.01,0.1 seed=0,1,2; hydra/launcher=joblib runs jobs in parallel."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every job and round to the terminal."),
 ) -> None:
-    """Run a sweep over configurations (Hydra multirun): one run directory per job."""
+    """Run a sweep over configurations (Hydra multirun): one run directory per job. Exits with
+    code 3 when a job failed (after running the others)."""
     from fedrun import sweep as sweeping
 
-    sweep_dir = sweeping.run_sweep(overrides or [])
-    _print_sweep(sweep_dir)
+    with _job_progress() as on_job:
+        sweep_dir = sweeping.run_sweep(overrides or [], on_job=on_job)
+    _end_sweep(sweep_dir)
+
+
+def _end_sweep(sweep_dir: Path) -> None:
+    """The table of jobs, the sweep directory on stdout, and exit code JOBS_FAILED if any failed."""
+    failed = _print_sweep(sweep_dir)
     typer.echo(str(sweep_dir))
+    if failed:
+        console.print(f"[bold red]{plural(failed, 'job')} failed[/] (exit code {JOBS_FAILED}); retry with: "
+                      f"fedrun resume {shlex.quote(str(sweep_dir))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(JOBS_FAILED)
 
 
-def _print_sweep(sweep_dir: Path) -> None:
-    """One line per job: the overrides that differ between jobs, its status and result."""
+def _print_sweep(sweep_dir: Path) -> int:
+    """One line per job: the overrides that differ between jobs, its status and result; returns
+    the number of jobs that failed."""
     import json
 
     from omegaconf import OmegaConf
 
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
-    overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
-    varying = {o for o in set().union(*overrides.values()) if not all(o in v for v in overrides.values())}
+    from fedrun import sweep_plan
+
+    planned = sweep_plan.planned_jobs(sweep_dir) if sweep_plan.is_planned(sweep_dir) else None
+    if planned is not None:  # every job of the grid, also those that never started
+        jobs = [job.path for job in planned]
+        overrides = {job.path: job.overrides for job in planned}
+    else:
+        jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name))
+        overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
+    labels = dict(zip(jobs, sweep_plan.labels([overrides[job] for job in jobs])))
     table = Table(title=f"sweep {sweep_dir}", title_justify="left")
     for col in ("job", "overrides", "status", "final eval ppl / error"):
         table.add_column(col)
+    failed = 0
     for job in jobs:
         status = json.loads((job / "status.json").read_text()) if (job / "status.json").exists() else {}
         summary = json.loads((job / "summary.json").read_text()) if (job / "summary.json").exists() else None
+        state = "finished" if summary else status.get("state", "not started")
+        failed += state == "failed"
         result = f"{summary['final']['eval_ppl']:.3f}" if summary else status.get("error", "")
-        table.add_row(job.name, " ".join(o for o in overrides[job] if o in varying), status.get("state", "?"), result)
+        table.add_row(job.name, labels[job], state, result)
     console.print(table)
+    return failed
 
 
 @command()
 def resume(
     path: Path = typer.Argument(
         ..., help="A run directory, or a folder of runs (a sweep): resume every unfinished run."),
+    overrides: list[str] | None = typer.Argument(
+        None, show_default=False, help="rounds=N: extend the runs (finished ones too) to N rounds; "
+        "also checkpoint_every=, checkpoint_keep=. Nothing that would change the rounds already run."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
 ) -> None:
-    """Continue stopped runs from their last intact checkpoint, exactly as if never stopped."""
+    """Continue stopped runs from their last intact checkpoint, exactly as if never stopped; a
+    sweep's jobs that never started are started. Exits with code 3 when a sweep's job failed."""
+    from fedrun import sweep as sweeping
+    from fedrun import sweep_plan
     from fedrun import train as training
     from fedrun.core import FedrunError
     from fedrun.rundir import is_run_dir
 
+    overrides = overrides or []
+    training.resume_changes(overrides)  # a key that may not change: one line before anything runs
+    if sweep_plan.is_planned(path):
+        with _job_progress() as on_job:
+            sweeping.resume_sweep(path, overrides, on_job=on_job)
+        _end_sweep(path)
+        return
     runs = [path] if is_run_dir(path) else sorted(p.parent for p in path.rglob("metrics.csv") if is_run_dir(p.parent))
-    unfinished = [r for r in runs if not (r / "summary.json").exists()]
+    unfinished = [r for r in runs if not (r / "summary.json").exists() or training.extends(r, overrides)]
     if not runs:
         raise FedrunError(f"path: no run directory in {path}")
     if not unfinished:
-        console.print(f"nothing to resume: all {plural(len(runs), 'run')} under {path} have finished")
+        console.print(f"nothing to resume: all {plural(len(runs), 'run')} under {path} have finished"
+                      f"{'' if overrides else '; extend with rounds=N'}")
     for run in unfinished:
-        experiment, rundir, checkpoint = training.load_for_resume(run)
+        experiment, rundir, checkpoint = training.load_for_resume(run, overrides)
         with _round_progress(experiment.cfg.rounds, done=checkpoint["round"] if checkpoint else 0) as on_round:
             run_dir, summary = training.resume(experiment, rundir, checkpoint, on_round=on_round)
         _print_summary(summary)
@@ -210,10 +252,13 @@ def report(
     """Summarise runs: one row per configuration, mean ± std over seeds; optional files and plots."""
 
     from fedrun.report import report as make_report
+    from fedrun.sweep_plan import incomplete
 
     table, files = make_report(list(paths), sort=sort, where=where or (), out=out)
     # Piped output has no terminal width: give the wide table room instead of rich's 80 columns.
     Console(width=None if sys.stdout.isatty() else 240).print(table)
+    for line in incomplete(list(paths)):  # the means above leave out the jobs a stopped sweep never ran
+        console.print(f"[yellow]{line}[/]", soft_wrap=True, highlight=False)
     for f in files:
         typer.echo(str(f))
 
@@ -310,10 +355,17 @@ def data_command(
     Console().print(table)
 
 
+def _plain_output() -> bool:
+    """Output that goes to a file or a pipe (a job's log, `run=$(fedrun train)`): plain lines, no bars."""
+    return not (sys.stdout.isatty() and console.is_terminal)
+
+
 class _round_progress:
-    """A rich progress bar over rounds showing the latest train loss and eval perplexity."""
+    """A rich progress bar over rounds showing the latest train loss and eval perplexity; when
+    the output is not a terminal, a plain line on stderr per evaluation round instead."""
 
     def __init__(self, rounds: int, *, done: int = 0):
+        self.rounds, self.plain = rounds, _plain_output()
         self.progress = Progress(
             TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
             TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[ppl]}"),
@@ -322,8 +374,18 @@ class _round_progress:
         self.task = self.progress.add_task("train", total=rounds, completed=done, loss="", ppl="")
 
     def __enter__(self) -> Callable[[dict], None]:
+        if self.plain:
+            return self.log
         self.progress.start()
         return self.update
+
+    def log(self, row: dict) -> None:
+        if row.get("eval_ppl") is None:
+            return
+        loss = "" if row.get("train_loss") is None else f" train loss {row['train_loss']:.4f},"
+        acc = "" if row.get("eval_acc") is None else f", eval acc {row['eval_acc']:.4f}"
+        console.print(f"round {row['round']} of {self.rounds}:{loss} eval loss {row['eval_loss']:.4f}, "
+                      f"eval ppl {row['eval_ppl']:.3f}{acc}", markup=False, highlight=False, soft_wrap=True)
 
     def update(self, row: dict) -> None:
         if row["round"] == 0:  # the initial model's evaluation, before any round
@@ -333,6 +395,49 @@ class _round_progress:
         if row.get("eval_ppl") is not None:
             fields["ppl"] = f"eval ppl {row['eval_ppl']:.2f}"
         self.progress.update(self.task, advance=1, **fields)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+class _job_progress:
+    """A sweep's progress, job by job: in a terminal, a rich bar over the jobs with a line per
+    finished job above it; otherwise one plain line per job on stderr."""
+
+    def __init__(self) -> None:
+        self.plain = _plain_output()
+        self.progress = Progress(TextColumn("[bold]sweep"), MofNCompleteColumn(), BarColumn(),
+                                 TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+        self.task: Any = None
+
+    def __enter__(self) -> Callable[[dict], None]:
+        if not self.plain:
+            self.progress.start()
+        return self.update
+
+    def update(self, event: dict) -> None:
+        of = f" of {event['of']}" if event.get("of") else ""
+        label = f" ({event['label']})" if event.get("label") else ""
+        name = f"job {event['job'] + 1}{of}{label}"  # job N is in directory N-1 (Hydra counts from 0)
+        if event["state"] == "started":
+            if not self.plain:
+                if self.task is None:
+                    self.task = self.progress.add_task("", total=event.get("of"))
+                self.progress.update(self.task, description=f"{name}: running")
+            return
+        resumed = f"resumed from round {event['from_round']}, " if "from_round" in event else ""
+        if event["state"] == "finished":
+            line = f"{name}: {resumed}finished, final {event['objective']} {event['value']:.4f}"
+        else:
+            line = f"{name}: {resumed}failed: {event.get('error', '')}"
+        line += f" [{event['run_dir']}]"
+        if self.plain:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            return
+        style = "green" if event["state"] == "finished" else "bold red"
+        self.progress.console.print(f"[{style}]{rich_escape(line)}[/]", highlight=False, soft_wrap=True)
+        if self.task is not None:
+            self.progress.advance(self.task)
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import fedrun
 from fedrun import config, loop, run_config, startup
 from fedrun.core import FedrunError
+from fedrun.last_round import LastRound
 from fedrun.loggers import LOGGER_NAMES, make_loggers
 from fedrun.records import ROUND_TABLES
 from fedrun.rundir import RunDir, atomic_write, is_run_dir
@@ -48,24 +49,98 @@ def train(exp: loop.Experiment, *, on_round: Callable[[dict], None] | None = Non
     return rundir.path, _run_to_end(exp, rundir, on_round=on_round, checkpoint=None)
 
 
-def load_for_resume(path: str | Path) -> tuple[loop.Experiment, RunDir, dict | None]:
-    """Rebuild a run from its config.yaml, with its newest intact checkpoint (None: from scratch)."""
+def load_for_resume(path: str | Path, overrides: list[str] | None = None
+                    ) -> tuple[loop.Experiment, RunDir, dict | None]:
+    """Rebuild a run from its config.yaml, with its newest intact checkpoint (None: from scratch).
+
+    `overrides` may raise `rounds` (a finished run is then extended) and set the keys of
+    RESUME_KEYS, which change nothing about the rounds already run."""
     rundir = RunDir(Path(path))
     if not is_run_dir(rundir.path):
         raise FedrunError(f"run_dir: {path} is not a run directory (no config.yaml and metrics.csv)")
-    if (rundir.path / "summary.json").exists():
-        raise FedrunError(f"run_dir: {path} has already finished (summary.json exists)")
     cfg = run_config.load_run_config(rundir.path)  # untrusted input: only components fedrun ships
+    changes = resume_changes(overrides or [])
+    _check_extension(cfg, changes)
+    if (rundir.path / "summary.json").exists() and changes.get("rounds", cfg.rounds) <= cfg.rounds:
+        raise FedrunError(f"run_dir: {path} has already finished (summary.json exists); "
+                          f"extend it with `fedrun resume {path} rounds=N`, N > {cfg.rounds}")
+    cfg.merge_with(changes)
     cfg.run_dir = str(rundir.path)
     exp = config.build(cfg)
+    if changes:
+        _record_changes(rundir, changes)
     return exp, rundir, rundir.latest_checkpoint()
+
+
+RESUME_KEYS = ("rounds", "checkpoint_every", "checkpoint_keep")  # none changes a round already run
+
+
+def resume_changes(overrides: list[str]) -> dict:
+    """`key=value` overrides of a resume, checked: only RESUME_KEYS, each a positive integer."""
+    changes: dict = {}
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        key = key.lstrip("+")
+        if key not in RESUME_KEYS or not eq:
+            raise FedrunError(f"{key or override}: cannot be changed on resume (the rounds already run would not "
+                              f"match it); allowed: {', '.join(f'{k}=...' for k in RESUME_KEYS)}")
+        if value.strip().lower() in ("null", "none") and key == "checkpoint_keep":
+            changes[key] = None
+            continue
+        try:
+            changes[key] = int(value)
+        except ValueError:
+            raise FedrunError(f"{key}: {value!r} is not an integer") from None
+        if changes[key] < 1:
+            raise FedrunError(f"{key}: {changes[key]} is not allowed; allowed: >= 1")
+    return changes
+
+
+def _check_extension(cfg: DictConfig, changes: dict) -> None:
+    """`rounds` is never lowered, nor raised where the run's noise was calibrated to its rounds."""
+    if changes.get("rounds", cfg.rounds) < cfg.rounds:
+        raise FedrunError(f"rounds: {changes['rounds']} is fewer than the run's {cfg.rounds}; a resume can only "
+                          "extend a run")
+    if changes.get("rounds", cfg.rounds) > cfg.rounds and "noise_multiplier" in cfg.privacy \
+            and cfg.privacy.noise_multiplier is None:
+        raise FedrunError(f"rounds: the noise of this run was calibrated to spend privacy.target_epsilon over "
+                          f"{cfg.rounds} rounds; more rounds would exceed it (start a new run instead)")
+
+
+def extends(path: Path, overrides: list[str]) -> bool:
+    """Whether `overrides` raise the rounds of the run at `path` (a finished run then goes on)."""
+    changes = resume_changes(overrides)
+    if "rounds" not in changes:
+        return False
+    cfg = run_config.load_run_config(path)
+    _check_extension(cfg, changes)  # fewer rounds: refused, not "nothing to resume"
+    return changes["rounds"] > cfg.rounds
+
+
+def _record_changes(rundir: RunDir, changes: dict) -> None:
+    """config.yaml gets the new values, as written (only these keys change). summary.json goes first,
+    so a crash in between leaves an unfinished run with its old config, which resumes as before."""
+    from fedrun.run_config import MAX_CONFIG_BYTES, parse_yaml
+    from fedrun.rundir import read_regular_bytes
+
+    rundir.lock()
+    try:
+        tree = parse_yaml(read_regular_bytes(rundir.path / "config.yaml", limit=MAX_CONFIG_BYTES))
+        if (rundir.path / "summary.json").exists():  # it goes first; status.json must not say finished without it
+            (rundir.path / "summary.json").unlink()
+            rundir.set_status("interrupted", round_idx=tree.get("rounds", 0))
+        text = OmegaConf.to_yaml(OmegaConf.create(tree | changes))
+        atomic_write(rundir.path / "config.yaml", lambda p: p.write_text(text))
+    finally:
+        rundir.close()
+    log.info("%s: %s", rundir.path, ", ".join(f"{k}={v}" for k, v in changes.items()))
 
 
 def resume(exp: loop.Experiment, rundir: RunDir, checkpoint: dict | None, *,
            on_round: Callable[[dict], None] | None = None) -> tuple[Path, dict]:
     """Continue a stopped run; its tables end exactly as an uninterrupted run's would."""
     rundir.lock()  # a run still training (or another resume) holds it: refused before anything changes
-    with _closed_on_error(rundir):
+    with _closed_on_error(rundir, round_idx=checkpoint["round"] if checkpoint else 0):
         if (rundir.path / "summary.json").exists():  # it finished while this process was loading it
             raise FedrunError(f"run_dir: {rundir.path} has already finished (summary.json exists)")
         rundir.open_log()
@@ -82,10 +157,15 @@ def resume(exp: loop.Experiment, rundir: RunDir, checkpoint: dict | None, *,
 
 
 @contextlib.contextmanager
-def _closed_on_error(rundir: RunDir) -> Iterator[None]:
-    """Release the run directory (its lock and log) when a run fails before `_run_to_end` owns it."""
+def _closed_on_error(rundir: RunDir, *, round_idx: int = 0) -> Iterator[None]:
+    """Release the run directory (its lock and log) when a run fails before `_run_to_end` owns it;
+    Ctrl-C there leaves it `interrupted` (resumable), as it does later."""
     try:
         yield
+    except KeyboardInterrupt as e:
+        _record_end(rundir, "interrupted", round_idx=round_idx)
+        rundir.close()
+        raise RunInterrupted(rundir.path) from e
     except BaseException:
         rundir.close()
         raise
@@ -95,6 +175,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
     loggers: list = []
     started: dict = {}
     done = {"round": checkpoint["round"] if checkpoint else 0}  # the last round whose row is written
+    last_round = LastRound()  # its state, for Ctrl-C to checkpoint
 
     def each_round(row: dict) -> None:
         done["round"] = row["round"]
@@ -113,7 +194,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
         loggers = make_loggers(names, rundir.path, tracking_uri=exp.cfg.logger.get("tracking_uri"))
         for logger in loggers:
             logger.log_config(cast(dict, OmegaConf.to_container(exp.cfg)))
-        summary = loop.run(exp, rundir, on_round=each_round, checkpoint=checkpoint)
+        summary = loop.run(exp, rundir, on_round=each_round, checkpoint=checkpoint, last_round=last_round)
         summary |= {
             "name": exp.cfg.name,
             **started,
@@ -130,7 +211,8 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
             logger.log_summary(summary)
         return summary
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI raises it too): resumable, not failed
-        _record_end(rundir, "interrupted", round_idx=done["round"])
+        saved = last_round.save(rundir, keep=exp.cfg.checkpoint_keep)
+        _record_end(rundir, "interrupted", round_idx=max(done["round"], saved or 0))
         raise RunInterrupted(rundir.path) from e
     except BaseException as e:
         _record_end(rundir, "failed", round_idx=done["round"], error=f"{type(e).__name__}: {e}")

@@ -47,9 +47,9 @@ def test_grid_sweep_runs_every_combination_as_a_run_directory(tmp_path):
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    result, sweep_dir = _sweep("client.lr=0.1,-1")
-    assert result.exit_code == 0, result.output
-    ok, bad = _jobs(tmp_path / sweep_dir)
+    result, _ = _sweep("client.lr=0.1,-1")
+    assert result.exit_code == 3, result.output  # the other jobs ran; the failure shows in the exit code
+    ok, bad = _jobs(tmp_path / result.stdout.strip().splitlines()[-1])
     assert (ok / "summary.json").exists()
     status = json.loads((bad / "status.json").read_text())
     assert status["state"] == "failed" and "client.lr: -1.0 is not allowed" in status["error"]
