@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from fedrun.cli import app
 from tests.conftest import ROOT
 
-SMALL = ["rounds=2", "eval_every=2", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "data.seq_len=16",
+SMALL = ["rounds=2", "eval_every=2", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "data.seq_len=32",
          "data.max_client_bytes=1024", "client.local_steps=2", "device=cpu"]
 
 
