@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedrun import threads
 from fedrun.client_config import ClientConfig
 from fedrun.components import capability, check_values, component, option_name
 from fedrun.core import FedrunError
@@ -59,6 +60,7 @@ def _named(cfg: DictConfig, group: str) -> str:
 
 def _check_combinations(cfg: DictConfig) -> None:
     """Rules that tie several keys or components together, over their declared capabilities."""
+    threads.resolve(cfg.threads)  # auto, or an integer >= 1
     c = cfg.client
     if (c.local_steps_min is None) != (c.local_steps_max is None):
         raise FedrunError("client.local_steps_max: set both client.local_steps_min and client.local_steps_max, "

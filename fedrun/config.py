@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     ConfigCompositionException,
     InstantiationException,
@@ -31,7 +32,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedrun import startup
+from fedrun import startup, threads
 from fedrun.checks import validate
 from fedrun.client import LocalTrainer
 from fedrun.client_config import ClientConfig
@@ -59,6 +60,16 @@ def conf_dir() -> Path:
 
 # ---- compose ---------------------------------------------------------------------------------
 
+def run_name(strategy: str, privacy: str) -> str:
+    """The default `name`, and so run_dir's suffix: what ran, e.g. `fedprox` or `fedavg_central_dp`
+    (conf/config.yaml: `name: ${run_name:${strategy._target_},${privacy._target_}}`)."""
+    mechanism = option_name("privacy", privacy)
+    return option_name("strategy", strategy) + ("" if mechanism == "none" else f"_{mechanism}")
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)  # Hydra's sweeps compose through it too
+
+
 def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) -> DictConfig:
     """The resolved config for these Hydra overrides, its keys, options and types checked, and
     (check_ranges) its values too; FedrunError if anything is wrong."""
@@ -83,6 +94,7 @@ def compose(overrides: list[str] | None = None, *, check_ranges: bool = True) ->
 def check_overrides(overrides: list[str]) -> None:
     """Refuse an override of what an option decides (`data._target_=...`, Hydra's `_x_` keys): a
     component is chosen by its option, so that only shipped components are built."""
+    _refuse_sweeps(overrides)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if not any(len(part) > 2 and part[0] == part[-1] == "_" for part in key.split(".")):
@@ -92,6 +104,19 @@ def check_overrides(overrides: list[str]) -> None:
         allowed = (f"{group}=OPTION, one of {', '.join(names)}" if names
                    else "an option choice, group=OPTION (a node of another group: group@path=OPTION)")
         raise FedrunError(f"{key}: chosen by picking an option, not set directly; allowed: {allowed}")
+
+
+def _refuse_sweeps(overrides: list[str]) -> None:
+    """`seed=0,1` asks for several runs: say which command runs them (Hydra only calls it ambiguous)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return  # compose reports it, in one line
+    for override in parsed:
+        if override.is_sweep_override():
+            key, value = override.get_key_element(), override.input_line.split("=", 1)[1]
+            raise FedrunError(f"{key}: {value} is several values, a run each; one command runs them all: "
+                              "fedrun sweep, with the same overrides")
 
 
 def _unknown_key(key: str, overrides: list[str]) -> str:
@@ -276,6 +301,7 @@ def absolute_paths(cfg: DictConfig) -> dict[str, str]:
 
 
 def build(cfg: DictConfig) -> Experiment:
+    threads.apply(cfg.get("threads", threads.AUTO))  # before the run's first tensor operation
     typed_paths = absolute_paths(cfg)
     device = resolve_device(cfg.device, cfg.backend.get("_target_", ""))
     make_deterministic(device)

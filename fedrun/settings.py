@@ -25,6 +25,7 @@ class RunSettings:
     checkpoint_every: Annotated[int, Range(ge=1)]
     checkpoint_keep: Annotated[int, Range(ge=1)] | None
     objective: Annotated[str, OneOf(*OBJECTIVES)]
+    threads: str  # torch's CPU threads: auto (usable cores / parallel sweep jobs) or an integer; fedrun/threads.py
 
 
 @dataclass(frozen=True)

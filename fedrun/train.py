@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import fedrun
-from fedrun import config, loop, run_config, startup
+from fedrun import config, loop, run_config, startup, threads
 from fedrun.core import FedrunError
 from fedrun.last_round import LastRound
 from fedrun.loggers import LOGGER_NAMES, make_loggers
@@ -202,6 +202,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
             **({"public_data": exp.strategy.public_fingerprint} if hasattr(exp.strategy, "public_fingerprint") else {}),
             "parameters": sum(p.numel() for p in exp.make_model().parameters()),
             "device": str(exp.device),
+            "threads": threads.budget(),  # fedrun/threads.py: what threads=auto resolved to
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "fedrun": fedrun.__version__},
         }

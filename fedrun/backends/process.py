@@ -32,6 +32,7 @@ from fedrun.backends.vectorized import VectorizedBackend
 from fedrun.components import Range
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext
 from fedrun.data.examples import FederatedData
+from fedrun.threads import per_worker
 
 CHUNKS_PER_WORKER = 4  # a worker that finishes early takes another chunk: balance without per-client messages
 STOP = b"stop"
@@ -205,7 +206,7 @@ class WorkerPool:
         self.weights: torch.Tensor | None = None
         self.version, self.versions = 0, [0] * size  # the version each worker holds
         self.current = torch.full((size,), -1, dtype=torch.int64).share_memory_()  # client in training
-        threads = max(1, (os.cpu_count() or 1) // size)
+        threads = per_worker(size)  # the run's budget (fedrun/threads.py), split among the workers
         self.workers: list[Worker] = []
         for rank in range(size):
             parent, child = context.Pipe()
