@@ -397,7 +397,8 @@ class _round_progress:
         self.progress.update(self.task, advance=1, **fields)
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if not self.plain:  # a bar never started would still print an empty line
+            self.progress.stop()
 
 
 class _job_progress:
@@ -440,7 +441,8 @@ class _job_progress:
             self.progress.advance(self.task)
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if not self.plain:  # a bar never started would still print an empty line
+            self.progress.stop()
 
 
 def _print_summary(summary: dict) -> None:

@@ -122,6 +122,16 @@ def test_resume_rounds_extends_a_finished_run_as_if_it_had_run_them_all(tmp_path
     assert "rounds: 4" in (tmp_path / "two" / "config.yaml").read_text()
 
 
+def test_resume_rounds_of_a_sweep_extends_every_job(tmp_path):
+    assert _invoke("sweep", *SMALL, "rounds=2", "seed=0,1").exit_code == 0
+    sweep_dir = _sweep_dirs(tmp_path)[0]
+    result = _invoke("resume", sweep_dir, "rounds=3")
+    assert result.exit_code == 0, result.output
+    for job in ("0", "1"):
+        assert list(_table(sweep_dir / job)["round"]) == [0, 1, 2, 3]
+        assert json.loads((sweep_dir / job / "summary.json").read_text())["rounds"] == 3
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("client.lr=0.5", "error: client.lr: cannot be changed on resume"),
     ("seed=3", "error: seed: cannot be changed on resume"),
