@@ -62,11 +62,26 @@ def grid_jobs(overrides: list[str]) -> list[list[str]] | None:
     return jobs
 
 
+def _check_launcher(overrides: list[str], jobs: list[list[str]] | None) -> None:
+    """backend=process starts worker processes, which a daemonic pool worker may not have: refuse
+    joblib's multiprocessing backend with it before any job (its default, loky, is fine)."""
+    if "hydra.launcher.backend=multiprocessing" not in overrides:
+        return
+    uses_process = any(o.split("=", 1)[0] == "backend" and "process" in o.split("=", 1)[1].split(",")
+                       for o in overrides) if jobs is None else \
+        any(config.compose(job, check_ranges=False).backend._target_.endswith("ProcessBackend") for job in jobs)
+    if uses_process:
+        raise FedrunError("hydra.launcher.backend: multiprocessing runs jobs in daemonic processes, where "
+                          "backend=process cannot start its workers; allowed with backend=process: loky (the "
+                          "default), or pick backend=sequential or vectorized")
+
+
 def run_sweep(overrides: list[str], *, on_job: OnJob | None = None) -> Path:
     """Run the sweep in-process through hydra.main's multirun; return the sweep directory."""
     from fedrun.train import RunInterrupted
 
     jobs = grid_jobs(overrides)
+    _check_launcher(overrides, jobs)
     sweep_dir = sweep_dir_for(overrides, now=dt.datetime.now())
     sweep_plan.write_plan(sweep_dir, overrides=overrides, jobs=jobs)  # before any job: resume knows them all
     log.info("sweep of %s jobs into %s", "searched" if jobs is None else len(jobs), sweep_dir)

@@ -60,3 +60,40 @@ def test_a_parallel_sweeps_jobs_share_the_cores(tmp_path, monkeypatch):
     assert len(summaries) == 2
     expected = threads.usable_cores() // 2
     assert [json.loads(p.read_text())["threads"] for p in summaries] == [expected, expected]
+
+
+SMALL_SWEEP = ["seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "backend=process", "backend.workers=2",
+               "data=synthetic", "data.num_clients=6", "sampler.clients_per_round=3", "model=logreg", "rounds=1",
+               "device=cpu"]
+
+
+def test_backend_process_runs_inside_a_joblib_sweep(tmp_path, monkeypatch):
+    """joblib's default loky workers are not daemonic: each job starts its own worker processes."""
+    from typer.testing import CliRunner
+
+    from fedrun.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", *SMALL_SWEEP])
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("runs/sweeps/*/*/*/summary.json"))) == 2
+
+
+def test_backend_process_where_it_cannot_start_workers_is_refused_in_one_line(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from typer.testing import CliRunner
+
+    from fedrun.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", *SMALL_SWEEP, "hydra.launcher.backend=multiprocessing"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: hydra.launcher.backend: multiprocessing runs "
+                                                             "jobs in daemonic processes")
+    assert not list(tmp_path.glob("runs/sweeps/*/*/*"))  # before any job
+    # a daemonic process of any other origin: the backend says so before its first round
+    monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)
+    cfg = config.compose(SMALL_SWEEP[3:] + [f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(FedrunError, match=r"^backend: backend=process starts worker processes, which this process"):
+        train.train(config.build(cfg))

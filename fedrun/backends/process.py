@@ -199,6 +199,11 @@ class WorkerPool:
 
     def __init__(self, *, make_trainer: Callable[[], Any], data: FederatedData, size: int,
                  vectorized: bool = False):
+        if mp.current_process().daemon:  # Python forbids a daemonic process children: say so in one line
+            raise FedrunError("backend: backend=process starts worker processes, which this process may not have: "
+                              "it is a daemonic pool worker (e.g. hydra/launcher=joblib with "
+                              "hydra.launcher.backend=multiprocessing); use the joblib launcher's default loky "
+                              "backend, or backend=sequential or vectorized")
         # Each start method by its literal name: typeshed types only those contexts' Process.
         context = mp.get_context("fork") if start_method() == "fork" else mp.get_context("spawn")
         # The round's weights, written once per round and read by all; re-shared (a new version)
