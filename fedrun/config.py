@@ -272,7 +272,9 @@ def build_data(cfg: DictConfig, *, audit: Any = None) -> FederatedData:
         spec = cast(dict, OmegaConf.to_container(node))  # a mapping's container is a dict
         key = data_cache.data_key(data=spec, seed=cfg.seed, tokenizer=tokenizer,
                                   implicit_sources=source.implicit_sources())
-        data = data_cache.load_or_build(key, make)
+        source_module = str(spec.get("_target_", "")).rsplit(".", 1)[0]  # fedrun.data.synthetic.Synthetic
+        about = {"source": source_module.rsplit(".", 1)[-1], "seed": cfg.seed, "data": spec}
+        data = data_cache.load_or_build(key, make, about=about)  # about: what `fedrun cache list` shows
     startup.mark("data_end")
     return data
 

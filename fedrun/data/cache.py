@@ -11,7 +11,9 @@ Entries live in $FEDRUN_CACHE, default ~/.cache/fedrun/data, one `<key>.pt` file
 temporary file and renamed, so a reader sees a whole entry or none; they are loaded with
 `weights_only=True` and memory-mapped, so only the pages a run touches are read. An entry
 that cannot be read is rebuilt (and rewritten) with a warning, never a crash; so is one that
-cannot be written. Delete the folder to clear the cache.
+cannot be written. Beside each entry, `<key>.json` says what data it holds. Listing, last use,
+removal (`fedrun cache list|clear`), the size cap FEDRUN_CACHE_MAX_GB and the folder lock that makes
+removal safe beside running runs are in fedrun/cache_entries.py.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrun import cache_entries
+from fedrun.cache_entries import cache_dir as cache_dir  # its home is there; tests and callers find it here
 from fedrun.data.examples import FederatedData, Labelled, PackedClients, SourceRows, Windows, pack
 
 log = logging.getLogger(__name__)
@@ -35,10 +39,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the entry layout changes
 _DATA_CODE = Path(__file__).resolve().parent  # fedrun/data: its code is part of every key
 _NEVER_DATA = {"__pycache__", "site-packages", "dist-packages", ".git"}  # folders no source reads
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDRUN_CACHE") or "~/.cache/fedrun/data").expanduser()
 
 
 def data_key(*, data: dict, seed: int, tokenizer: str | None = None,
@@ -81,28 +81,37 @@ def _tree_digest(root: Path, *, suffix: str = "", content: bool = False) -> str:
     return digest.hexdigest()
 
 
-def load_or_build(key: str, build: Callable[[], FederatedData]) -> FederatedData:
-    """The cached data for `key`, or `build()` (then cached) when there is none or it is unreadable."""
+def load_or_build(key: str, build: Callable[[], FederatedData], *, about: dict | None = None) -> FederatedData:
+    """The cached data for `key`, or `build()` (then cached, `about` and its number of clients recorded
+    beside it, and the cache kept under FEDRUN_CACHE_MAX_GB) when there is none or it is unreadable."""
     path = cache_dir() / f"{key}.pt"
+    cap = cache_entries.max_bytes()  # a bad value fails here, not after a long build
     start = time.perf_counter()
     if path.exists():
         try:
-            data = load(path)
+            with cache_entries.locked(path.parent, exclusive=False):  # not removed while torch opens it
+                data = load(path)
+                cache_entries.touch(path)  # its last use, for eviction and --older-than
             data.provenance = {"cache": "hit", "entry": str(path), "seconds": time.perf_counter() - start}
             return data
+        except FileNotFoundError:  # removed since exists(): a plain miss
+            pass
         except Exception as e:  # any unreadable entry is rebuilt; the run must not fail for it
             log.warning("data cache: entry %s is unreadable (%s: %s); rebuilding it", path, type(e).__name__, e)
     data = build()
     try:
-        save(data, path)
+        save(data, path, about={**(about or {}), "clients": data.num_clients})
+        if cap is not None:
+            cache_entries.evict(path.parent, keep=path, max_bytes=cap)
     except OSError as e:
         log.warning("data cache: cannot write %s (%s); continuing without caching", path, e)
     data.provenance = {"cache": "miss", "entry": str(path), "seconds": time.perf_counter() - start}
     return data
 
 
-def save(data: FederatedData, path: Path) -> None:
-    """Write `data` to `path` atomically (a temporary file in the same folder, then a rename)."""
+def save(data: FederatedData, path: Path, *, about: dict | None = None) -> None:
+    """Write `data` to `path` atomically (a temporary file in the same folder, then a rename), and
+    `about` (what it holds) beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     clients = pack(data.clients)
     state = {"format": FORMAT_VERSION, "train": _examples_state(clients.train), "test": _examples_state(clients.test),
@@ -111,14 +120,17 @@ def save(data: FederatedData, path: Path) -> None:
              "names": clients.names, "fingerprint": data.fingerprint, "model_dims": data.model_dims}
     if data.source_rows is not None:
         state["source_rows"] = {k: torch.from_numpy(v) for k, v in vars(data.source_rows).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with cache_entries.locked(path.parent, exclusive=False):  # removal waits, and leaves our temporary file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if about is not None:
+            cache_entries.write_about(path, about)
 
 
 def load(path: Path) -> FederatedData:
