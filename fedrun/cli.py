@@ -125,7 +125,9 @@ def train(
     cfg: bool = typer.Option(False, "--cfg", help="Print the composed config and exit without running."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every round to the terminal."),
 ) -> None:
-    """Run one federated training run and write its run directory."""
+    """Run one federated training run and write its run directory.
+
+    What can be set: `fedrun options` (groups, options), `fedrun options GROUP` (keys, defaults, ranges)."""
     from omegaconf import OmegaConf
 
     from fedrun import config
@@ -283,6 +285,7 @@ def generate_command(
         generate_text,
         is_instruction_run,
         load_model,
+        printable,
         run_tokenizer,
     )
 
@@ -293,11 +296,11 @@ def generate_command(
     tokenizer = run_tokenizer(cfg)
     if is_instruction_run(cfg) and not raw:
         text = generate_response(model, prompt, template=cfg.data.get("template"), tokenizer=tokenizer, **options)
-    elif tokenizer is None:
-        text = generate(model, prompt.encode(), **options)
+    elif tokenizer is None:  # surrogateescape: bytes of the prompt that are not UTF-8 stay those bytes
+        text = generate(model, prompt.encode("utf-8", "surrogateescape"), **options)
     else:
-        text = generate_text(model, tokenizer, prompt.encode(), **options)
-    typer.echo(text.decode("utf-8", "replace"))
+        text = generate_text(model, tokenizer, prompt.encode("utf-8", "surrogateescape"), **options)
+    typer.echo(printable(text))
 
 
 @command()
@@ -306,7 +309,8 @@ def export(
     out: Path = typer.Argument(..., help="Folder to write the Hugging Face checkpoint to."),
     round_: int | None = typer.Option(None, "--round", help="Use the global model of this round's checkpoint."),
 ) -> None:
-    """Write a model=hf run's global model as a Hugging Face checkpoint (with LoRA: the adapters)."""
+    """Write a model=hf run's global model as a Hugging Face checkpoint (with LoRA: the adapters, and
+    in OUT/base the base they load onto when it was built from model.from_config)."""
 
     from fedrun.core import FedrunError
     from fedrun.generate import load_model
@@ -358,6 +362,46 @@ def data_command(
 def _plain_output() -> bool:
     """Output that goes to a file or a pipe (a job's log, `run=$(fedrun train)`): plain lines, no bars."""
     return not (sys.stdout.isatty() and console.is_terminal)
+
+
+@command("options")
+def options_command(
+    group: str | None = typer.Argument(None, help="A config group, e.g. strategy: its options and their keys."),
+) -> None:
+    """List what can be set: the config groups and their options, or one group's options with each
+    key's default and allowed values (what validation checks)."""
+    from fedrun import options
+
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    if group is None:
+        table = Table(title="groups: pick an option with group=OPTION (* the default)", title_justify="left")
+        table.add_column("group")
+        table.add_column("options")
+        defaults = options.default_options()
+        for name, choices in options.groups().items():
+            table.add_row(name, ", ".join(c + "*" * (c in defaults[name]) for c in choices))
+        out.print(table)
+        _print_keys(out, "top-level keys: key=VALUE", [("", k) for k in options.top_level_keys()])
+        typer.echo("a group's options and their keys: fedrun options GROUP")
+        return
+    found = options.options(group)
+    rows = [(o.name + " (default)" * o.is_default, k) for o in found for k in o.keys or [options.KeyInfo("", "", "")]]
+    _print_keys(out, f"{group}: pick one with {group}=OPTION, set a key with {group}.KEY=VALUE", rows, option=True)
+    for o in found:
+        if o.sets:
+            typer.echo(f"{group}={o.name} also sets " + " ".join(f"{k}={v}" for k, v in o.sets.items()))
+
+
+def _print_keys(out: Console, title: str, rows: list, *, option: bool = False) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in (["option"] if option else []) + ["key", "default", "allowed"]:
+        table.add_column(col, overflow="fold")
+    previous = None
+    for name, key in rows:
+        shown = [name if name != previous else ""] if option else []
+        table.add_row(*shown, key.name or "(no keys)" if option else key.name, key.default, key.allowed)
+        previous = name
+    out.print(table)
 
 
 class _round_progress:
@@ -446,16 +490,41 @@ class _job_progress:
 
 
 def _print_summary(summary: dict) -> None:
+    privacy = summary.get("privacy") or {}
+    dp = privacy.get("epsilon") is not None  # a DP run: its guarantee beside what it cost the model
     table = Table(title="results", title_justify="left")
-    for col in ("", "round", "eval loss", "eval ppl", "eval acc"):
+    for col in ("", "round", "eval loss", "eval ppl", "eval acc", *(["epsilon"] if dp else [])):
         table.add_column(col, justify="right" if col else "left")
     for label in ("initial", "final", "best"):
         m = summary[label]
         table.add_row(label, str(m.get("round", 0)), f"{m['eval_loss']:.4f}", f"{m['eval_ppl']:.3f}",
-                      f"{m['eval_acc']:.4f}")
+                      f"{m['eval_acc']:.4f}", *([_spent(m.get("round", 0), summary)] if dp else []))
     console.print(table)
+    if dp:
+        _print_guarantee(privacy, clients=(summary.get("data") or {}).get("clients"))
     mb = (summary["bytes_up"] + summary["bytes_down"]) / 1e6
     console.print(f"{plural(summary['rounds'], 'round')} in {summary['seconds']:.1f} s, {mb:.1f} MB exchanged")
+
+
+def _spent(round_idx: int, summary: dict) -> str:
+    """Epsilon after a round: 0 before the first, the run's after its last; "-" for an earlier best
+    (the summary keeps the final epsilon only; metrics.csv has every round's)."""
+    if round_idx == 0:
+        return "0"
+    return f"{summary['privacy']['epsilon']:.4g}" if round_idx == summary["final"].get("round") else "-"
+
+
+def _print_guarantee(privacy: dict, *, clients: int | None) -> None:
+    """The run's (epsilon, delta) and accountant, and a warning where delta is not small."""
+    level = privacy.get("level", "user")  # central DP protects a client, local DP an example of one
+    console.print(f"privacy: ({privacy['epsilon']:.4g}, {privacy['delta']:.3g})-DP per {level} "
+                  f"({privacy['mechanism']}, {privacy['accountant']} accountant)", highlight=False)
+    if level == "user" and clients:
+        limit = min(1e-3, 1 / (10 * clients))  # the mechanism's own warning threshold (fedrun/privacy/central.py)
+        if privacy["delta"] > limit:
+            console.print(f"[yellow]warning:[/] delta {privacy['delta']:.3g} is above min(1e-3, 1/(10 N)) = "
+                          f"{limit:.3g} for N = {clients} clients: the guarantee may fail outright with that "
+                          "probability; set privacy.delta lower", soft_wrap=True, highlight=False)
 
 
 def main() -> None:

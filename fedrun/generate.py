@@ -10,6 +10,7 @@ implies), so no training data is loaded to generate. Weights come from `model.sa
 """
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
@@ -115,6 +116,14 @@ def _device(device: str | torch.device) -> torch.device:
 
 # ---- sampling ----------------------------------------------------------------------------
 
+def printable(data: bytes) -> str:
+    """Sampled bytes as text safe for a terminal: invalid UTF-8 (a byte-level model samples any
+    byte) becomes U+FFFD, and control characters other than newline and tab are escaped (\\x1b),
+    so that sampled escape sequences cannot drive the terminal."""
+    text = data.decode("utf-8", "replace")
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, prompt: bytes, *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, seed: int = 0, device: str | torch.device = "cpu") -> bytes:
@@ -208,6 +217,7 @@ def with_data_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         key = o.split("=", 1)[0]
         if "=" not in o or not (key in ("data", "seed") or key.startswith("data.")):
             raise FedrunError(f"{o}: not supported here; allowed: data=OPTION, data.KEY=VALUE, seed=VALUE")
+    config.check_overrides(overrides)
     cfg = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg)))  # a mapping's container is a dict
     choice = [o for o in overrides if o.startswith("data=")]
     dotted = [o for o in overrides if not o.startswith("data=")]
@@ -219,5 +229,6 @@ def with_data_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         cfg = cast(DictConfig, OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted)))  # a mapping merged stays one
     except OmegaConfBaseException as e:
         raise FedrunError(f"overrides: {e}") from e
+    cfg = config.typed(cfg)  # unknown keys and wrong types, one line each, as `fedrun train` refuses them
     config.validate(cfg)
     return cfg

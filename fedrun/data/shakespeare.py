@@ -11,6 +11,8 @@ from fedrun.components import LocalPath
 from fedrun.core import FedrunError
 from fedrun.data.text import Documents, TextSource
 
+# Where to get the file when ../shared/data/ is absent (Karpathy's char-rnn data, 1.1 MB).
+TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Speaker lines look like "First Citizen:" alone on a line.
 _SPEAKER = re.compile(rb"^([A-Za-z][A-Za-z '\-.,&]*):$")
 
@@ -39,8 +41,12 @@ def read_shakespeare(path: str) -> tuple[Documents, bytes]:
 def read_speeches(path: str) -> tuple[list[tuple[str, bytes]], bytes]:
     """Every speech in order, as (speaker, its lines ending in a newline), and the file's bytes."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise FedrunError(f"data.path: {path} is a directory; expected a file in the tinyshakespeare layout "
+                          "(data.path=/path/to/tinyshakespeare.txt; for a folder of text files, data=text_files)")
     if not file.is_file():
-        raise FedrunError(f"data.path: file not found: {path} (give data.path=/path/to/tinyshakespeare.txt)")
+        raise FedrunError(f"data.path: file not found: {path} (give data.path=/path/to/tinyshakespeare.txt; "
+                          f"download it from {TINYSHAKESPEARE_URL})")
     raw = file.read_bytes()
     speeches = []
     for block in re.split(rb"\r?\n\s*\n", raw):

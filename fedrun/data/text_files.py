@@ -22,6 +22,9 @@ class TextFiles(TextSource):
 
     def documents(self) -> tuple[Documents, dict[str, Any]]:
         folder = Path(self.path).expanduser()
+        if folder.is_file():
+            raise FedrunError(f"data.path: {self.path} is a file; expected a folder of text files, one per client "
+                              "(for one file in the tinyshakespeare layout, data=shakespeare)")
         if not folder.is_dir():
             raise FedrunError(f"data.path: directory not found: {self.path} (a folder of text files, one per client)")
         files = sorted(f for f in folder.glob(self.pattern) if f.is_file())

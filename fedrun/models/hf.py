@@ -105,6 +105,7 @@ class HFCausalLM(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             base = _load_base(name_or_path, from_config, vocab_size=vocab_size, seq_len=seq_len)
+        self.name_or_path = name_or_path  # None: the base is built from `from_config`, with no checkpoint
         self.lora_enabled = bool(lora.enabled)
         self.lora_aggregation = lora.aggregation if self.lora_enabled else None
         if not self.lora_enabled:
@@ -137,12 +138,29 @@ class HFCausalLM(nn.Module):
             state = {k: v.detach().clone() for k, v in merged.state_dict().items()}  # safetensors: no shared storage
             merged.save_pretrained(str(path), state_dict=state)
             return
+        if self.lora_enabled and self.name_or_path is None:  # adapters need a base to load onto: write it too
+            self._save_with_base(Path(path))
+            return
         if self.lora_enabled:  # peft copies the adapters itself
             self.model.save_pretrained(str(path))
             return
         # fedrun's flat buffer makes every parameter a view of one storage: safetensors needs copies.
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.save_pretrained(str(path), state_dict=state)
+
+
+    def _save_with_base(self, path: Path) -> None:
+        """A base built from `model.from_config` exists nowhere else: its weights go to `path/base`
+        (transformers' layout), and the adapters' config names that folder as their base."""
+        base = copy.deepcopy(self.model).unload()  # the frozen base, without the LoRA layers
+        state = {k: v.detach().clone() for k, v in base.state_dict().items()}  # safetensors: no shared storage
+        base.save_pretrained(str(path / "base"), state_dict=state)
+        config = self.model.peft_config["default"]
+        config.base_model_name_or_path = str((path / "base").resolve())
+        try:
+            self.model.save_pretrained(str(path))
+        finally:
+            config.base_model_name_or_path = None
 
 
 def _load_base(name_or_path: str | None, from_config: dict | None, *, vocab_size: int,

@@ -22,7 +22,7 @@ from rich.console import Group, RenderableType
 from fedrun.core import FedrunError
 from fedrun.report.groups import distinguishing_keys, filter_runs, group_runs, set_apart
 from fedrun.report.runs import collect_runs
-from fedrun.report.table import render_apart, render_table
+from fedrun.report.table import GroupTable, render_apart, render_table
 from fedrun.report.write import write_report
 
 __all__ = ["collect_runs", "distinguishing_keys", "filter_runs", "group_runs", "render_apart", "render_table",
@@ -37,6 +37,8 @@ def report(paths: list[Path], *, sort: str | None = None, where: Iterable[str] =
     Filters first, so the key columns are those that still differ among the runs shown.
     """
     where = list(where)
+    if out is not None:
+        check_out(Path(out))
     runs = collect_runs(list(paths))
     if runs.empty:
         raise FedrunError(f"report: no run directories (config.yaml and metrics.csv) under "
@@ -50,10 +52,21 @@ def report(paths: list[Path], *, sort: str | None = None, where: Iterable[str] =
     return shown(groups, apart), files
 
 
+def check_out(out: Path) -> None:
+    """--out is a folder (made if missing): refuse a file there, or above it, before reading any run."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "" if folder == out else f" is inside {folder}, which"
+                raise FedrunError(f"report --out: {out}{where} is a file; allowed: a folder (made if missing) "
+                                  "for report.md, report.csv, report.html and the plots")
+            return
+
+
 def shown(groups: pd.DataFrame, apart: pd.DataFrame) -> RenderableType:
     """The group table, then the runs set apart; only the latter when no run finished."""
     if not len(apart):
-        return render_table(groups)
+        return GroupTable(groups)
     if not len(groups):
         return render_apart(apart, title="fedrun report: no finished run; not finished")
-    return Group(render_table(groups, apart), render_apart(apart))
+    return Group(GroupTable(groups, apart), render_apart(apart))

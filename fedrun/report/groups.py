@@ -12,6 +12,7 @@ shown as in the config: `0.001`, `true`, `null`; an empty cell means the key is 
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections import defaultdict
@@ -19,8 +20,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from fedrun.components import option_name
+from fedrun.config import conf_dir
 from fedrun.core import FedrunError
 from fedrun.report.runs import CONFIG_PREFIX, OPTIONAL, RESULTS
 
@@ -53,15 +56,56 @@ def format_value(value: Any) -> str:
     return str(value)  # repr for floats: the shortest text that reads back the same number
 
 
-def display_values(key: str, values: pd.Series) -> pd.Series:
+def display_values(key: str, values: pd.Series, runs: pd.DataFrame | None = None) -> pd.Series:
     """The values of a config column as shown: a `_target_` as the option that names it
-    (`strategy=fedadam`: fedadam) when the names stay distinct."""
+    (`strategy=fedadam`: fedadam; `attack=sign_flip`, told from `scale` by the run's `attack.kind`
+    when `runs` is given) when the names stay distinct."""
     text = values.map(format_value)
     if not key.endswith(TARGET):
         return text
     group = key.removeprefix(CONFIG_PREFIX).split(".")[0]
-    short = text.map(lambda t: option_name(group, t) if t else t)  # the option the run chose
-    return short if short.nunique() == text.nunique() else text
+    node = key.removesuffix("_target_")
+    columns = [c for c in (runs.columns if runs is not None else []) if c.startswith(node) and c != key]
+
+    def chosen(index: Any, target: str) -> str:  # the option the run chose
+        if not target or runs is None:
+            return option_name(group, target) if target else target
+        return chosen_option(group, target, {c.removeprefix(node): runs.at[index, c] for c in columns})
+
+    short = pd.Series([chosen(i, t) for i, t in text.items()], index=text.index, dtype=object)
+    distinct = short.nunique() == len(set(zip(text, short)))  # no two components shown under one name
+    return short if distinct else text
+
+
+@functools.cache
+def _options_naming(group: str, target: str) -> dict[str, dict]:
+    """{option: its YAML's keys and values} for the options of `group` whose `_target_` is `target`."""
+    found = {}
+    for path in sorted((conf_dir() / group).glob("*.yaml")) if (conf_dir() / group).is_dir() else []:
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        if isinstance(node, dict) and node.get("_target_") == target:
+            found[path.stem] = node
+    return found
+
+
+def identity_keys(group: str, target: str) -> list[str]:
+    """Keys whose values differ between every two options naming `target` (attack's `kind`)."""
+    options = list(_options_naming(group, target).values())
+    if len(options) < 2:
+        return []
+    keys = set.intersection(*(set(o) for o in options)) - {"_target_", "defaults"}
+    return sorted(k for k in keys if len({repr(o[k]) for o in options}) == len(options))
+
+
+def chosen_option(group: str, target: str, values: dict[str, Any]) -> str:
+    """The option a run chose: the one naming `target`, or where several do, the one whose
+    identity keys the run's values match; the class's name when none does."""
+    options = _options_naming(group, target)
+    for key in identity_keys(group, target):
+        matching = [name for name, node in options.items() if node[key] == values.get(key)]
+        if len(matching) == 1:
+            return matching[0]
+    return option_name(group, target)
 
 
 def distinguishing_keys(runs: pd.DataFrame) -> list[str]:
@@ -78,7 +122,11 @@ def distinguishing_keys(runs: pd.DataFrame) -> list[str]:
         present = runs[key].map(format_value)
         if present[present != ""].nunique() > 1:
             keys.append(key)
-    return keys
+    # A key that only tells apart options of one class (attack.kind) repeats the option shown for it.
+    repeated = {f"{k.removesuffix('_target_')}{name}" for k in keys if k.endswith(TARGET)
+                for target in runs[k].dropna().unique()
+                for name in identity_keys(k.removeprefix(CONFIG_PREFIX).split(".")[0], str(target))}
+    return [k for k in keys if k not in repeated]
 
 
 # ---- filtering --------------------------------------------------------------------------------
@@ -108,7 +156,7 @@ def shown_column(runs: pd.DataFrame, key: str) -> pd.Series:
         return runs[key]
     for column in keys:
         if display_name(column) == key:
-            return display_values(column, runs[column]) if column.endswith(TARGET) else runs[column]
+            return display_values(column, runs[column], runs) if column.endswith(TARGET) else runs[column]
     shown = sorted({display_name(k) for k in keys})
     raise FedrunError(f"report --where: unknown key {key!r}; keys: {', '.join(shown) or '(no runs)'}")
 
@@ -147,7 +195,7 @@ def group_runs(runs: pd.DataFrame, keys: list[str], metrics: list[str] | None = 
     if sort_by and sort_by not in metrics:
         metrics.append(sort_by)
     names = [display_name(k) for k in keys]
-    shown = [display_values(k, runs[k]) for k in keys]
+    shown = [display_values(k, runs[k], runs) for k in keys]
     members: dict[tuple, list] = defaultdict(list)
     for index, label in zip(runs.index, zip(*shown) if keys else [()] * len(runs)):
         members[label].append(index)
@@ -165,8 +213,9 @@ def set_apart(runs: pd.DataFrame, keys: list[str], *, statuses: Iterable[str] = 
     runs = runs[~runs["status"].isin(list(statuses))]
     names = [display_name(k) for k in keys]
     planned = runs.get(CONFIG_PREFIX + "rounds", pd.Series(math.nan, index=runs.index))
-    table = pd.DataFrame({**{n: display_values(k, runs[k]) for n, k in zip(names, keys)}, "status": runs["status"],
-                          "rounds": runs["rounds"], "planned": planned, "path": runs["path"], "error": runs["error"]},
+    shown = {n: display_values(k, runs[k], runs) for n, k in zip(names, keys)}
+    table = pd.DataFrame({**shown, "status": runs["status"], "rounds": runs["rounds"], "planned": planned,
+                          "path": runs["path"], "error": runs["error"]},
                          columns=[*names, "status", "rounds", "planned", "path", "error"])
     order = sorted(table.index, key=lambda i: [*(natural(str(table.at[i, n])) for n in names), table.at[i, "path"]])
     return table.loc[order].reset_index(drop=True)

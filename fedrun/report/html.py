@@ -18,7 +18,7 @@ import pandas as pd
 from fedrun.core import FedrunError
 from fedrun.report import plots
 from fedrun.report.runs import read_csv_rows, read_metrics
-from fedrun.report.table import RUN_HEADER, apart_cells, caption, cells, run_rows
+from fedrun.report.table import REACHED_APART, RUN_HEADER, apart_cells, caption, cells, footnote, run_rows
 from fedrun.rundir import read_regular_bytes
 
 MAX_SAMPLES_BYTES = 1 << 26  # samples.jsonl: K responses per evaluation
@@ -59,10 +59,13 @@ def page(runs: pd.DataFrame, groups: pd.DataFrame, apart: pd.DataFrame, labels: 
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>fedrun report</title>",
              f"<style>{STYLE}</style></head><body><h1>fedrun report</h1>",
              f"<p>{escape(caption(groups, apart))}</p>", "<h2>Groups</h2>", html_table(header, rows, text=text)]
+    if note := footnote(groups):
+        parts.append(f"<p>{escape(note)}</p>")
     if len(apart):
         header, rows = apart_cells(apart)
         parts += ["<h2>Not finished</h2>", "<p>Not in the means above.</p>",
-                  html_table(header, rows, text=[i for i, name in enumerate(header) if name != "reached"])]
+                  html_table(header, rows, text=[i for i, name in enumerate(header) if name != "reached"]),
+                  f"<p>{escape(REACHED_APART)}</p>"]
     parts += ["<h2>Plots</h2>", *(f"<p>{img(data, name)}</p>" for name, data in images.items()),
               "<h2>Runs</h2>", html_table(RUN_HEADER, run_rows(runs, labels), text=(0, 1, 2, 6))]
     members = runs[runs["path"].isin(labels)]

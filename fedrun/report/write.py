@@ -8,16 +8,21 @@ import pandas as pd
 from fedrun.report import html, plots
 from fedrun.report.groups import set_apart
 from fedrun.report.runs import read_metrics
-from fedrun.report.table import RUN_HEADER, apart_cells, apart_keys, caption, cells, key_columns, run_rows
+from fedrun.report.table import (
+    REACHED_APART,
+    RUN_HEADER,
+    apart_cells,
+    apart_keys,
+    caption,
+    cells,
+    footnote,
+    group_labels,
+    legend_labels,
+    run_rows,
+)
 
 CURVES = ("eval_loss", "eval_ppl", "eval_acc", "train_loss")
 UTILITIES = ["final_eval_acc", "final_eval_ppl"]
-
-
-def labels(groups: pd.DataFrame) -> list[str]:
-    """One label per group, `key=value, ...` (or `all runs` when no key tells runs apart)."""
-    keys = key_columns(groups)
-    return [", ".join(f"{k}={row[k]}" for k in keys) or "all runs" for _, row in groups.iterrows()]
 
 
 def apart_labels(apart: pd.DataFrame) -> dict[str, str]:
@@ -35,12 +40,11 @@ def write_report(runs: pd.DataFrame, groups: pd.DataFrame, out: Path, *,
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = labels(groups)
-    member_labels = {path: name for name, paths in zip(names, groups["runs"]) for path in paths}
+    member_labels = {path: name for name, paths in zip(group_labels(groups), groups["runs"]) for path in paths}
     if apart is None:
         apart = set_apart(runs[~runs["path"].isin(member_labels)], [], statuses=())
     member_labels |= apart_labels(apart)
-    images = make_plots(runs, groups, names)
+    images = make_plots(runs, groups, legend_labels(groups))
     for stale in [*out.glob("learning_curves_*.png"), out / "utility_vs_epsilon.png"]:
         if stale.name not in images:
             stale.unlink(missing_ok=True)
@@ -81,11 +85,11 @@ def markdown(runs: pd.DataFrame, groups: pd.DataFrame, apart: pd.DataFrame, memb
              images: dict) -> str:
     header, rows = cells(groups)
     lines = ["# fedrun report", "", caption(groups, apart), "", md_row(header), md_row(["---"] * len(header)),
-             *map(md_row, rows), ""]
+             *map(md_row, rows), "", *([note, ""] if (note := footnote(groups)) else [])]
     if len(apart):
         header, rows = apart_cells(apart)
         lines += ["## Not finished", "", "Not in the means above.", "", md_row(header),
-                  md_row(["---"] * len(header)), *map(md_row, rows), ""]
+                  md_row(["---"] * len(header)), *map(md_row, rows), "", REACHED_APART, ""]
     lines += [f"![{name.removesuffix('.png')}]({name})" for name in images] + [""]
     lines += ["## Runs", "", md_row(RUN_HEADER), md_row(["---"] * len(RUN_HEADER)),
               *map(md_row, run_rows(runs, member_labels))]
