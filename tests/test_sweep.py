@@ -69,6 +69,17 @@ def test_parallel_jobs_with_the_joblib_launcher(tmp_path):
     assert all((job / "summary.json").exists() for job in _jobs(tmp_path / sweep_dir))
 
 
+def test_jobs_as_submitit_tasks(tmp_path):
+    """hydra/launcher=submitit_local: each job a submitit task in its own process, as
+    submitit_slurm submits them to SLURM (the same launcher code but for the executor)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result, sweep_dir = _sweep("seed=0,1", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    assert result.exit_code == 0, result.output
+    jobs = _jobs(tmp_path / sweep_dir)
+    assert len(jobs) == 2 and all((job / "summary.json").exists() for job in jobs)
+    assert list((tmp_path / sweep_dir / ".submitit").glob("*/*_result.pkl"))  # what submitit's own tasks returned
+
+
 def test_optuna_sweeper_searches_and_records_the_best(tmp_path):
     result, sweep_dir = _sweep("hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=minimize",
                                "client.lr=interval(0.01,0.2)")
