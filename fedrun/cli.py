@@ -90,9 +90,10 @@ def _fail_cleanly(action: Callable[[], None], *, debug: bool) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register a command with what every command shares, written once: a `--debug` option, logging
-    set up (`--verbose` where the command has it) and errors handled by `_fail_cleanly`."""
+def command(name: str | None = None, *, on: typer.Typer = app) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command (on `app`, or on a group of commands such as `cache`) with what every command
+    shares, written once: a `--debug` option, logging set up (`--verbose` where the command has it) and
+    errors handled by `_fail_cleanly`."""
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         @functools.wraps(fn)
@@ -105,7 +106,7 @@ def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable
                                  default=typer.Option(False, "--debug", help="Show full tracebacks on errors."))
         run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), flag])  # type: ignore[attr-defined]
         run.__annotations__ = {**fn.__annotations__, "debug": "bool"}
-        return app.command(name)(run)
+        return on.command(name)(run)
 
     return register
 
@@ -402,6 +403,44 @@ def _print_keys(out: Console, title: str, rows: list, *, option: bool = False) -
         table.add_row(*shown, key.name or "(no keys)" if option else key.name, key.default, key.allowed)
         previous = name
     out.print(table)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The on-disk data cache ($FEDRUN_CACHE, default "
+                        "~/.cache/fedrun/data): list or clear its entries. FEDRUN_CACHE_MAX_GB caps its size.")
+app.add_typer(cache_app, name="cache")
+
+
+@command("list", on=cache_app)
+def cache_list() -> None:
+    """One line per entry, most recently used first: short key, the data it holds, size, last use."""
+    from fedrun import cache_entries
+
+    found = cache_entries.entries()
+    for entry in found:
+        typer.echo(cache_entries.describe(entry))
+    cap = cache_entries.max_bytes()
+    limit = "" if cap is None else f" (FEDRUN_CACHE_MAX_GB={cap / cache_entries.GB:g})"
+    typer.echo(f"{cache_entries.summary(found)} in {cache_entries.cache_dir()}{limit}")
+
+
+@command("clear", on=cache_app)
+def cache_clear(
+    older_than: str | None = typer.Option(
+        None, "--older-than", metavar="AGE", show_default=False,
+        help="Only entries last used (written or loaded) more than AGE ago: a number and a unit, s, m, h, d "
+             "or w, e.g. 7d, 12h, 30m. Without it: every entry."),
+) -> None:
+    """Remove data cache entries (every one, or those unused for --older-than); print what was freed.
+
+    An entry a run is writing or loading is waited for, never removed half-way; a run that has
+    already loaded one keeps reading it."""
+    from fedrun import cache_entries
+
+    age = None if older_than is None else cache_entries.parse_age(older_than)
+    removed = cache_entries.clear(older_than=age)
+    for entry in removed:
+        typer.echo("removed " + cache_entries.describe(entry))
+    typer.echo(f"freed {cache_entries.summary(removed)} in {cache_entries.cache_dir()}")
 
 
 class _round_progress:
