@@ -274,3 +274,35 @@ def test_generate_writes_valid_utf8_without_control_characters(play, tmp_path, m
     assert out.exit_code == 0, out.output
     text = out.stdout_bytes.decode("utf-8")  # strict: raises on invalid UTF-8
     assert text == "hi\ufffd\ufffd ok \\x1b[2J\\x07 \ufffd\n"
+
+
+def test_vectorized_on_a_cpu_says_so_in_train_log(play, tmp_path):
+    run = tmp_path / "run"
+    result = fedrun("train", "data=shakespeare", f"data.path={play}", *TINY, "rounds=1", "backend=vectorized",
+                    "device=cpu", f"run_dir={run}")
+    assert result.exit_code == 0, result.output
+    assert "backend=vectorized: TinyGPT is batched with vmap; on a CPU" in (run / "train.log").read_text()
+
+
+def test_export_of_a_lora_run_built_from_config_writes_its_base(play, tmp_path):
+    pytest.importorskip("peft", reason="needs the [llm] extra: pip install -e .[llm]")
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedrun.generate import load_model
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    result = fedrun("train", "model=hf", "model.from_config.n_embd=16", "model.from_config.n_layer=1",
+                    "data=shakespeare", f"data.path={play}", "data.seq_len=16", "data.min_samples=4",
+                    "sampler.clients_per_round=3", "rounds=1", "device=cpu", f"run_dir={run}")
+    assert result.exit_code == 0, result.output
+    result = fedrun("export", str(run), str(out))
+    assert result.exit_code == 0, result.output
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out).eval()
+    ours, _ = load_model(run, device="cpu")
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(exported(input_ids=x).logits[..., :256], ours(x), atol=1e-5)

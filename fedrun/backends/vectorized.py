@@ -151,6 +151,7 @@ class VectorizedBackend:
         self.trainer, self.data, self.client_hooks, self.max_clients = trainer, data, client_hooks, max_clients
         self.sequential = SequentialBackend(make_trainer=lambda: trainer, data=data, client_hooks=client_hooks)
         self.fallback = unbatchable(trainer)
+        self.notices: list[str] = []  # logged when training starts: the run's train.log is attached after the build
         if self.fallback is not None:
             log.warning("backend=vectorized: training clients sequentially: %s", self.fallback)
         else:
@@ -159,12 +160,15 @@ class VectorizedBackend:
                 # Measured, not guessed: benchmarks.batching_bound finds that on this project's CPU
                 # even one model on all the clients' batches at once gains at most ~1.25x on
                 # W1's models, and vmap's bigger working sets lose more than that.
-                log.info("backend=vectorized: %s is batched with vmap; on a CPU that is usually slower than "
-                         "backend=sequential for a compute-heavy model (W1 tiny_gpt: 0.7x), and faster on a GPU",
-                         type(trainer.model).__name__)
+                self.notices.append(f"backend=vectorized: {type(trainer.model).__name__} is batched with vmap; on a "
+                                    "CPU that is usually slower than backend=sequential for a compute-heavy model "
+                                    "(W1 tiny_gpt: 0.7x), and faster on a GPU")
 
     def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
                      ctx: RoundContext) -> list[ClientUpdate]:
+        for notice in self.notices:
+            log.info("%s", notice)
+        self.notices = []
         if self.fallback is None and jobs:
             try:
                 updates = self.train_batched(weights, jobs, ctx)
