@@ -306,3 +306,13 @@ def test_export_of_a_lora_run_built_from_config_writes_its_base(play, tmp_path):
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(exported(input_ids=x).logits[..., :256], ours(x), atol=1e-5)
+
+
+def test_the_readmes_fedrun_data_output_is_what_the_command_prints():
+    readme = (ROOT / "README.md").read_text()
+    command, printed = re.search(r"\n\$ (fedrun data [^\n]*)\n(.*?)\n```", readme, re.S).groups()
+    rows = dict(re.findall(r"│ (\w+) +│ ([\d.]+) +│", printed))
+    assert len(rows) == 7
+    result = fedrun(*command.split()[1:])
+    assert result.exit_code == 0, result.output
+    assert dict(re.findall(r"│ (\w+) +│ ([\d.]+) +│", result.output)) == rows
