@@ -76,6 +76,17 @@ def test_identical_distributions_are_zero_and_far_apart_ones_large():
     assert epsilon_two_gaussians(0.0, 1.0, 40.0, 1.0, 1e-5) > 500
 
 
+def test_bootstrap_interval_brackets_the_estimate_and_the_truth():
+    from fedrun.privacy.empirical import bootstrap_interval
+
+    rng = np.random.default_rng(1)
+    true = _gaussian_mechanism_epsilon(1.0, 1e-5)
+    seen, unseen = rng.normal(1.0, 1.0, 1000), rng.normal(0.0, 1.0, 1000)
+    low, high = bootstrap_interval(seen, unseen, 1e-5)
+    assert low < estimate(seen, unseen, 1e-5) < high and low < true < high
+    assert high - low < true  # a thousand canaries pin it down
+
+
 def test_noise_floor_falls_with_the_number_of_canaries():
     from fedrun.privacy.empirical import noise_floor
 
@@ -122,6 +133,8 @@ def test_without_noise_the_canaries_are_plain_and_with_heavy_noise_they_vanish(t
         floor = audit[variant]["noise_floor"]  # what the estimate shows when nothing leaks, ~0.7 here
         assert 0.2 < floor < 1.5 and n[column].iloc[-1] < 2 * floor
         assert audit[variant]["epsilon_lower_bound"] < 0.5
+        low, high = audit[variant]["bootstrap_90"]
+        assert low <= n[column].iloc[-1] <= high
     floor = audit["final"]["noise_floor"]
     assert plain["audit"]["epsilon"]["final"]["noise_floor"] > floor  # 40 canaries resolve less than 300
     # the accountant's bound (~0.1) is itself below what 300 canaries can resolve

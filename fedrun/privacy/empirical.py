@@ -119,6 +119,19 @@ def noise_floor(seen: int, unseen: int, delta: float, *, draws: int = 64, seed: 
                             for _ in range(draws)]))
 
 
+def bootstrap_interval(seen: np.ndarray, unseen: np.ndarray, delta: float, *, draws: int = 100,
+                       level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+    """The central `level` interval of the estimate over resamples (with replacement) of both sets:
+    how far the point estimate moves with the canaries drawn. NaN where it cannot be estimated."""
+    seen, unseen = np.asarray(seen, np.float64), np.asarray(unseen, np.float64)
+    if len(seen) < 2 or len(unseen) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = [estimate(rng.choice(seen, len(seen)), rng.choice(unseen, len(unseen)), delta) for _ in range(draws)]
+    low, high = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def _jeffreys_upper(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
     """One-sided upper confidence limit 1 - alpha of a binomial rate (Jeffreys' Beta(1/2, 1/2) prior)."""
     return stats.beta.ppf(1 - alpha, successes + 0.5, trials - successes + 0.5)

@@ -31,7 +31,14 @@ from torch import nn
 from fedrun.components import Range
 from fedrun.core import ClientHook, ClientUpdate, RoundContext, Stream, torch_generator
 from fedrun.privacy.audit import AtLeastOne, CanaryAudit
-from fedrun.privacy.empirical import CONFIDENCE, epsilon_lower_bound, estimate, gaussian_fit, noise_floor
+from fedrun.privacy.empirical import (
+    CONFIDENCE,
+    bootstrap_interval,
+    epsilon_lower_bound,
+    estimate,
+    gaussian_fit,
+    noise_floor,
+)
 
 EPSILON_COLUMNS = ["epsilon_empirical", "epsilon_empirical_final"]
 DIRECTION_COLUMNS = ["direction", "kind", "client_id", "insertions", "cosine_final", "cosine_max_round"]
@@ -152,7 +159,8 @@ class EpsilonAudit(CanaryAudit):
             "dimension": 0 if self.initial is None else self.initial.numel(),
             "canary_norm": self.canary_norm if self.canary_norm is not None else "clip norm",
             "estimate": "point estimate: the epsilon separating Gaussian fits of the held-out and inserted cosines "
-                        "(Andrew et al. 2024); noise_floor: its median when nothing leaks, at these sample sizes; "
+                        "(Andrew et al. 2024); bootstrap_90: its 5%..95% range over resampled cosines; "
+                        "noise_floor: its median when nothing leaks, at these sample sizes; "
                         f"the lower bounds hold with confidence {CONFIDENCE}"}
         if not last:
             return out
@@ -162,6 +170,7 @@ class EpsilonAudit(CanaryAudit):
             inserted, held_out = cosines[:c][seen], cosines[c:]
             out[name] = {"epsilon": estimate(inserted, held_out, last["delta"]),
                          "epsilon_lower_bound": epsilon_lower_bound(inserted, held_out, last["delta"]),
+                         "bootstrap_90": bootstrap_interval(inserted, held_out, last["delta"]),
                          "noise_floor": noise_floor(len(inserted), len(held_out), last["delta"]),
                          "inserted_mean_std": gaussian_fit(inserted) if len(inserted) > 1 else None,
                          "held_out_mean_std": gaussian_fit(held_out)}
