@@ -8,9 +8,21 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
+from fedrun.privacy.empirical import bootstrap_interval
+
 
 def cell(value, digits: int = 2) -> str:
     return "-" if value is None else "inf" if value == float("inf") else f"{value:.{digits}f}"
+
+
+def spread(run: Path, column: str, delta: float) -> str:
+    """The estimate's bootstrap 90% range, from audit_epsilon.csv's cosines."""
+    d = pd.read_csv(run / "audit_epsilon.csv")
+    seen = d[(d["kind"] == "canary") & (d["insertions"] > 0)][column]
+    low, high = bootstrap_interval(seen.to_numpy(), d[d["kind"] == "held_out"][column].to_numpy(), delta)
+    return f"{low:.2f}..{high:.2f}"
 
 
 def row(run: Path) -> str:
@@ -21,7 +33,8 @@ def row(run: Path) -> str:
     return "| " + " | ".join([
         run.name, cell(privacy.get("noise_multiplier", 0.0), 1),
         cell(privacy.get("epsilon_rdp", float("inf"))), cell(privacy.get("epsilon_prv", float("inf"))),
-        cell(eps["all_rounds"]["epsilon"]), cell(eps["final"]["epsilon"]),
+        f"{cell(eps['all_rounds']['epsilon'])} ({spread(run, 'cosine_max_round', eps['delta'])})",
+        f"{cell(eps['final']['epsilon'])} ({spread(run, 'cosine_final', eps['delta'])})",
         f"{cell(eps['all_rounds']['epsilon_lower_bound'])} / {cell(eps['final']['epsilon_lower_bound'])}",
         f"{cell(eps['all_rounds']['noise_floor'])} / {cell(eps['final']['noise_floor'])}",
         f"{eps['canaries_inserted']}/{eps['canary_clients']}",
@@ -30,8 +43,9 @@ def row(run: Path) -> str:
 
 
 def main(out: Path) -> None:
-    print("| run | z | epsilon RDP | epsilon PRV | empirical, all rounds | empirical, final model "
-          "| lower bound 95% (all / final) | noise floor (all / final) | canaries inserted | exposure (bits / max) "
+    print("| run | z | epsilon RDP | epsilon PRV | empirical, all rounds (bootstrap 90%) "
+          "| empirical, final model (bootstrap 90%) | lower bound 95% (all / final) | noise floor (all / final) "
+          "| canaries inserted | exposure (bits / max) "
           "| eval ppl | seconds |")
     print("|" + " --- |" * 12)
     for run in sorted(p for p in out.iterdir() if (p / "summary.json").exists()):
