@@ -77,7 +77,11 @@ def run(cfg, *, make_trainer=None) -> tuple[pd.DataFrame, pd.DataFrame, torch.Te
     exp = config.build(cfg)
     if make_trainer is not None:
         exp.backend.make_trainer = partial(make_trainer, exp.backend.make_trainer)
-    run_dir, summary = train.train(exp)
+    return results(*train.train(exp))
+
+
+def results(run_dir: Path, summary: dict) -> tuple[pd.DataFrame, pd.DataFrame, torch.Tensor]:
+    """A finished run's metrics and clients tables (less their timings) and final weights."""
     weights = load_checkpoint(run_dir / "checkpoints" / f"round_{summary['rounds']:04d}.pt")["weights"]
     return (pd.read_csv(run_dir / "metrics.csv").drop(columns="seconds"),
             pd.read_csv(run_dir / "clients.csv").drop(columns="seconds"), weights)
@@ -348,9 +352,10 @@ def local_ray():
     """One small local Ray for the module (loopback only, 2 CPUs, a capped object store)."""
     import ray
 
-    from fedrun.backends.ray import local_ray_options
+    from fedrun.backends.ray import local_ray_options, loopback_node
 
-    ray.init(**local_ray_options(num_cpus=2) | {"object_store_memory": 200 * 2**20})
+    with loopback_node():
+        ray.init(**local_ray_options(num_cpus=2) | {"object_store_memory": 200 * 2**20})
     yield ray
     ray.shutdown()
 

@@ -6,17 +6,24 @@ once); the global weights go in once per round (`ray.put`). Jobs go out a chunk 
 call, handed to whichever actor is free. As with every backend, the client hooks (attack,
 privacy, compression) run here, in the main process, in job order.
 
-A local Ray (`backend.address: null`) listens on loopback only. (This module's name shadows
-`ray` only for relative imports, which fedrun does not use: `import ray` here is the library.)
+An actor that dies (its node lost) is dropped and its clients go to the others: each client's
+randomness is its own, so the results stay those of an uninterrupted run. Only when every
+actor is lost does the run stop, with one line saying to resume it.
+
+A local Ray (`backend.address: null`), or a cluster joined on a loopback address, listens on
+loopback only. (This module's name shadows `ray` only for relative imports, which fedrun does
+not use: `import ray` here is the library.)
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, cast
 
 import torch
@@ -47,7 +54,8 @@ class RayBackend:
         self.make_trainer = make_trainer
         self.data = data
         self.client_hooks = client_hooks
-        self.actors: list | None = None  # started at the first round
+        self.actors: dict[int, Any] | None = None  # the live actors by rank, started at the first round
+        self.placement: list[str] = []  # the node id of each actor as it started, by rank
         self.started_ray = False  # shut down at close only the Ray this backend started
 
     def train_cohort(self, weights: torch.Tensor, jobs: Sequence[ClientJob],
@@ -71,37 +79,52 @@ class RayBackend:
 
     def _run(self, ray, weights_ref, jobs: Sequence[ClientJob], chunks: list[list[int]],
              ctx: RoundContext) -> list[ClientUpdate]:
-        """Updates in job order: each free actor takes the next chunk until none is left."""
+        """Updates in job order: each free actor takes the next chunk until none is left; the
+        chunk of an actor that died goes back to the others."""
         actors = self.actors
         assert actors is not None  # train_cohort started them
         updates: list[ClientUpdate | None] = [None] * len(jobs)
         waiting = list(reversed(chunks))
+        free = sorted(actors, reverse=True)
         pending: dict = {}
-
-        def send(rank: int) -> None:
-            chunk = waiting.pop()
-            pending[actors[rank].train.remote(weights_ref, ctx, [jobs[i] for i in chunk])] = (rank, chunk)
-
-        for rank in range(min(len(actors), len(waiting))):
-            send(rank)
-        while pending:
+        while waiting or pending:
+            while free and waiting:
+                rank, chunk = free.pop(), waiting.pop()
+                pending[actors[rank].train.remote(weights_ref, ctx, [jobs[i] for i in chunk])] = (rank, chunk)
             [ref], _ = ray.wait(list(pending), num_returns=1)
             rank, chunk = pending.pop(ref)
-            for i, update in zip(chunk, self._reply(ray, ref, rank, [jobs[i].client_id for i in chunk])):
+            reply = self._reply(ray, ref, rank, [jobs[i].client_id for i in chunk])
+            if reply is None:
+                waiting.append(chunk)
+                continue
+            for i, update in zip(chunk, reply):
                 updates[i] = update
-            if waiting:
-                send(rank)
+            free.append(rank)
         return cast("list[ClientUpdate]", updates)  # the chunks cover every job: no slot is left None
 
-    def _reply(self, ray, ref, rank: int, client_ids: list[int]) -> list[ClientUpdate]:
+    def _reply(self, ray, ref, rank: int, client_ids: list[int]) -> list[ClientUpdate] | None:
+        """The chunk's updates, or None when its actor died (dropped here; the last one raises)."""
         try:
             reply = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            raise FedrunError(f"backend=ray: actor {rank} died while training clients {client_ids}: "
-                              f"{one_line(e)}") from None
+            self._lose(rank, client_ids, e)
+            return None
         if reply[0] == "error":
             raise FedrunError(f"backend=ray: client {reply[1]} failed in actor {rank}: {reply[2]}")
         return reply[1]
+
+    def _lose(self, rank: int, client_ids: list[int], error: BaseException) -> None:
+        import ray
+
+        assert self.actors is not None  # only a running actor can die
+        ray.kill(self.actors.pop(rank))  # one merely unreachable would otherwise hold its CPUs
+        where = f"actor {rank} on node {self.placement[rank]}"
+        if not self.actors:
+            raise FedrunError(f"backend=ray: every actor is lost, the last ({where}) while training clients "
+                              f"{client_ids}: {one_line(error)}; once the cluster has CPUs again, resume the run "
+                              "from its last checkpoint with `fedrun resume RUN_DIR`")
+        log.warning("backend=ray: %s was lost while training clients %s (%s); they go to the %d other actors",
+                    where, client_ids, one_line(error), len(self.actors))
 
     def _start(self, ray) -> None:
         if not ray.is_initialized():
@@ -117,16 +140,23 @@ class RayBackend:
         data_ref = ray.put(self.data)  # once: each actor loads it when it starts
         actor = ray.remote(num_cpus=self.num_cpus_per_worker)(TrainerActor)
         threads = max(1, int(self.num_cpus_per_worker))
-        self.actors = [actor.remote(self.make_trainer, data_ref, threads) for _ in range(workers)]
-        log.info("backend=ray: %d actors on a cluster of %g CPUs", workers, cpus)
+        self.actors = dict(enumerate(actor.remote(self.make_trainer, data_ref, threads) for _ in range(workers)))
+        try:  # each actor says where it runs once it has started: a run on a cluster can be checked
+            self.placement = ray.get([a.node_id.remote() for a in self.actors.values()])
+        except ray.exceptions.RayActorError as e:
+            raise FedrunError(f"backend=ray: an actor died as it started: {one_line(e)}") from None
+        nodes = ", ".join(f"{node} ({n})" for node, n in Counter(self.placement).items())
+        log.info("backend=ray: %d actors on nodes %s, of a cluster of %g CPUs", workers, nodes, cpus)
 
     def _init(self, ray) -> None:
         if self.address is None:
             needed = (self.workers or 1) * self.num_cpus_per_worker
-            ray.init(**local_ray_options(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999))))
+            with loopback_node():
+                ray.init(**local_ray_options(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999))))
         else:
             try:
-                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+                with loopback_node(on=is_loopback(self.address)):
+                    ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise FedrunError(f"backend.address: no Ray cluster reachable at {self.address} ({one_line(e)}); "
                                   "start one with `ray start --head`, or use backend.address=null "
@@ -138,7 +168,7 @@ class RayBackend:
             return
         import ray
 
-        for actor in self.actors or []:
+        for actor in (self.actors or {}).values():
             ray.kill(actor)
         self.actors = None
         if ray.is_initialized():
@@ -178,6 +208,29 @@ def local_ray_options(*, num_cpus: int) -> dict:
                 logging_level=logging.WARNING, log_to_driver=False)
 
 
+def is_loopback(address: str) -> bool:
+    """Whether `backend.address` names a Ray on this machine's loopback (127.0.0.1:6379)."""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+@contextlib.contextmanager
+def loopback_node(*, on: bool = True) -> Iterator[None]:
+    """Within: `ray.init` keeps 127.0.0.1 as this node's IP. Ray otherwise replaces it, in a
+    cluster address and as the node's own IP, by the machine's external address: a local Ray
+    then listens on every interface, and a cluster started on loopback is never reached. Ray
+    keeps it only where it deems clusters unsupported, a flag it reads from the environment
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) once, at import: hence the flag set here."""
+    from ray._private import ray_constants
+
+    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = enabled and not on
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
+
+
 class TrainerActor:
     """A Ray actor: one trainer, built once, trains every chunk of jobs it is sent."""
 
@@ -193,3 +246,8 @@ class TrainerActor:
         if self.failure is not None:
             return "error", jobs[0].client_id, f"building the trainer: {self.failure}"
         return train_share(self.trainer, self.data, weights, ctx, jobs)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
