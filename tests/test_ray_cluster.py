@@ -1,7 +1,9 @@
 """backend=ray on a real multi-node Ray cluster: a head and two worker nodes, each its own raylet
 (and the head its own GCS), all on 127.0.0.1 of this machine. fedrun joins it by address as it
 would a cluster of machines; the results equal sequential training's, the actors run on both
-worker nodes, and losing one node mid-run moves its clients to the other with the same results."""
+worker nodes, and losing one node mid-run moves its clients to the other with the same results;
+losing both stops in one line, and resume on a new node is exact. Every server listens on
+loopback only, fedrun's own local Ray's included."""
 from __future__ import annotations
 
 import ipaddress
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from fedrun import config, train
 from fedrun.core import FedrunError
@@ -55,8 +58,8 @@ def cluster():
         assert_gone(started)
 
 
-def on_cluster(cluster, tmp_path: Path) -> tuple[Path, tuple]:
-    """The run directory of a backend=ray run of CASE on `cluster`, and sequential's results."""
+def on_cluster(cluster, tmp_path: Path) -> tuple[DictConfig, tuple]:
+    """The config of a backend=ray run of CASE on `cluster`, and sequential's results for CASE."""
     play = make_play(tmp_path / "play.txt")
     overrides = [*CASES[CASE], f"rounds={ROUNDS}", "checkpoint_every=1"]
     expected = run(compose(play, tmp_path / "sequential", *overrides))
