@@ -114,7 +114,7 @@ def _refuse_sweeps(overrides: list[str]) -> None:
         return  # compose reports it, in one line
     for override in parsed:
         if override.is_sweep_override():
-            key, value = override.get_key_element(), override.input_line.split("=", 1)[1]
+            key, value = override.get_key_element(), str(override.input_line).split("=", 1)[1]
             raise FedrunError(f"{key}: {value} is several values, a run each; one command runs them all: "
                               "fedrun sweep, with the same overrides")
 

@@ -70,7 +70,8 @@ def options(group: str) -> list[OptionInfo]:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None, job_name="fedrun"):
         for option in every[group]:
             composed = hydra_compose(f"{group}/{option}")
-            sets = {f"{k}.{name}": show(v) for k in composed if k != group for name, v in composed[k].items()}
+            sets = {f"{k}.{name}": show(v) for k in map(str, composed) if k != group
+                    for name, v in composed[k].items()}
             found.append(OptionInfo(option, option in defaults, option_keys(group, composed[group]), sets))
     return found
 
@@ -116,8 +117,9 @@ def allowed(key: Key) -> str:
     """What validation allows: the markers' words, else the type's."""
     if key.markers:
         return key.describe()
-    kind = key.kind if isinstance(key.kind, type) else getattr(key.kind, "__origin__", None)
-    words = TYPE_WORDS.get(kind, "a list" if kind is list else "a mapping" if kind is dict else "any value")
+    kind = key.kind if isinstance(key.kind, type) else getattr(key.kind, "__origin__", None)  # list[str]: list
+    words = TYPE_WORDS.get(kind) if isinstance(kind, type) else None
+    words = words or ("a list" if kind is list else "a mapping" if kind is dict else "any value")
     return f"null or {words}" if key.optional else words
 
 
