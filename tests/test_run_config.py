@@ -238,7 +238,7 @@ def test_every_shipped_option_reads_back_as_written(tmp_path):
              "data=synthetic": ["model=logreg"], "model=logreg": SMALL,
              "model=mlp": SMALL, "model=hf": ["+model.from_config.n_positions=64"],
              "client=hetero": ["strategy=fed_distill"], "strategy=scaffold": ["client.optimizer=sgd"],
-             "privacy=central_dp": ["sampler.kind=poisson"]}
+             "privacy=central_dp": ["sampler.kind=poisson"], "audit=epsilon": ["audit.canary_norm=1"]}
     jobs = [[option, *needs.get(option, [])] for option in OPTIONS]
     jobs += [["logger=[csv,tensorboard,mlflow]"],
              ["strategy=feddf", "data@strategy.public=shakespeare", "strategy.public.path=/x.txt"]]
