@@ -15,6 +15,7 @@ from fedrun import threads
 from fedrun.client_config import ClientConfig
 from fedrun.components import capability, check_values, component, option_name
 from fedrun.core import FedrunError
+from fedrun.rundir import file_in_the_way
 from fedrun.settings import COMPONENT_GROUPS, EvalSettings, RunSettings
 
 
@@ -36,14 +37,9 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_run_dir(run_dir: str) -> None:
     """A run directory that is a file, or lies under one, fails before any data is read."""
-    path = Path(run_dir).expanduser()
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "" if folder == path else f" is inside {folder}, which"
-                raise FedrunError(f"run_dir: {run_dir}{where} is a file; allowed: a folder that does not exist "
-                                  "yet or is empty")
-            return
+    where = file_in_the_way(Path(run_dir).expanduser())
+    if where is not None:
+        raise FedrunError(f"run_dir: {run_dir}{where} is a file; allowed: a folder that does not exist yet or is empty")
 
 
 def check_component(node: DictConfig, group: str, where: str) -> None:

@@ -358,5 +358,16 @@ def _file_kind(mode: int) -> str:
     return next((word for test, word in kinds.items() if test(mode)), "not a plain file")
 
 
+def file_in_the_way(path: Path) -> str | None:
+    """Where a folder to be made at `path` would meet a file: "" (path itself is a file), " is
+    inside F, which" (an ancestor F is), or None (it can be made)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return None
+            return "" if folder == path else f" is inside {folder}, which"
+    return None
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "metrics.csv").is_file()

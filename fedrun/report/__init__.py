@@ -24,6 +24,7 @@ from fedrun.report.groups import distinguishing_keys, filter_runs, group_runs, s
 from fedrun.report.runs import collect_runs
 from fedrun.report.table import GroupTable, render_apart, render_table
 from fedrun.report.write import write_report
+from fedrun.rundir import file_in_the_way
 
 __all__ = ["collect_runs", "distinguishing_keys", "filter_runs", "group_runs", "render_apart", "render_table",
            "report", "set_apart", "write_report"]
@@ -54,13 +55,10 @@ def report(paths: list[Path], *, sort: str | None = None, where: Iterable[str] =
 
 def check_out(out: Path) -> None:
     """--out is a folder (made if missing): refuse a file there, or above it, before reading any run."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "" if folder == out else f" is inside {folder}, which"
-                raise FedrunError(f"report --out: {out}{where} is a file; allowed: a folder (made if missing) "
-                                  "for report.md, report.csv, report.html and the plots")
-            return
+    where = file_in_the_way(out)
+    if where is not None:
+        raise FedrunError(f"report --out: {out}{where} is a file; allowed: a folder (made if missing) "
+                          "for report.md, report.csv, report.html and the plots")
 
 
 def shown(groups: pd.DataFrame, apart: pd.DataFrame) -> RenderableType:
