@@ -25,6 +25,18 @@ def data_cache(tmp_path_factory, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models train fastest so, others' threads don't slow them
+    down, and a sequential reference has the floating-point order of one-thread workers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shakespeare_path() -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"needs the shared corpus at {SHAKESPEARE} (present on the project's machines, "

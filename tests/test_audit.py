@@ -197,14 +197,6 @@ def test_exposure_is_maximal_for_a_recited_canary_and_about_one_bit_for_an_indif
 # (5) a real model memorises a canary it saw many times
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train fastest on one thread, and others' threads don't slow it down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_tiny_gpt_exposes_an_inserted_canary_but_not_the_others(one_thread):
     c = audit.make_canaries(num_canaries=4, num_references=1000, seed=0)

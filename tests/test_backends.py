@@ -40,14 +40,8 @@ RAY_CASES = ["hooks+stragglers", "scaffold+stragglers"]
 PROCESS_CASES = ["fedavg", "scaffold", "hooks", "stragglers"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread here, as in each worker: the sequential reference is then computed in the
-    same floating-point order (and fast: two threads on a busy two-core machine crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread, as in each worker (conftest.one_thread): the same floating-point order.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

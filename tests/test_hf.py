@@ -19,7 +19,7 @@ from fedrun.evaluation import batch_loss  # noqa: E402
 from fedrun.models.hf import HFCausalLM, LoRAConfig, lora_aggregation_error, lora_pairs  # noqa: E402
 from fedrun.params import flatten_parameters  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 64}
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
@@ -28,14 +28,6 @@ LORA = LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=None)
 NO_LORA = dataclasses.replace(LORA, enabled=False)
 SEQ_LEN = 16
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and others' threads don't slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(from_config=GPT2, lora=LORA, init_seed=0, **kwargs) -> HFCausalLM:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import DictConfig
 
 from fedrun import config, train
@@ -28,13 +27,8 @@ CASE = "scaffold+stragglers"  # tensors in jobs and updates, clients of unequal 
 ROUNDS, LOST_AFTER = 5, 2  # a worker node is killed after round 2 of 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as each actor has (num_cpus_per_worker=1): the same floating-point order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread, as each actor has (num_cpus_per_worker=1): the same floating-point order.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
