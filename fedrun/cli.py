@@ -540,7 +540,9 @@ def _print_summary(summary: dict) -> None:
                       f"{m['eval_acc']:.4f}", *([_spent(m.get("round", 0), summary)] if dp else []))
     console.print(table)
     if dp:
-        _print_guarantee(privacy, clients=(summary.get("data") or {}).get("clients"))
+        _print_guarantee(privacy | {"stopped_at_budget": summary.get("stopped_at_budget")},
+                         clients=(summary.get("data") or {}).get("clients"))
+    _print_empirical(((summary.get("audit") or {}).get("epsilon")) or {})
     mb = (summary["bytes_up"] + summary["bytes_down"]) / 1e6
     console.print(f"{plural(summary['rounds'], 'round')} in {summary['seconds']:.1f} s, {mb:.1f} MB exchanged")
 
@@ -556,14 +558,30 @@ def _spent(round_idx: int, summary: dict) -> str:
 def _print_guarantee(privacy: dict, *, clients: int | None) -> None:
     """The run's (epsilon, delta) and accountant, and a warning where delta is not small."""
     level = privacy.get("level", "user")  # central DP protects a client, local DP an example of one
+    target = privacy.get("target_epsilon")
+    against = "" if target is None else f"; target epsilon {target:.4g}" + (
+        " (stopped at the budget)" if privacy.get("stopped_at_budget") else "")
     console.print(f"privacy: ({privacy['epsilon']:.4g}, {privacy['delta']:.3g})-DP per {level} "
-                  f"({privacy['mechanism']}, {privacy['accountant']} accountant)", highlight=False)
+                  f"({privacy['mechanism']}, {privacy['accountant']} accountant){against}", highlight=False)
     if level == "user" and clients:
         limit = min(1e-3, 1 / (10 * clients))  # the mechanism's own warning threshold (fedrun/privacy/central.py)
         if privacy["delta"] > limit:
             console.print(f"[yellow]warning:[/] delta {privacy['delta']:.3g} is above min(1e-3, 1/(10 N)) = "
                           f"{limit:.3g} for N = {clients} clients: the guarantee may fail outright with that "
                           "probability; set privacy.delta lower", soft_wrap=True, highlight=False)
+
+
+def _print_empirical(audit: dict) -> None:
+    """audit=epsilon's point estimates, with how far they move and what they read when nothing leaks."""
+    if "all_rounds" not in audit:
+        return
+    parts = []
+    for key, what in (("all_rounds", "every round's model"), ("final", "the final model")):
+        e = audit[key]
+        low, high = e.get("bootstrap_90") or (float("nan"), float("nan"))
+        parts.append(f"{e['epsilon']:.3g} from {what} (90% {low:.3g}..{high:.3g}, floor {e['noise_floor']:.2g})")
+    console.print(f"empirical epsilon (audit=epsilon, {audit['canaries_inserted']} canaries inserted, point "
+                  f"estimates): {'; '.join(parts)}", soft_wrap=True, highlight=False)
 
 
 def main() -> None:

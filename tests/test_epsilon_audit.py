@@ -282,3 +282,20 @@ def test_lora_methods_that_do_not_average_the_adapters_are_refused(compose_cfg):
     with pytest.raises(FedrunError, match=r"^model.lora.aggregation: audit=epsilon .* allowed: avg, ffa"):
         compose_cfg("model=hf", "model.lora.aggregation=fedsa", "audit=epsilon", "privacy=central_dp",
                     "sampler.kind=poisson", tiny=False)
+
+
+def test_the_results_on_screen_show_the_target_and_the_empirical_estimate(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedrun.cli import app
+
+    common = ["train", *BASE, "data.num_clients=20", "rounds=3", "privacy=central_dp", "privacy.delta=1e-4"]
+    result = CliRunner().invoke(app, [*common, "privacy.noise_multiplier=null", "privacy.target_epsilon=8",
+                                      f"run_dir={tmp_path / 'target'}"])
+    assert result.exit_code == 0, result.output
+    assert "target epsilon 8" in " ".join(result.output.split())  # the line wraps in a narrow terminal
+    result = CliRunner().invoke(app, [*common, "privacy.noise_multiplier=1", f"run_dir={tmp_path / 'audit'}"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert "empirical epsilon (audit=epsilon," in line and "from every round's model (90%" in line
+    assert "a point estimate this loose says little" in line  # 3 rounds insert few canaries: warned

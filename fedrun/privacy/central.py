@@ -257,6 +257,8 @@ class CentralPrivacy:
                     "epsilon_rdp": final["epsilon_rdp"], "epsilon_prv": final["epsilon_prv"],
                     "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
                     "rounds_accounted": len(self.ledger.events), "noise_source": self.noise_source}
+            if self.target_epsilon is not None:  # what the noise was calibrated to, or the budget stopped at
+                out["target_epsilon"] = self.target_epsilon
             if self.skip_gamma:
                 out["secagg_skip_delta"] = math.exp(out["epsilon"]) * self.skip_gamma * len(self.ledger.events)
         return out

@@ -21,6 +21,7 @@ keys, fedrun/privacy/audit.py), so one run gives both measures.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Annotated, Any
 
@@ -40,6 +41,8 @@ from fedrun.privacy.empirical import (
     noise_floor,
 )
 
+log = logging.getLogger(__name__)
+FEW_INSERTED = 100  # below this many inserted canaries, Gaussian fits of their spread are loose: say so
 EPSILON_COLUMNS = ["epsilon_empirical", "epsilon_empirical_final"]
 DIRECTION_COLUMNS = ["direction", "kind", "client_id", "insertions", "cosine_final", "cosine_max_round"]
 AUDIT_EPSILON_FILE = "audit_epsilon.csv"
@@ -175,6 +178,12 @@ class EpsilonAudit(CanaryAudit):
                          "inserted_mean_std": gaussian_fit(inserted) if len(inserted) > 1 else None,
                          "held_out_mean_std": gaussian_fit(held_out)}
         out["delta"] = last["delta"]
+        low, high = out["all_rounds"]["bootstrap_90"]
+        if out["canaries_inserted"] < FEW_INSERTED or high > 2 * low:
+            log.warning("audit=epsilon: %d canaries inserted; the estimate %.3g moves over %.3g..%.3g when they are "
+                        "redrawn (bootstrap 90%%): a point estimate this loose says little; raise "
+                        "audit.canary_clients (and sampler.clients_per_round with it) or the rounds",
+                        out["canaries_inserted"], out["all_rounds"]["epsilon"], low, high)
         return out
 
     def state_dict(self) -> dict:
