@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -203,6 +204,7 @@ def _run_to_end(exp: loop.Experiment, rundir: RunDir, *, on_round, checkpoint) -
             "parameters": sum(p.numel() for p in exp.make_model().parameters()),
             "device": str(exp.device),
             "threads": threads.budget(),  # fedrun/threads.py: what threads=auto resolved to
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # fedrun/__init__.py: passive unless set
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "fedrun": fedrun.__version__},
         }

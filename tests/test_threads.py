@@ -40,7 +40,9 @@ def test_a_run_applies_and_records_its_threads(tmp_path, restore_threads):
                           "rounds=1", "threads=1", "device=cpu", f"run_dir={tmp_path / 'run'}"])
     run_dir, summary = train.train(config.build(cfg))
     assert torch.get_num_threads() == 1
-    assert json.loads((run_dir / "summary.json").read_text())["threads"] == 1
+    recorded = json.loads((run_dir / "summary.json").read_text())
+    assert recorded["threads"] == 1
+    assert recorded["omp_wait_policy"] == os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # fedrun/__init__.py's default
 
 
 @pytest.mark.skipif(threads.usable_cores() < 2, reason="needs 2 usable cores to split between 2 parallel jobs")
