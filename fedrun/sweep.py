@@ -85,8 +85,10 @@ def run_sweep(overrides: list[str], *, on_job: OnJob | None = None) -> Path:
     sweep_dir = sweep_dir_for(overrides, now=dt.datetime.now())
     sweep_plan.write_plan(sweep_dir, overrides=overrides, jobs=jobs)  # before any job: resume knows them all
     log.info("sweep of %s jobs into %s", "searched" if jobs is None else len(jobs), sweep_dir)
-    argv = ["fedrun-sweep", "--multirun", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
-            "hydra/job_logging=none", "hydra/hydra_logging=none", *overrides]
+    # Absolute for the launcher: joblib's loky workers outlive a sweep, with the working directory
+    # they started in, and would put a later sweep's jobs under that one.
+    argv = ["fedrun-sweep", "--multirun", f"hydra.sweep.dir={sweep_dir.resolve()}",
+            "hydra.sweep.subdir=${hydra.job.num}", "hydra/job_logging=none", "hydra/hydra_logging=none", *overrides]
     saved, sys.argv = sys.argv, argv
     _sweep.update(of=None if jobs is None else len(jobs), on_job=on_job, overrides=overrides,
                   labels=None if jobs is None else sweep_plan.labels(jobs))

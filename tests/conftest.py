@@ -25,15 +25,20 @@ def data_cache(tmp_path_factory, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(monkeypatch):
     """One torch thread for the test: tiny models train fastest so, others' threads don't slow them
-    down, and a sequential reference has the floating-point order of one-thread workers."""
+    down, and a sequential reference has the floating-point order of one-thread workers. A run's
+    threads=auto sees one usable core, so building it keeps the one thread."""
     import torch
 
+    from fedrun import threads as run_threads
+
+    monkeypatch.setattr(run_threads, "usable_cores", lambda: 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    run_threads._applied.pop("threads", None)
 
 
 @pytest.fixture

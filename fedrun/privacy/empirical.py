@@ -19,13 +19,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import optimize, special, stats
+
+# scipy is imported where it is used: a run without audit=epsilon never loads it (tests/test_scale.py).
 
 CONFIDENCE = 0.95  # of `epsilon_lower_bound`, as in the paper
 
 
 def _log_tail_mass(lo: float, hi: float, mu: float, sd: float) -> float:
     """log P(lo < X < hi) for X ~ N(mu, sd^2), lo < hi (either may be infinite)."""
+    from scipy import special
+
     a, b = (lo - mu) / sd, (hi - mu) / sd
     if a > 0:  # both in the upper tail: use the mirror image, where logcdf is accurate
         a, b = -b, -a
@@ -37,6 +40,8 @@ def _log_tail_mass(lo: float, hi: float, mu: float, sd: float) -> float:
 
 def _log_region_masses(mu1: float, sd1: float, mu2: float, sd2: float, eps: float) -> tuple[float, float]:
     """log P(L > eps) under P and under Q, L(x) = log N(x; mu1, sd1) - log N(x; mu2, sd2)."""
+    from scipy import special
+
     # L(x) = a x^2 + b x + c
     a = 0.5 * (sd2**-2 - sd1**-2)
     b = mu1 / sd1**2 - mu2 / sd2**2
@@ -70,6 +75,8 @@ def log_delta_gaussians(mu1: float, sd1: float, mu2: float, sd2: float, eps: flo
 
 def epsilon_two_gaussians(mu1: float, sd1: float, mu2: float, sd2: float, delta: float) -> float:
     """The smallest eps >= 0 at which N(mu1, sd1^2) and N(mu2, sd2^2) are (eps, delta)-close both ways."""
+    from scipy import optimize
+
     if not (sd1 > 0 and sd2 > 0 and 0 < delta < 1):
         raise ValueError(f"standard deviations must be > 0 and delta in (0, 1); got {sd1}, {sd2}, {delta}")
     log_delta = math.log(delta)
@@ -134,6 +141,8 @@ def bootstrap_interval(seen: np.ndarray, unseen: np.ndarray, delta: float, *, dr
 
 def _jeffreys_upper(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
     """One-sided upper confidence limit 1 - alpha of a binomial rate (Jeffreys' Beta(1/2, 1/2) prior)."""
+    from scipy import stats
+
     return stats.beta.ppf(1 - alpha, successes + 0.5, trials - successes + 0.5)
 
 
