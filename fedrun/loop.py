@@ -123,13 +123,11 @@ def run(exp: Experiment, rundir: RunDir, *, on_round: Callable[[dict], None] | N
         # A strategy that trains one model itself (centralized) takes the backend's place.
         train_cohort = getattr(exp.strategy, "train_cohort", exp.backend.train_cohort)
         updates = train_cohort(weights, [jobs[cid] for cid in reporting], ctx)
+        sent = [] if canaries is None else canaries.updates(
+            planted, ctx, clip_norm=getattr(exp.mechanism, "clip_norm", None), hooks=[exp.mechanism])
+        previous, weights = weights, server_step(exp, weights, updates + sent, ctx)
         if canaries is not None:
-            sent = canaries.updates(planted, ctx, clip_norm=getattr(exp.mechanism, "clip_norm", None),
-                                    hooks=[exp.mechanism], mean_examples=int(num_examples[-1]))
-            previous, weights = weights, server_step(exp, weights, updates + sent, ctx)
             canaries.observe(weights - previous)
-        else:
-            previous, weights = weights, server_step(exp, weights, updates, ctx)
         row = round_row(round_idx, updates, previous, jobs=list(jobs.values()), dropped=len(dropped))
         row.update(server.round_metrics(previous, updates))
         client_table = client_rows(round_idx, updates, dropped, exp.data,

@@ -59,6 +59,7 @@ class EpsilonAudit(CanaryAudit):
         self.canary_clients, self.canary_norm = canary_clients, canary_norm
         self.plants_secrets = num_canaries > 0
         self.real_clients = 0
+        self.mean_examples = 1  # a canary's examples: the mean real client's (with_canary_sizes)
         self.directions: torch.Tensor | None = None  # (2C, D) unit rows: C canaries, then C held out
         self.initial: torch.Tensor | None = None
         self.insertions = np.zeros(canary_clients, dtype=np.int64)
@@ -77,8 +78,8 @@ class EpsilonAudit(CanaryAudit):
     def with_canary_sizes(self, sizes: np.ndarray) -> np.ndarray:
         """Every client's examples, canaries last: each as many as the mean real client (a
         weighted sampler or FedAvg's example weights then treat them as an average user)."""
-        mean = max(int(round(float(sizes.mean()))), 1) if len(sizes) else 1
-        return np.concatenate([sizes, np.full(self.canary_clients, mean, dtype=sizes.dtype)])
+        self.mean_examples = max(int(round(float(sizes.mean()))), 1) if len(sizes) else 1
+        return np.concatenate([sizes, np.full(self.canary_clients, self.mean_examples, dtype=sizes.dtype)])
 
     def is_canary(self, client_id: int) -> bool:
         return client_id >= self.real_clients
@@ -93,7 +94,7 @@ class EpsilonAudit(CanaryAudit):
     # ---- each round --------------------------------------------------------------------------
 
     def updates(self, client_ids: list[int], ctx: RoundContext, *, clip_norm: float | None,
-                hooks: list[ClientHook], mean_examples: int) -> list[ClientUpdate]:
+                hooks: list[ClientHook]) -> list[ClientUpdate]:
         """What the reporting canary clients send: their directions at the clip norm, then the
         privacy mechanism's client side (clipping, secure aggregation's mask) like any update."""
         assert self.directions is not None, "start() gives the directions"
@@ -104,7 +105,7 @@ class EpsilonAudit(CanaryAudit):
             index = cid - self.real_clients
             self.insertions[index] += 1
             direction = self.directions[index]
-            update = ClientUpdate(client_id=cid, delta=direction * norm, num_examples=mean_examples,
+            update = ClientUpdate(client_id=cid, delta=direction * norm, num_examples=self.mean_examples,
                                   train_loss=math.nan, seconds=0.0,
                                   bytes_up=direction.numel() * direction.element_size(), canary=True)
             for hook in hooks:
