@@ -354,11 +354,17 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("case", RAY_CASES)
-def test_ray_gives_the_results_of_sequential(case, local_ray, play_file, tmp_path, sequential):
-    got = run(compose(play_file, tmp_path, "backend=ray", "backend.workers=2", *CASES[case]))
+@pytest.mark.parametrize(("case", "cached"), list(zip(RAY_CASES, [True, False])))
+def test_ray_gives_the_results_of_sequential(case, cached, local_ray, play_file, tmp_path, sequential):
+    """Actors load the data from the run's cache entry, or (data.cache=false) get it through
+    the object store; either way the results are sequential's."""
+    got = run(compose(play_file, tmp_path, "backend=ray", "backend.workers=2", f"data.cache={cached}",
+                      *CASES[case]))
     assert_same_results(got, sequential(case))
     assert_case_exercised(case, got[1])
+    loaded = 2 if cached else 0
+    assert (f"{loaded} loaded the data cache entry, {2 - loaded} got the data through the object store"
+            in (tmp_path / "train.log").read_text())
     assert local_ray.is_initialized()  # the run left running the Ray it did not start
     assert_actors_released(local_ray)
 

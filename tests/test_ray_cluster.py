@@ -52,18 +52,20 @@ def cluster():
         assert_gone(started)
 
 
-def on_cluster(cluster, tmp_path: Path) -> tuple[DictConfig, tuple]:
+def on_cluster(cluster, tmp_path: Path, *ray_overrides: str) -> tuple[DictConfig, tuple]:
     """The config of a backend=ray run of CASE on `cluster`, and sequential's results for CASE."""
     play = make_play(tmp_path / "play.txt")
     overrides = [*CASES[CASE], f"rounds={ROUNDS}", "checkpoint_every=1"]
     expected = run(compose(play, tmp_path / "sequential", *overrides))
     return compose(play, tmp_path / "ray", "backend=ray", f"backend.address={cluster.address}", "backend.workers=2",
-                   "backend.num_cpus_per_worker=1", *overrides), expected
+                   "backend.num_cpus_per_worker=1", *overrides, *ray_overrides), expected
 
 
 def test_a_loopback_cluster_of_two_worker_nodes_gives_sequential_results_and_survives_losing_one(
         cluster, tmp_path):
-    cfg, expected = on_cluster(cluster, tmp_path)
+    # Without a data cache entry (as on machines that do not have the driver's), the actors get
+    # the data through the object store, from the driver's node to each worker node's.
+    cfg, expected = on_cluster(cluster, tmp_path, "data.cache=false")
     exp = config.build(cfg)
     head, (lost, kept) = cluster.head_node, sorted(cluster.worker_nodes, key=lambda n: n.node_id)
     listening: list[tuple[int, str]] = []
@@ -82,6 +84,7 @@ def test_a_loopback_cluster_of_two_worker_nodes_gives_sequential_results_and_sur
     assert head.node_id not in exp.backend.placement
     log = (run_dir / "train.log").read_text()
     assert "backend=ray: 2 actors on nodes " in log
+    assert "0 loaded the data cache entry, 2 got the data through the object store" in log
     assert re.search(rf"backend=ray: actor \d on node {lost.node_id} was lost while training clients \[[\d, ]+\] "
                      r"\(.*\); they go to the 1 other actors", log)
     assert listening and all(is_loopback(address) for _, address in listening), listening

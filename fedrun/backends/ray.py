@@ -1,9 +1,12 @@
 """`backend=ray`: the round's clients trained by Ray actors, on this machine or a cluster.
 
 Each of `backend.workers` actors builds one trainer when it starts and reuses it for the whole
-run. The client data goes into Ray's object store once, at the start (each actor loads it
-once); the global weights go in once per round (`ray.put`). Jobs go out a chunk of clients per
-call, handed to whichever actor is free. As with every backend, the client hooks (attack,
+run. An actor loads the client data from the run's data cache entry where its machine has that
+file: memory-mapped, so the machine's page cache holds it once for the driver and every actor
+(100,000 clients' data is gigabytes). Only actors without it (another node, `data.cache=false`)
+get the data through Ray's object store, put there once, which actors of one node map read-only.
+The global weights go in once per round (`ray.put`). Jobs go out a chunk of clients per call,
+handed to whichever actor is free. As with every backend, the client hooks (attack,
 privacy, compression) run here, in the main process, in job order.
 
 An actor that dies (its node lost) is dropped and its clients go to the others: each client's
@@ -32,6 +35,7 @@ from fedrun.backends.hooks import apply_client_hooks
 from fedrun.backends.process import CHUNKS_PER_WORKER, cohort_chunks, one_line, train_share
 from fedrun.components import Range
 from fedrun.core import ClientHook, ClientJob, ClientUpdate, FedrunError, RoundContext
+from fedrun.data import cache as data_cache
 from fedrun.data.examples import FederatedData
 
 log = logging.getLogger(__name__)
@@ -134,19 +138,25 @@ class RayBackend:
         if workers * self.num_cpus_per_worker > cpus:
             raise FedrunError(f"backend.workers: {workers} actors x {self.num_cpus_per_worker} CPUs "
                               f"(backend.num_cpus_per_worker) need more than the {cpus:g} CPUs of the Ray cluster")
-        # Tensors go into the object store as numpy arrays, which actors on this node map
-        # read-only instead of copying: 100,000 clients' data is then held once, not once per actor.
+        # Tensors go into the object store as numpy arrays, which actors on one node map
+        # read-only instead of copying: data sent that way is held once a node, not once per actor.
         ray.util.register_serializer(torch.Tensor, serializer=tensor_to_store, deserializer=tensor_from_store)
-        data_ref = ray.put(self.data)  # once: each actor loads it when it starts
         actor = ray.remote(num_cpus=self.num_cpus_per_worker)(TrainerActor)
         threads = max(1, int(self.num_cpus_per_worker))
-        self.actors = dict(enumerate(actor.remote(self.make_trainer, data_ref, threads) for _ in range(workers)))
+        entry = data_cache.entry_of(self.data)
+        self.actors = dict(enumerate(actor.remote(self.make_trainer, entry, threads) for _ in range(workers)))
         try:  # each actor says where it runs once it has started: a run on a cluster can be checked
-            self.placement = ray.get([a.node_id.remote() for a in self.actors.values()])
+            started = ray.get([a.started.remote() for a in self.actors.values()])
+            self.placement = [node for node, _ in started]
+            lacking = [rank for rank, (_, has_data) in enumerate(started) if not has_data]
+            if lacking:  # put once, only when some actor cannot load the cache entry itself
+                data_ref = ray.put(self.data)
+                ray.get([self.actors[rank].receive.remote(data_ref) for rank in lacking])
         except ray.exceptions.RayActorError as e:
             raise FedrunError(f"backend=ray: an actor died as it started: {one_line(e)}") from None
         nodes = ", ".join(f"{node} ({n})" for node, n in Counter(self.placement).items())
-        log.info("backend=ray: %d actors on nodes %s, of a cluster of %g CPUs", workers, nodes, cpus)
+        log.info("backend=ray: %d actors on nodes %s, of a cluster of %g CPUs; %d loaded the data cache entry, "
+                 "%d got the data through the object store", workers, nodes, cpus, workers - len(lacking), len(lacking))
 
     def _init(self, ray) -> None:
         if self.address is None:
@@ -234,9 +244,10 @@ def loopback_node(*, on: bool = True) -> Iterator[None]:
 class TrainerActor:
     """A Ray actor: one trainer, built once, trains every chunk of jobs it is sent."""
 
-    def __init__(self, make_trainer: Callable[[], Any], data: FederatedData, threads: int):
+    def __init__(self, make_trainer: Callable[[], Any], entry: dict | None, threads: int):
         torch.set_num_threads(threads)
-        self.data = data
+        # The data cache entry, where this machine has it; otherwise the driver sends the data (`receive`).
+        self.data: FederatedData | None = None if entry is None else data_cache.reload(entry)
         try:
             self.trainer, self.failure = make_trainer(), None
         except Exception as e:
@@ -245,9 +256,14 @@ class TrainerActor:
     def train(self, weights: torch.Tensor, ctx: RoundContext, jobs: Sequence[ClientJob]) -> tuple:
         if self.failure is not None:
             return "error", jobs[0].client_id, f"building the trainer: {self.failure}"
+        assert self.data is not None  # the driver sends it before the first chunk where reloading failed
         return train_share(self.trainer, self.data, weights, ctx, jobs)
 
-    def node_id(self) -> str:
+    def started(self) -> tuple[str, bool]:
+        """The node this actor runs on, and whether it has the data."""
         import ray
 
-        return ray.get_runtime_context().get_node_id()
+        return ray.get_runtime_context().get_node_id(), self.data is not None
+
+    def receive(self, data: FederatedData) -> None:
+        self.data = data

@@ -14,6 +14,8 @@ that cannot be read is rebuilt (and rewritten) with a warning, never a crash; so
 cannot be written. Beside each entry, `<key>.json` says what data it holds. Listing, last use,
 removal (`fedrun cache list|clear`), the size cap FEDRUN_CACHE_MAX_GB and the folder lock that makes
 removal safe beside running runs are in fedrun/cache_entries.py.
+Another process of the run (a Ray actor) loads the same entry again with `reload(entry_of(data))`:
+memory-mapped, so a machine holds the pages once however many processes read them.
 """
 from __future__ import annotations
 
@@ -146,6 +148,39 @@ def load(path: Path) -> FederatedData:
     rows = state.get("source_rows")
     source_rows = None if rows is None else SourceRows(**{k: v.numpy() for k, v in rows.items()})
     return FederatedData(clients, state["fingerprint"], model_dims=state["model_dims"], source_rows=source_rows)
+
+
+def entry_of(data: FederatedData) -> dict[str, Any] | None:
+    """Where another process can load `data` again: the cache entry it was loaded from or
+    written to, with what `reload` checks the file against; None for data not in the cache."""
+    path = data.provenance.get("entry")
+    if path is None or data.provenance.get("cache") not in ("hit", "miss"):
+        return None
+    try:
+        size = Path(path).stat().st_size
+    except OSError:  # a miss whose entry could not be written, or one removed since
+        return None
+    return {"path": str(Path(path).resolve()), "size": size, "fingerprint": data.fingerprint,
+            "clients": data.num_clients}
+
+
+def reload(entry: dict[str, Any]) -> FederatedData | None:
+    """`entry_of`'s data loaded (memory-mapped) in this process; None where this machine has no
+    such file (another node), or it is no longer that entry (removed, or not readable)."""
+    path = Path(entry["path"])
+    try:
+        if path.stat().st_size != entry["size"]:
+            return None
+        with cache_entries.locked(path.parent, exclusive=False):  # not removed while torch opens it
+            data = load(path)
+    except Exception:  # whatever went wrong, the caller sends the data itself instead
+        return None
+    # The file name is the key of everything that made the data: the same name, size and
+    # fingerprint is the same data (entries are replaced whole, never edited in place).
+    if data.fingerprint != entry["fingerprint"] or data.num_clients != entry["clients"]:
+        return None
+    data.provenance = {"cache": "reloaded", "entry": str(path)}
+    return data
 
 
 def _examples_state(examples) -> dict[str, torch.Tensor]:
