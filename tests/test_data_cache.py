@@ -226,3 +226,23 @@ def test_instruction_data_round_trips_with_its_loss_mask(data_cache, tmp_path):
     for name, rows in vars(fresh.source_rows).items():
         assert np.array_equal(getattr(hit.source_rows, name), rows)
     assert sorted(fresh.source_rows.train.tolist() + fresh.source_rows.test.tolist()) == list(range(30))
+
+
+def test_another_process_reloads_the_entry_memory_mapped_and_only_that_entry(compose_cfg, data_cache):
+    """What a Ray actor does: the run's entry loaded again, mapped from the file (the machine's page
+    cache holds it once), equal to a fresh build; anything else at that path is not taken for it."""
+    built = _build(compose_cfg, *SYNTHETIC)
+    entry = cache.entry_of(built)
+    assert entry is not None and entry["path"] == str(_entries(data_cache)[0])
+    reloaded = cache.reload(entry)
+    assert reloaded is not None and reloaded.provenance["cache"] == "reloaded"
+    assert_same_data(reloaded, _build(compose_cfg, *SYNTHETIC, "data.cache=false"))
+    assert entry["path"] in Path("/proc/self/maps").read_text()  # mapped, not read into memory
+    hit = _build(compose_cfg, *SYNTHETIC)
+    assert cache.entry_of(hit) == entry  # a hit names the same entry
+    assert cache.reload(entry | {"size": entry["size"] + 1}) is None
+    assert cache.reload(entry | {"fingerprint": {**entry["fingerprint"], "seed": 1}}) is None
+    assert cache.reload(entry | {"clients": entry["clients"] + 1}) is None
+    Path(entry["path"]).unlink()
+    assert cache.reload(entry) is None and cache.entry_of(hit) is None
+    assert cache.entry_of(_build(compose_cfg, *SYNTHETIC, "data.cache=false")) is None
